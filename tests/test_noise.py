@@ -175,12 +175,14 @@ def test_a1111_gpu_mode_reproduces_published_cuda_noise():
     # One image of shape (1, 8, 10) at seed 0: its initial noise is the first CUDA draw above and
     # its first step noise the second draw (element i depends only on the seed, draw and i).
     source = noise_source("a1111-gpu", 0, 1, (1, 8, 10))
-    torch.testing.assert_close(source.initial().flatten(), torch.tensor(SEED0_FIRST_DRAW), rtol=0, atol=PRINTED_ATOL)
+    initial = source.initial().flatten()
+    torch.testing.assert_close(initial, torch.tensor(SEED0_FIRST_DRAW), rtol=0, atol=PRINTED_ATOL)
     step = source.step_noise().flatten()
     torch.testing.assert_close(step[:10], torch.tensor(SEED0_SECOND_DRAW), rtol=0, atol=PRINTED_ATOL)
     # Image 1 of a batch at seed 9 is made with seed 10 (pytorch#79496).
     batch = noise_source("a1111-gpu", 9, 2, (1, 1, 3))
-    torch.testing.assert_close(batch.initial()[1].flatten(), torch.tensor(ISSUE_VALUES[0][2]), rtol=0, atol=PRINTED_ATOL)
+    image_1 = batch.initial()[1].flatten()
+    torch.testing.assert_close(image_1, torch.tensor(ISSUE_VALUES[0][2]), rtol=0, atol=PRINTED_ATOL)
 
 
 def test_a1111_gpu_mode_steps_are_later_draws_of_each_images_generator():
