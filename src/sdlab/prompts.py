@@ -188,12 +188,12 @@ def _encode_chunks(text_encoder: torch.nn.Module, chunks: Sequence[PromptChunk],
     return apply_weights(text_encoder(ids, clip_skip=clip_skip), weights)  # (B, 77, D)
 
 
-@torch.no_grad()
 def encode_prompts(text_encoder: torch.nn.Module, prompts: Sequence[str], clip_skip: int = 1) -> torch.Tensor:
     """text_embeddings (B, 77 * n, D) for the prompts, each padded with empty chunks to the longest.
 
     `text_encoder(input_ids, clip_skip)` maps (B, 77) ids to (B, 77, D) hidden states, final layer
     norm applied; its `config` (a TextConfig) gives the padding id. Repeated prompts are encoded once.
+    Gradients flow (for training); inference callers wrap this in torch.no_grad().
     """
     if isinstance(prompts, str) or not prompts:
         raise InputError("encode_prompts takes a non-empty list of prompt strings")
@@ -211,7 +211,6 @@ def encode_prompts(text_encoder: torch.nn.Module, prompts: Sequence[str], clip_s
     return text_embeddings[[unique.index(p) for p in prompts]]
 
 
-@torch.no_grad()
 def encode_empty_chunk(text_encoder: torch.nn.Module, clip_skip: int = 1) -> torch.Tensor:
     """(1, 77, D): the encoding of the empty prompt, which pads shorter conditionings."""
     return _encode_chunks(text_encoder, [make_chunk([], [], text_encoder.config.pad_token_id)], clip_skip)
