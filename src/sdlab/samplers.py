@@ -342,16 +342,22 @@ def sample(
 ) -> torch.Tensor:
     """Run `sampler` (a name or SamplerSpec) from standard-normal `noise` (B, C, h, w) to clean latents.
 
-    `model(x, sigma) -> denoised`: a Denoiser, usually inside a CFGDenoiser. The initial latents are
-    the noise scaled as diffusers does for the same scheduler: by sigma_max for the k-samplers (their
-    `init_noise_sigma` with "linspace" spacing, and k-diffusion's choice) and by sqrt(sigma_max^2 + 1)
+    `model(x, sigma) -> denoised`: a Denoiser, usually inside a CFGDenoiser. Build the Denoiser with
+    `quantize=resolve_sampler(sampler).quantize` to feed the UNet the timesteps diffusers feeds it.
+
+    Initial latents: the noise times diffusers' `init_noise_sigma` for the same scheduler, sigma_max
+    for the k-samplers (their "linspace" spacing; k-diffusion does the same) and sqrt(sigma_max^2 + 1)
     for DDIM, PLMS, DDPM and DPM++ 2M, which diffusers runs on VP latents x / sqrt(sigma^2 + 1).
     img2img: `init_latents` (B, C, h, w) are noised to the first sigma used, `init + sigma * noise`
-    (diffusers' `add_noise` in either space), and `start_step` skips that many steps of the schedule.
+    (diffusers' `add_noise`, in either space), and `start_step` skips that many steps of the schedule.
+
     `step_noise() -> (B, C, h, w)` gives each stochastic step's standard-normal noise (default
     torch.randn_like); `noise_sampler(sigma, sigma_next)`, e.g. a Brownian tree, replaces it.
     `eta` (Euler a, DPM++ SDE, DDIM) defaults to the sampler's own; `karras` overrides its schedule.
-    Returns VP latents: x / sqrt(sigma_last^2 + 1), which is x itself when the schedule ends at 0.
+    `callback` gets the step dict of every step (module docstring).
+
+    Returns VP latents x / sqrt(sigma_last^2 + 1), ready for the VAE: x itself when the schedule ends
+    at 0; DDIM and PLMS stop at the smallest trained sigma, as diffusers' do for SD.
     """
     spec = resolve_sampler(sampler)
     sigmas = sampler_sigmas(spec, schedule, steps, karras).to(noise.device)
@@ -365,14 +371,16 @@ def sample(
     else:
         x = noise * ((sigmas[0] ** 2 + 1) ** 0.5 if spec.vp else sigmas[0])
     kwargs = {}
+    if eta is not None and not eta >= 0:
+        raise InputError(f"eta must be 0 or more (0: deterministic, 1: full ancestral noise), got {eta!r}")
     if spec.eta is not None:
         kwargs["eta"] = spec.eta if eta is None else float(eta)
     elif eta is not None:
         takes_eta = ", ".join(s.name for s in _SPECS if s.eta is not None)
         raise InputError(f"{spec.name} takes no eta; eta works with: {takes_eta}")
-    if spec.stochastic and noise_sampler is None and step_noise is not None:
-        noise_sampler = lambda sigma, sigma_next: step_noise().to(x)  # noqa: E731
     if spec.stochastic:
+        if noise_sampler is None and step_noise is not None:
+            noise_sampler = lambda sigma, sigma_next: step_noise().to(noise)  # noqa: E731
         kwargs["noise_sampler"] = noise_sampler
     x = spec.function(model, x, sigmas, callback=callback, **kwargs)
     return x / (sigmas[-1] ** 2 + 1) ** 0.5

@@ -40,11 +40,6 @@ def discrete_sigmas(config: ScheduleConfig) -> torch.Tensor:
     return ((1 - a) / a) ** 0.5
 
 
-def sigma_to_alpha_cumprod(sigma: torch.Tensor) -> torch.Tensor:
-    """a = 1 / (1 + sigma^2), the VP signal fraction at noise level sigma."""
-    return 1 / (1 + sigma**2)
-
-
 def sigma_to_t(sigma: torch.Tensor, config: ScheduleConfig, quantize: bool = False) -> torch.Tensor:
     """The continuous timestep of a noise level: linear interpolation of log sigma between table entries.
 
@@ -88,7 +83,9 @@ def spaced_timesteps(config: ScheduleConfig, steps: int, spacing: str = "linspac
     if not isinstance(steps, int) or not 1 <= steps <= n:
         raise InputError(f"steps must be an integer from 1 to {n}, got {steps!r}")
     if spacing == "linspace":
-        return np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].astype(np.float64)
+        # float64 like DPMSolverSDEScheduler; the Euler family's float32 differs by 1e-7 relative, which
+        # only a Brownian-tree noise sampler (Hölder-1/2 in its query times) would notice
+        return np.linspace(0, n - 1, steps)[::-1].copy()
     if spacing == "leading":
         return (np.arange(steps) * (n // steps))[::-1].astype(np.float64) + steps_offset
     if spacing == "trailing":
