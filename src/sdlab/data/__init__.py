@@ -1,0 +1,1 @@
+"""Training data: the procedural `shapes` dataset (shapes.py) and the CLIP BPE vocabulary file."""

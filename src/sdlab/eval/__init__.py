@@ -1,0 +1,1 @@
+"""Measuring prompt-following: the automatic `shapes` checker (shapes_check.py)."""
