@@ -136,11 +136,29 @@ def encode_text(pipe: Pipeline, prompts: list[str], negative_prompts: list[str],
 
 def make_denoiser(pipe: Pipeline, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, **extra):
     """The sampler's `model(x, sigma) -> denoised`: UNet + prediction-type wrapper + CFG."""
-    from ..denoisers import make_denoiser as wrap_unet
+    from ..denoisers import Denoiser
     from ..guidance import CFGDenoiser
 
-    denoiser = wrap_unet(pipe.unet, pipe.config.schedule, pipe.config.prediction)
+    denoiser = Denoiser(ConditionedUNet(pipe.unet), pipe.config.schedule, pipe.config.prediction)
     return CFGDenoiser(denoiser, cond, uncond, guidance_scale, **extra)
+
+
+class ConditionedUNet(torch.nn.Module):
+    """The UNet called with a conditioning dict, as the denoisers pass it.
+
+    `crossattn` (B, L, D) goes to cross-attention; `concat` (B, C, h, w) is stacked onto the input
+    channels (inpainting: mask + masked-image latents; x4 upscaler: the low-res image); `y` (B,) is the
+    class label (the upscaler's noise level).
+    """
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, crossattn, concat=None, y=None):
+        if concat is not None:
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        return self.unet(x, t, crossattn, y=y)
 
 
 @torch.no_grad()
