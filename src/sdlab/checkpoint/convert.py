@@ -278,7 +278,7 @@ def text_from_diffusers(state_dict: Mapping, config: TextConfig) -> StateDict:
     for key, value in state_dict.items():
         if key.endswith("position_ids"):
             continue
-        hf[key if key.startswith("text_model.") else "text_model." + key] = value
+        hf[key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key] = value
     if config.kind == "clip":
         return hf
     top = {new: old for old, new in OPEN_CLIP_TOP.items()}
@@ -313,7 +313,7 @@ def text_from_diffusers(state_dict: Mapping, config: TextConfig) -> StateDict:
     if config.projection_dim is not None:
         # CLIPTextModel carries no contrastive head; SD never uses it, zeros keep the layout whole.
         out["text_projection"] = reference.new_zeros(config.width, config.projection_dim)
-    out["logit_scale"] = reference.new_tensor(CLIP_LOGIT_SCALE)
+        out["logit_scale"] = reference.new_tensor(CLIP_LOGIT_SCALE)
     return out
 
 

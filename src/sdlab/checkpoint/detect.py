@@ -225,9 +225,10 @@ def _text_config(state_dict: Mapping[str, torch.Tensor], kind: str) -> TextConfi
         vocab_size, width = shape.require("text_model.embeddings.token_embedding.weight")
         context_length = shape.require("text_model.embeddings.position_embedding.weight")[0]
         layers = shape.count("text_model.encoder.layers.{}.self_attn.q_proj.weight")
+        projection = shape("text_projection.weight")
         # OpenAI CLIP ViT-L/14: 64-channel heads, quick_gelu, pads with the end token
         return TextConfig(kind="clip", vocab_size=vocab_size, context_length=context_length, width=width,
-                          layers=layers, heads=width // 64)
+                          layers=layers, heads=width // 64, projection_dim=None if projection is None else projection[0])
     vocab_size, width = shape.require("token_embedding.weight")
     context_length = shape.require("positional_embedding")[0]
     layers = shape.count("transformer.resblocks.{}.attn.in_proj_weight")

@@ -1,0 +1,579 @@
+"""Checkpoints: sdlab reads the public SD 1.x/2.x files and diffusers folders, and writes files others read.
+
+Files are built by the tests in the exact layout of the public ones (see checkpoint_fixtures.py),
+with random weights. diffusers is the oracle: its own `convert_ldm_*` functions for the renaming,
+`from_single_file` for what an sdlab file means to other tools, `save_pretrained` for folders.
+Loaded tensors must be *identical* (torch.equal) to the ones written: loading never changes a value,
+except the documented fp16 -> fp32 upcast, which is exact.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # every diffusers/transformers call below must stay on this machine
+
+import dataclasses
+import json
+import pickle
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from checkpoint_fixtures import (
+    TINY_SD1, TINY_SD2, ldm_state_dict, ldm_yaml, random_modules, randomize, schedule_buffers,
+    write_diffusers_configs,
+)
+from sdlab.checkpoint import convert
+from sdlab.checkpoint.detect import detect_config
+from sdlab.checkpoint.io import read_metadata, read_state_dict
+from sdlab.checkpoint.load import (
+    build_components, clean_state_dict, ema_key_to_unet_key, load_components, read_checkpoint,
+)
+from sdlab.checkpoint.save import save_single_file
+from sdlab.config import SD1, SD2, ModelConfig, ScheduleConfig, UNetConfig, from_json
+from sdlab.errors import CheckpointError
+from sdlab.models import build_text_encoder, build_unet, build_vae
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return random_modules(TINY_SD1, seed=1)
+
+
+@pytest.fixture(scope="module")
+def sd2():
+    return random_modules(TINY_SD2, seed=2)
+
+
+def assert_same_tensors(actual: dict, expected: dict):
+    assert sorted(actual) == sorted(expected)
+    for key, value in expected.items():
+        assert actual[key].dtype == value.dtype, key
+        assert torch.equal(actual[key], value), key
+
+
+def assert_modules_hold(components, config, unet, vae, text_encoder):
+    assert components.config == config
+    assert_same_tensors(components.unet.state_dict(), unet.state_dict())
+    assert_same_tensors(components.vae.state_dict(), vae.state_dict())
+    assert_same_tensors(components.text_encoder.state_dict(), text_encoder.state_dict())
+
+
+def meta_state_dicts(config: ModelConfig) -> dict:
+    """The three state dicts of a full-size model as meta tensors: real shapes, no memory."""
+    with torch.device("meta"):
+        return convert.join_original(
+            config, build_unet(config.unet).state_dict(), build_vae(config.vae).state_dict(),
+            build_text_encoder(config.text).state_dict(),
+        )
+
+
+# -- reading files ---------------------------------------------------------------------------------------
+
+
+def test_safetensors_gives_tensors_and_metadata(tmp_path):
+    path = tmp_path / "a.safetensors"
+    save_file({"x": torch.arange(6.0).reshape(2, 3)}, path, metadata={"sdlab_config": "{}"})
+    tensors, metadata = read_state_dict(path)
+    assert torch.equal(tensors["x"], torch.arange(6.0).reshape(2, 3))
+    assert metadata == {"sdlab_config": "{}"}
+    assert read_metadata(path) == {"sdlab_config": "{}"}
+
+
+def test_lightning_ckpt_is_unwrapped_with_its_harmless_extras(tmp_path, monkeypatch):
+    # Lightning's `callbacks` held the ModelCheckpoint class itself as a key in the CompVis files
+    lightning = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        pass
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = lightning.__name__, "ModelCheckpoint"
+    lightning.ModelCheckpoint = ModelCheckpoint
+    for parent in ("pytorch_lightning", "pytorch_lightning.callbacks"):
+        monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
+    monkeypatch.setitem(sys.modules, lightning.__name__, lightning)
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(3), "note": "text"}, "global_step": np.int64(470000),
+                "callbacks": {ModelCheckpoint: {"best_model_score": np.float64(0.5)}}}, path)
+    monkeypatch.undo()  # pytorch_lightning is not installed where the file is read
+    tensors, metadata = read_state_dict(path)
+    assert list(tensors) == ["w"] and torch.equal(tensors["w"], torch.ones(3))
+    assert metadata == {}
+
+
+class _RunsShell:
+    """A pickle payload: unpickling it calls os.system."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_pickle_that_runs_code_is_refused_before_it_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "payload": _RunsShell(f"touch {marker}")}, path)
+    with pytest.raises(CheckpointError, match="refusing to load .*system"):
+        read_state_dict(path)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_components(path)
+    assert not marker.exists()
+
+
+def _valid_safetensors(path):
+    save_file({"x": torch.randn(64, 64)}, path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "not found"),
+    ("directory", "is a directory"),
+    ("unknown_extension", "unknown checkpoint format '.onnx'"),
+    ("truncated_safetensors", "truncated or corrupt safetensors"),
+    ("garbage_safetensors", "truncated or corrupt safetensors"),
+    ("empty_safetensors", "truncated or corrupt safetensors"),
+    ("truncated_ckpt", "truncated or corrupt checkpoint"),
+    ("garbage_ckpt", "corrupt"),
+])
+def test_unreadable_files_give_one_clear_line(tmp_path, case, message):
+    data = _valid_safetensors(tmp_path / "valid.safetensors")
+    torch.save({"state_dict": {"x": torch.randn(64, 64)}}, tmp_path / "valid.ckpt")
+    ckpt = (tmp_path / "valid.ckpt").read_bytes()
+    paths = {
+        "missing": tmp_path / "nope.safetensors",
+        "directory": tmp_path,
+        "unknown_extension": tmp_path / "model.onnx",
+        "truncated_safetensors": tmp_path / "half.safetensors",
+        "garbage_safetensors": tmp_path / "garbage.safetensors",
+        "empty_safetensors": tmp_path / "empty.safetensors",
+        "truncated_ckpt": tmp_path / "half.ckpt",
+        "garbage_ckpt": tmp_path / "garbage.ckpt",
+    }
+    contents = {
+        "unknown_extension": b"onnx", "truncated_safetensors": data[: len(data) // 2],
+        "garbage_safetensors": bytes(range(256)) * 8, "empty_safetensors": b"",
+        "truncated_ckpt": ckpt[: len(ckpt) // 2], "garbage_ckpt": bytes(range(256)) * 8,
+    }
+    path = paths[case]
+    if case in contents:
+        path.write_bytes(contents[case])
+    with pytest.raises(CheckpointError, match=message) as error:
+        read_state_dict(path)
+    assert "\n" not in str(error.value)
+    with pytest.raises(CheckpointError):
+        load_components(path)
+
+
+def test_directory_that_is_not_a_diffusers_folder(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="not a diffusers model folder: vae/config.json, text_encoder/config.json"):
+        load_components(tmp_path)
+
+
+# -- detection ---------------------------------------------------------------------------------------------
+
+
+def test_sd1_layout_is_detected_exactly(sd1):
+    state = ldm_state_dict(TINY_SD1, *sd1)
+    weights, buffers, _ = clean_state_dict(state)
+    assert detect_config(weights, schedule_buffers=buffers) == TINY_SD1
+
+
+def test_sd2_layout_is_detected_with_v_prediction_unless_told_epsilon(sd2):
+    weights, buffers, _ = clean_state_dict(ldm_state_dict(TINY_SD2, *sd2))
+    assert detect_config(weights, schedule_buffers=buffers) == TINY_SD2
+    base = detect_config(weights, prediction="epsilon")
+    assert base == TINY_SD2.replace(prediction="epsilon", resolution=512, name="sd2-base")
+
+
+@pytest.mark.parametrize("preset", [SD1, SD2], ids=["sd1", "sd2"])
+def test_full_size_presets_are_detected_from_shapes(preset):
+    assert detect_config(meta_state_dicts(preset)) == preset
+
+
+def test_inpainting_unet_is_detected_by_its_nine_input_channels():
+    inpainting = SD1.replace(unet=dataclasses.replace(SD1.unet, in_channels=9), name="sd1-inpainting")
+    assert detect_config(meta_state_dicts(inpainting)) == inpainting
+    sd2_inpainting = SD2.replace(unet=dataclasses.replace(SD2.unet, in_channels=9), prediction="epsilon",
+                                 resolution=512, name="sd2-base-inpainting")
+    assert detect_config(meta_state_dicts(sd2_inpainting)) == sd2_inpainting
+
+
+def test_training_schedule_is_read_from_the_betas_buffer(sd1):
+    other = TINY_SD1.replace(schedule=ScheduleConfig(beta_start=0.0001, beta_end=0.02))
+    weights, buffers, _ = clean_state_dict(ldm_state_dict(other, *sd1))
+    assert detect_config(weights, schedule_buffers=buffers).schedule == ScheduleConfig(beta_start=0.0001, beta_end=0.02)
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("sdxl", "SDXL"),
+    ("lora", "LoRA file"),
+    ("vae_only", "no model.diffusion_model.* keys .*VAE-only"),
+    ("diffusers_unet", "no model.diffusion_model.* keys .*diffusers folder"),
+    ("no_text_encoder", "no text encoder keys"),
+    ("unrelated", "not a Stable Diffusion 1.x/2.x checkpoint: no model.diffusion_model.* keys"),
+])
+def test_other_architectures_are_refused_by_name(tmp_path, sd1, layout, message):
+    state = convert.join_original(TINY_SD1, *(m.state_dict() for m in sd1))
+    unet_keys = {k: v for k, v in state.items() if k.startswith(convert.UNET_PREFIX)}
+    files = {
+        "sdxl": {**unet_keys, "conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8)},
+        "lora": {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)},
+        "vae_only": {k[len(convert.VAE_PREFIX):]: v for k, v in state.items() if k.startswith(convert.VAE_PREFIX)},
+        "diffusers_unet": convert.unet_to_diffusers(sd1[0].state_dict(), TINY_SD1.unet),
+        "no_text_encoder": {k: v for k, v in state.items() if not k.startswith("cond_stage_model.")},
+        "unrelated": {"encoder.layer.0.weight": torch.zeros(2)},
+    }
+    path = tmp_path / f"{layout}.safetensors"
+    save_file({k: v.contiguous() for k, v in files[layout].items()}, path)
+    with pytest.raises(CheckpointError, match=message):
+        load_components(path)
+
+
+# -- conversion tables against diffusers' own -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", [SD1, SD2], ids=["sd1", "sd2"])
+def test_unet_and_vae_renaming_matches_diffusers_converters(preset):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    state = meta_state_dicts(preset)
+    configs = convert.diffusers_configs(preset)
+    parts = convert.original_to_diffusers(state, preset)
+    theirs = convert_ldm_unet_checkpoint(state, configs["unet/config.json"])
+    assert sorted(parts["unet"]) == sorted(theirs)
+    assert all(parts["unet"][k] is theirs[k] for k in theirs)
+    theirs = convert_ldm_vae_checkpoint(state, configs["vae/config.json"])
+    assert sorted(parts["vae"]) == sorted(theirs)
+    assert all(parts["vae"][k].shape == theirs[k].shape for k in theirs)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(configs["unet/config.json"])
+        vae = AutoencoderKL.from_config(configs["vae/config.json"])
+    for model, converted in ((unet, parts["unet"]), (vae, parts["vae"])):
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        assert {k: v.shape for k, v in converted.items()} == expected
+
+
+def test_tiny_unet_and_vae_values_match_diffusers_converters(sd1):
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    state = convert.join_original(TINY_SD1, *(m.state_dict() for m in sd1))
+    configs = convert.diffusers_configs(TINY_SD1)
+    parts = convert.original_to_diffusers(state, TINY_SD1)
+    assert_same_tensors(parts["unet"], convert_ldm_unet_checkpoint(state, configs["unet/config.json"]))
+    assert_same_tensors(parts["vae"], convert_ldm_vae_checkpoint(state, configs["vae/config.json"]))
+
+
+def test_open_clip_split_matches_diffusers_converter(sd2):
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    state = convert.join_original(TINY_SD2, *(m.state_dict() for m in sd2))
+    text_config = convert.diffusers_configs(TINY_SD2)["text_encoder/config.json"]
+    hf_model = CLIPTextModel(CLIPTextConfig(**text_config))
+    # diffusers leaves out resblock 23 by name; its model takes the first num_hidden_layers of the rest
+    model_keys = {"text_model." + k: v.shape for k, v in hf_model.state_dict().items()}
+    theirs = {k: v for k, v in convert_open_clip_checkpoint(hf_model, state).items() if k in model_keys}
+    ours = convert.original_to_diffusers(state, TINY_SD2)["text_encoder"]
+    assert_same_tensors(ours, theirs)
+    assert {k: v.shape for k, v in ours.items()} == model_keys
+
+
+def test_sd2_diffusers_text_encoder_drops_the_last_resblock_and_gets_it_back_as_zeros(sd2):
+    # diffusers' own list of the keys its SD2 text encoder leaves out: the 24th resblock and the projection
+    from diffusers.loaders.single_file_utils import SD_2_TEXT_ENCODER_KEYS_TO_IGNORE
+
+    last = TINY_SD2.text.layers - 1
+    ignored = {k.replace("resblocks.23.", f"resblocks.{last}.") for k in SD_2_TEXT_ENCODER_KEYS_TO_IGNORE}
+    state = convert.join_original(TINY_SD2, *(m.state_dict() for m in sd2))
+    text = convert.original_to_diffusers(state, TINY_SD2)["text_encoder"]
+    back = convert.diffusers_to_original(
+        convert.unet_to_diffusers(sd2[0].state_dict(), TINY_SD2.unet),
+        convert.vae_to_diffusers(sd2[1].state_dict(), TINY_SD2.vae), text, TINY_SD2)
+    restored = {k for k in state if k.startswith(f"cond_stage_model.model.transformer.resblocks.{last}.")}
+    assert restored | {"cond_stage_model.model.text_projection"} == ignored
+    for key in ignored:
+        assert torch.count_nonzero(back[key]) == 0, key
+    assert_same_tensors({k: v for k, v in back.items() if k not in ignored and "logit_scale" not in k},
+                        {k: v for k, v in state.items() if k not in ignored and "logit_scale" not in k})
+
+
+@pytest.mark.parametrize("config_name", ["sd1", "sd2"])
+def test_original_diffusers_original_round_trip_is_the_identity(sd1, sd2, config_name):
+    config, modules = (TINY_SD1, sd1) if config_name == "sd1" else (TINY_SD2, sd2)
+    state = convert.join_original(config, *(m.state_dict() for m in modules))
+    parts = convert.original_to_diffusers(state, config)
+    back = convert.diffusers_to_original(parts["unet"], parts["vae"], parts["text_encoder"], config)
+    if config.text.kind == "open_clip":  # diffusers keeps no last resblock and no projection head
+        again = convert.original_to_diffusers(back, config)
+        for part in parts:
+            assert_same_tensors(again[part], parts[part])
+        state = {k: v for k, v in state.items() if k in back and "resblocks.2." not in k and "text_projection" not in k
+                 and "logit_scale" not in k}
+        back = {k: back[k] for k in state}
+    assert_same_tensors(back, state)
+
+
+@pytest.mark.parametrize("preset", [SD1, SD2], ids=["sd1", "sd2"])
+def test_ema_key_names_map_back_to_every_unet_parameter(preset):
+    with torch.device("meta"):
+        keys = list(build_unet(preset.unet).state_dict())
+    for key in keys:
+        assert ema_key_to_unet_key(("diffusion_model." + key).replace(".", "")) == key
+
+
+# -- loading single files ------------------------------------------------------------------------------------
+
+
+def test_sd1_safetensors_loads_to_identical_tensors(tmp_path, sd1):
+    path = tmp_path / "sd1.safetensors"
+    save_file(ldm_state_dict(TINY_SD1, *sd1), path)
+    components = load_components(path)
+    assert_modules_hold(components, TINY_SD1, *sd1)
+    assert sorted(components.schedule_buffers) == sorted(schedule_buffers(TINY_SD1))
+    assert not components.ema
+
+
+def test_sd2_safetensors_loads_to_identical_tensors(tmp_path, sd2):
+    path = tmp_path / "sd2.safetensors"
+    save_file(ldm_state_dict(TINY_SD2, *sd2), path)
+    assert_modules_hold(load_components(path), TINY_SD2, *sd2)
+    assert load_components(path, prediction="epsilon").config.prediction == "epsilon"
+
+
+def test_ckpt_in_a_lightning_wrapper_loads(tmp_path, sd1):
+    path = tmp_path / "sd1.ckpt"
+    torch.save({"state_dict": ldm_state_dict(TINY_SD1, *sd1), "global_step": 470000, "epoch": 6}, path)
+    assert_modules_hold(load_components(path), TINY_SD1, *sd1)
+
+
+def test_ema_weights_are_preferred_and_ema_only_files_load(tmp_path):
+    unet, vae, text = random_modules(TINY_SD1, seed=3)
+    ema_unet = randomize(build_unet(TINY_SD1.unet), seed=4)
+    state = ldm_state_dict(TINY_SD1, unet, vae, text, ema_unet=ema_unet)
+    save_file(state, tmp_path / "both.safetensors")
+    components = load_components(tmp_path / "both.safetensors")
+    assert components.ema
+    assert_modules_hold(components, TINY_SD1, ema_unet, vae, text)
+    ema_only = {k: v for k, v in state.items() if not k.startswith(convert.UNET_PREFIX)}
+    save_file(ema_only, tmp_path / "ema_only.safetensors")
+    assert_modules_hold(load_components(tmp_path / "ema_only.safetensors"), TINY_SD1, ema_unet, vae, text)
+
+
+def test_fp16_file_is_upcast_exactly_or_kept_half_on_request(tmp_path, sd1):
+    half = {k: v.half() if v.is_floating_point() else v for k, v in ldm_state_dict(TINY_SD1, *sd1).items()}
+    path = tmp_path / "sd1-fp16.safetensors"
+    save_file(half, path)
+    components = load_components(path)
+    unet_half = {k[len(convert.UNET_PREFIX):]: v for k, v in half.items() if k.startswith(convert.UNET_PREFIX)}
+    assert_same_tensors(components.unet.state_dict(), {k: v.float() for k, v in unet_half.items()})
+    kept = load_components(path, dtype=torch.float16)
+    assert_same_tensors(kept.unet.state_dict(), unet_half)
+
+
+def test_loaded_modules_own_the_file_tensors_without_a_copy(tmp_path, sd1):
+    path = tmp_path / "sd1.safetensors"
+    save_file(ldm_state_dict(TINY_SD1, *sd1), path)
+    checkpoint = read_checkpoint(path)
+    file_tensors = {k: v.data_ptr() for k, v in checkpoint.unet.items()}
+    components = build_components(checkpoint)
+    assert {k: v.data_ptr() for k, v in components.unet.state_dict().items()} == file_tensors
+
+
+def test_mismatched_weights_name_the_missing_unexpected_and_misshapen_keys(tmp_path, sd1):
+    state = ldm_state_dict(TINY_SD1, *sd1)
+    del state["model.diffusion_model.middle_block.0.in_layers.0.bias"]
+    state["model.diffusion_model.middle_block.0.extra.weight"] = torch.zeros(3)
+    state["first_stage_model.encoder.norm_out.weight"] = torch.zeros(7)
+    path = tmp_path / "broken.safetensors"
+    save_file(state, path)
+    with pytest.raises(CheckpointError) as error:
+        load_components(path)
+    message = str(error.value)
+    assert "1 missing keys (e.g. model.diffusion_model.middle_block.0.in_layers.0.bias)" in message
+    assert "1 unexpected keys (e.g. model.diffusion_model.middle_block.0.extra.weight)" in message
+    with pytest.raises(CheckpointError, match=r"first_stage_model.encoder.norm_out.weight is \(7,\) in the file, \(64,\)"):
+        del state["model.diffusion_model.middle_block.0.extra.weight"]
+        state["model.diffusion_model.middle_block.0.in_layers.0.bias"] = torch.zeros(64)
+        save_file(state, path)
+        load_components(path)
+
+
+# -- saving -----------------------------------------------------------------------------------------------------
+
+
+def test_saved_file_has_the_original_layout_and_the_config_in_its_metadata(tmp_path, sd1):
+    path = save_single_file(tmp_path / "out.safetensors", TINY_SD1, *sd1, extra_metadata={"trained_by": "test"})
+    tensors, metadata = read_state_dict(path)
+    assert sorted(tensors) == sorted(convert.join_original(TINY_SD1, *(m.state_dict() for m in sd1)))
+    assert from_json(metadata["sdlab_config"]) == TINY_SD1
+    assert metadata["format"] == "pt" and metadata["trained_by"] == "test"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+def test_narrow_model_round_trips_through_its_metadata(tmp_path):
+    narrow = TINY_SD1.replace(name="narrow", unet=dataclasses.replace(TINY_SD1.unet, model_channels=64, num_heads=4),
+                              resolution=256)
+    modules = random_modules(narrow, seed=5)
+    path = save_single_file(tmp_path / "narrow.safetensors", narrow, *modules, dtype=torch.float32)
+    components = load_components(path)
+    assert components.config == narrow and components.unet.config.num_heads == 4
+    assert_modules_hold(components, narrow, *modules)
+    tensors, _ = read_state_dict(path)
+    assert detect_config(tensors).unet.num_heads == 8  # what SD1's rules would have guessed
+
+
+def test_metadata_that_contradicts_the_tensors_is_refused(tmp_path, sd1):
+    path = save_single_file(tmp_path / "x.safetensors", TINY_SD1, *sd1)
+    tensors, metadata = read_state_dict(path)
+    lie = TINY_SD1.replace(unet=dataclasses.replace(TINY_SD1.unet, model_channels=64))
+    save_file(tensors, tmp_path / "lie.safetensors", metadata={"sdlab_config": convert_json(lie)})
+    with pytest.raises(CheckpointError, match="unet.model_channels is 64 in the metadata but 32 in the weights"):
+        load_components(tmp_path / "lie.safetensors")
+
+
+def convert_json(config):
+    from sdlab.config import to_json
+
+    return to_json(config)
+
+
+def test_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, sd1, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"previous version")
+
+    def write_half_then_fail(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a fi")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("sdlab.checkpoint.save.save_file", write_half_then_fail)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save_single_file(path, TINY_SD1, *sd1)
+    assert path.read_bytes() == b"previous version"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("model.ckpt", "writes .safetensors"), ("missing/model.safetensors", "does not exist"),
+])
+def test_save_refuses_what_it_cannot_write(tmp_path, sd1, name, message):
+    with pytest.raises(CheckpointError, match=message):
+        save_single_file(tmp_path / name, TINY_SD1, *sd1)
+
+
+# -- interoperability with diffusers ------------------------------------------------------------------------------
+
+
+def _strip_text_model(state_dict):
+    return {k.removeprefix("text_model."): v for k, v in state_dict.items()}
+
+
+@pytest.mark.parametrize("config_name", ["sd1", "sd2"])
+def test_sdlab_file_loads_in_diffusers_from_single_file(tmp_path, sd1, sd2, config_name):
+    from diffusers import StableDiffusionPipeline
+
+    config, modules = (TINY_SD1, sd1) if config_name == "sd1" else (TINY_SD2, sd2)
+    path = save_single_file(tmp_path / "model.safetensors", config, *modules)
+    config_dir = write_diffusers_configs(tmp_path / "configs", config)
+    yaml_path = tmp_path / "model.yaml"
+    yaml_path.write_text(ldm_yaml(config))
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(path), config=str(config_dir), original_config=str(yaml_path), local_files_only=True,
+        safety_checker=None, requires_safety_checker=False)
+    ours = convert.original_to_diffusers(read_state_dict(path)[0], config)
+    assert_same_tensors(pipe.unet.state_dict(), ours["unet"])
+    assert_same_tensors(pipe.vae.state_dict(), ours["vae"])
+    assert_same_tensors(_strip_text_model(pipe.text_encoder.state_dict()), _strip_text_model(ours["text_encoder"]))
+    expected_prediction = "v_prediction" if config.prediction == "v" else "epsilon"
+    assert pipe.scheduler.config.prediction_type == expected_prediction
+
+
+def _diffusers_models(config: ModelConfig, seed: int):
+    """Random diffusers UNet, VAE and transformers CLIPTextModel of `config`'s shapes."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs = convert.diffusers_configs(config)
+    torch.manual_seed(seed)
+    unet = randomize(UNet2DConditionModel.from_config(configs["unet/config.json"]), seed)
+    vae = randomize(AutoencoderKL.from_config(configs["vae/config.json"]), seed + 1)
+    text = randomize(CLIPTextModel(CLIPTextConfig(**configs["text_encoder/config.json"])), seed + 2)
+    return unet, vae, text
+
+
+@pytest.mark.parametrize("config_name", ["sd1", "sd2"])
+def test_diffusers_folder_loads_in_sdlab(tmp_path, config_name):
+    config = TINY_SD1 if config_name == "sd1" else TINY_SD2
+    unet, vae, text = _diffusers_models(config, seed=6)
+    folder = write_diffusers_configs(tmp_path / "folder", config)
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text.save_pretrained(folder / "text_encoder")
+    components = load_components(folder)
+    assert components.config == config
+    expected = convert.diffusers_to_original(unet.state_dict(), vae.state_dict(), text.state_dict(), config)
+    parts = convert.split_original(expected, config)
+    assert_same_tensors(components.unet.state_dict(), parts["unet"])
+    assert_same_tensors(components.vae.state_dict(), parts["vae"])
+    assert_same_tensors(components.text_encoder.state_dict(), parts["text_encoder"])
+    assert load_components(folder, prediction="epsilon").config.prediction == "epsilon"
+
+
+def test_diffusers_weights_in_the_single_file_layout_load_identically(tmp_path):
+    unet, vae, text = _diffusers_models(TINY_SD1, seed=7)
+    state = convert.diffusers_to_original(unet.state_dict(), vae.state_dict(), text.state_dict(), TINY_SD1)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "converted.safetensors")
+    components = load_components(tmp_path / "converted.safetensors")
+    assert components.config == TINY_SD1
+    ours = convert.original_to_diffusers(
+        convert.join_original(TINY_SD1, *(m.state_dict() for m in (components.unet, components.vae,
+                                                                     components.text_encoder))), TINY_SD1)
+    assert_same_tensors(ours["unet"], unet.state_dict())
+    assert_same_tensors(ours["vae"], vae.state_dict())
+    assert_same_tensors(_strip_text_model(ours["text_encoder"]), text.state_dict())
+
+
+# -- full size ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_full_size_sd15_saves_and_loads_with_every_shape(tmp_path):
+    """SD 1.5's 1.07 B parameters, random, written as fp16 (2.1 GB) and loaded back as fp32 (4.3 GB)."""
+    with torch.device("meta"):
+        modules = (build_unet(SD1.unet), build_vae(SD1.vae), build_text_encoder(SD1.text))
+    generator = torch.Generator().manual_seed(0)
+    for module in modules:
+        module.to_empty(device="cpu")
+        with torch.no_grad():
+            for tensor in module.state_dict().values():
+                tensor.uniform_(-0.1, 0.1, generator=generator)
+    shapes = {k: v.shape for k, v in convert.join_original(SD1, *(m.state_dict() for m in modules)).items()}
+    probes = {"model.diffusion_model.output_blocks.11.1.proj_out.weight", "first_stage_model.decoder.conv_out.weight",
+              "cond_stage_model.transformer.text_model.final_layer_norm.weight"}
+    probe_values = {k: v.half() for k, v in convert.join_original(SD1, *(m.state_dict() for m in modules)).items()
+                    if k in probes}
+    path = save_single_file(tmp_path / "sd15.safetensors", SD1, *modules, dtype=torch.float16)
+    del modules
+    tensors, _ = read_state_dict(path)
+    assert {k: v.shape for k, v in tensors.items()} == shapes
+    assert all(v.dtype == torch.float16 for v in tensors.values())
+    assert detect_config(tensors) == SD1
+    del tensors
+    components = load_components(path)
+    assert components.config == SD1
+    loaded = convert.join_original(SD1, components.unet.state_dict(), components.vae.state_dict(),
+                                   components.text_encoder.state_dict())
+    assert {k: v.shape for k, v in loaded.items()} == shapes
+    assert all(v.dtype == torch.float32 for v in loaded.values())
+    for key, value in probe_values.items():
+        assert torch.equal(loaded[key], value.float()), key
