@@ -134,12 +134,16 @@ def encode_text(pipe: Pipeline, prompts: list[str], negative_prompts: list[str],
     return cond.to(pipe.dtype), uncond.to(pipe.dtype)  # (B, 77*n, D) each
 
 
-def make_denoiser(pipe: Pipeline, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, **extra):
-    """The sampler's `model(x, sigma) -> denoised`: UNet + prediction-type wrapper + CFG."""
+def make_denoiser(pipe: Pipeline, cond, uncond, guidance_scale: float, sampler=None, **extra):
+    """The sampler's `model(x, sigma) -> denoised`: UNet + prediction-type wrapper + CFG.
+
+    `sampler` (a SamplerSpec) says whether the UNet's timestep is rounded, as diffusers does for
+    DPM++ 2M Karras; `extra` is conditioning both CFG halves share (`concat`, `y`)."""
     from ..denoisers import Denoiser
     from ..guidance import CFGDenoiser
 
-    denoiser = Denoiser(ConditionedUNet(pipe.unet), pipe.config.schedule, pipe.config.prediction)
+    denoiser = Denoiser(ConditionedUNet(pipe.unet), pipe.config.schedule, pipe.config.prediction,
+                         quantize=bool(sampler is not None and sampler.quantize))
     return CFGDenoiser(denoiser, cond, uncond, guidance_scale, **extra)
 
 

@@ -70,7 +70,7 @@ def txt2img(
         raise InputError(f"latents must have shape {(batch_size, *shape)}, got {tuple(latents.shape)}")
 
     cond, uncond = encode_text(pipe, prompts, negatives, clip_skip)
-    model = make_denoiser(pipe, cond, uncond, guidance_scale)
+    model = make_denoiser(pipe, cond, uncond, guidance_scale, sampler=spec)
     latents = sample(
         spec, model, latents.to(pipe.device, torch.float32), pipe.config.schedule, steps,
         step_noise=lambda: source.step_noise().to(pipe.device), eta=eta, callback=callback,
