@@ -1,0 +1,101 @@
+"""`sdlab train vae|text|unet`: the command line of the training loop.
+
+    sdlab train vae  --data shapes --model-config recipes/shapes-model.json --out runs/vae
+    sdlab train text --data shapes --base runs/vae/last.safetensors --out runs/text
+    sdlab train unet --data shapes --base runs/text/last.safetensors --out runs/unet
+    torchrun --nproc_per_node 2 -m sdlab.training unet --config recipes/shapes-unet.toml
+
+Flags override the --config recipe; `--set section.key=value` reaches any other key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import SdlabError
+from .config import TRAINER_OPTIONS, load_config, parse_assignment
+
+EXIT_USER_ERROR = 2
+
+TRAINER_HELP = {
+    "vae": "the KL autoencoder: reconstruction + KL (+ PatchGAN), then its latent scaling factor",
+    "text": "the text encoder, contrastively against a small image tower (CLIP's loss)",
+    "unet": "the denoising UNet on --base's frozen VAE and text encoder",
+}
+
+# flag destination -> recipe key
+FLAG_KEYS = {
+    "data": "data", "base": "base", "out": "out", "model_config": "model", "steps": "steps",
+    "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr", "seed": "seed",
+    "resolution": "resolution", "precision": "precision", "grad_checkpointing": "gradient_checkpointing",
+    "checkpoint_every": "checkpoint_every", "validate_every": "validate_every", "num_workers": "num_workers",
+    "device": "device", "ema_decay": "ema_decay", "init_from_base": "init_from_base",
+}
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML recipe (see recipes/); flags override it")
+    parser.add_argument("--data", help="folder of images with same-named .txt captions, or 'shapes'")
+    parser.add_argument("--base", help="checkpoint providing the parts this run does not train (required by unet)")
+    parser.add_argument("--out", help="run folder: checkpoints, validation/, loss.png, last.safetensors")
+    parser.add_argument("--model-config", help="model sizes: a preset (sd1, sd2-base, sd2-v) or a ModelConfig JSON file")
+    parser.add_argument("--steps", type=int, help="optimizer steps in all")
+    parser.add_argument("--batch-size", type=int, help="GLOBAL batch per step, over all processes and --grad-accum")
+    parser.add_argument("--grad-accum", type=int, help="micro-batches accumulated per step")
+    parser.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
+    parser.add_argument("--seed", type=int, help="seed of the initial weights, data order and noise")
+    parser.add_argument("--resolution", type=int, help="training image side in pixels")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="autocast dtype (auto: bf16/fp16 on GPU)")
+    parser.add_argument("--grad-checkpointing", action="store_const", const=True, help="recompute activations in backward")
+    parser.add_argument("--checkpoint-every", type=int, help="steps between resumable checkpoints")
+    parser.add_argument("--validate-every", type=int, help="steps between validation grids (0: at the end only)")
+    parser.add_argument("--num-workers", type=int, help="DataLoader processes decoding images")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if present)")
+    parser.add_argument("--ema-decay", type=float, help="EMA decay of the saved weights (0: no EMA)")
+    parser.add_argument("--init-from-base", action="store_const", const=True, help="fine-tune --base's part instead of starting fresh")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any recipe key, e.g. --set unet.min_snr_gamma=5 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_train_command(subparsers) -> None:
+    """Register `train vae|text|unet` on an argparse subparsers object (sdlab's main parser's)."""
+    train = subparsers.add_parser("train", help="train the VAE, the text encoder or the UNet (CPU, GPU, torchrun)")
+    trainers = train.add_subparsers(dest="trainer", required=True, metavar="{vae,text,unet}")
+    for name, help_text in TRAINER_HELP.items():
+        parser = trainers.add_parser(name, help=help_text, description=help_text)
+        add_train_options(parser)
+        parser.set_defaults(run=run_train)
+
+
+def config_from_args(args):
+    overrides = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items()}
+    overrides.update(parse_assignment(text) for text in args.set)
+    return load_config(args.trainer, args.config, overrides)
+
+
+def run_train(args) -> int:
+    from .loop import train
+
+    train(config_from_args(args), resume=args.resume, quiet=args.quiet)
+    return 0
+
+
+def main(argv=None) -> int:
+    """`python -m sdlab.training [train] vae|text|unet ...`, also as each process of torchrun."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINER_OPTIONS:
+        argv = ["train", *argv]
+    parser = argparse.ArgumentParser(prog="python -m sdlab.training", description="sdlab's training loop")
+    add_train_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except SdlabError as exc:
+        print(f"sdlab: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("sdlab: interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)
+        return 130

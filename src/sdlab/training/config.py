@@ -1,0 +1,304 @@
+"""Training recipes: a dataclass of knobs shared by every trainer plus one small dataclass per trainer,
+read from a TOML file and checked before anything runs.
+
+    # recipes/shapes-unet.toml
+    data = "shapes"
+    steps = 20000
+    batch_size = 64          # the GLOBAL batch: split over ranks and gradient-accumulation micro-batches
+    lr = 1e-4
+    model = "recipes/shapes-model.json"   # a preset name, a ModelConfig JSON file, or a [model] table
+
+    [unet]                   # the section named after the trainer
+    min_snr_gamma = 5.0
+
+Precedence, lowest first: dataclass defaults, the TOML file, command-line flags. An unknown key or a
+value of the wrong type stops the run at once with one ConfigError that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+from ..config import PRESETS, SD1, ModelConfig, from_dict, to_dict
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class VAEOptions:
+    """`sdlab train vae`: the KL autoencoder of latent diffusion (Rombach et al. 2022, appendix G)."""
+
+    l1_weight: float = 1.0  # reconstruction |x - x̂|, per pixel (ldm's rec_loss)
+    l2_weight: float = 0.0  # (x - x̂)^2, per pixel
+    # ldm's kl-f8 weight 1e-6 is on per-sample *sums*; our losses are per-pixel means, so the KL sum is
+    # divided by the pixel count to keep the same balance.
+    kl_weight: float = 1e-6
+    disc_start: Optional[int] = None  # step from which the PatchGAN loss is on (ldm kl-f8: 50001); unset: never
+    disc_weight: float = 0.5  # ldm's disc_weight, times the adaptive weight
+    disc_channels: int = 64  # width of the PatchGAN's first layer
+    disc_layers: int = 3  # strided layers: receptive field 70 px at 3 (Isola et al. 2017)
+    scale_batches: int = 4  # batches whose latents give the scaling factor 1 / std
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """`sdlab train text`: CLIP-style contrastive pre-training of the text tower (Radford et al. 2021)."""
+
+    image_channels: int = 32  # width of the image tower's first stage; doubles at every stage
+    image_stages: int = 4  # stride-2 stages before the pooled projection
+
+
+@dataclass(frozen=True)
+class UNetOptions:
+    """`sdlab train unet`: the denoiser on a frozen VAE and text encoder."""
+
+    caption_dropout: float = 0.1  # fraction trained with the empty caption, for classifier-free guidance
+    min_snr_gamma: Optional[float] = None  # Min-SNR-gamma loss weights (Hang et al. 2023; 5.0 there); unset: plain MSE
+    validation_prompts: tuple[str, ...] = ()  # empty: the captions of the validation batch
+    validation_sampler: str = "Euler"
+    validation_steps: int = 20
+    validation_guidance: float = 5.0
+
+
+TRAINER_OPTIONS = {"vae": VAEOptions, "text": TextOptions, "unet": UNetOptions}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    trainer: Literal["vae", "text", "unet"]
+    data: str = "shapes"  # a folder of images with same-named .txt captions, or "shapes"
+    out: Optional[str] = None  # run folder; unset: runs/<trainer>
+    base: Optional[str] = None  # checkpoint whose parts this run does not train (unet: the VAE and text encoder)
+    init_from_base: bool = False  # start the trained part from --base's weights (fine-tuning), not from scratch
+    # preset name, ModelConfig JSON file, or a table of changes to --base's config (sd1's without --base);
+    # with --base only the trained part's sections are taken from it (components.py)
+    model: Union[str, dict, None] = None
+
+    steps: int = 1000
+    batch_size: int = 8  # global: all ranks and accumulation micro-batches together
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0  # linear warm-up from 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    ema_decay: Optional[float] = None  # unset: the trainer's default (unet 0.9999, vae and text none); 0: none
+
+    resolution: Optional[int] = None  # training image side; unset: the model config's resolution
+    crop: Literal["center", "random"] = "center"
+    flip: bool = False  # random horizontal flips (images only; captions saying "left" would then lie)
+    num_workers: int = 0  # DataLoader processes decoding images
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPUs, fp32 on CPUs
+    gradient_checkpointing: bool = False
+    device: Optional[str] = None  # unset: cuda if present (cuda:LOCAL_RANK under torchrun), else cpu
+    seed: int = 0
+
+    checkpoint_every: int = 500  # steps between resumable checkpoints (OUT/train_state.pt)
+    validate_every: int = 500  # steps between validation grids (OUT/validation/); 0: only at the end
+    validation_images: int = 4
+
+    options: Any = None  # the trainer's section: VAEOptions, TextOptions or UNetOptions
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def out_dir(self) -> str:
+        return self.out or os.path.join("runs", self.trainer)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Keys a resumed run may change: they steer where and how often, not what is learned.
+RESUMABLE_CHANGES = frozenset({"steps", "out", "checkpoint_every", "validate_every", "validation_images",
+                               "num_workers", "device", "data"})
+
+
+# -- checking ----------------------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            dict: "a table"}.get(tp, str(tp))
+
+
+def _check(value, tp, key: str, source: str):
+    """`value` converted to `tp`, or a ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _check(value, arg, key, source)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(_check(v, typing.get_args(tp)[0], key, source) for v in value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _checked(cls, values: dict, prefix: str, source: str) -> dict:
+    known = _fields(cls)
+    out = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'; known keys: {', '.join(known)}")
+        out[key] = _check(value, known[key], prefix + key, source)
+    return out
+
+
+def build_config(trainer: str, values: dict, source: str = "config") -> TrainConfig:
+    """A checked TrainConfig from plain values (a parsed TOML document, overrides already merged)."""
+    if trainer not in TRAINER_OPTIONS:
+        raise ConfigError(f"unknown trainer '{trainer}'; choose one of: {', '.join(TRAINER_OPTIONS)}")
+    values = dict(values)
+    stated = values.pop("trainer", trainer)
+    if stated != trainer:
+        raise ConfigError(f"{source} is a recipe for `sdlab train {stated}`, not `sdlab train {trainer}`")
+    section = values.pop(trainer, {})
+    for other in TRAINER_OPTIONS:
+        if other != trainer and other in values:
+            raise ConfigError(f"{source}: the [{other}] section belongs to `sdlab train {other}`; "
+                              f"this is `sdlab train {trainer}`")
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: '{trainer}' must be a table ([{trainer}]), got {section!r}")
+    common = {k: v for k, v in _fields(TrainConfig).items() if k not in ("trainer", "options")}
+    for key in values:
+        if key not in common:
+            raise ConfigError(f"{source}: unknown key '{key}'; known keys: {', '.join(common)}, [{trainer}]")
+    options_cls = TRAINER_OPTIONS[trainer]
+    options = options_cls(**_checked(options_cls, section, f"{trainer}.", source))
+    config = TrainConfig(trainer=trainer, options=options, **_checked(TrainConfig, values, "", source))
+    _check_ranges(config, source)
+    return config
+
+
+def _check_ranges(config: TrainConfig, source: str) -> None:
+    positive = ("steps", "batch_size", "grad_accum", "checkpoint_every", "validation_images")
+    for key in positive:
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{source}: '{key}' must be at least 1, got {getattr(config, key)}")
+    for key in ("validate_every", "warmup_steps", "num_workers"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{source}: '{key}' must not be negative, got {getattr(config, key)}")
+    if config.lr <= 0:
+        raise ConfigError(f"{source}: 'lr' must be positive, got {config.lr}")
+    if config.ema_decay is not None and not 0 <= config.ema_decay < 1:
+        raise ConfigError(f"{source}: 'ema_decay' must be in [0, 1), got {config.ema_decay}")
+    if config.batch_size % config.grad_accum:
+        raise ConfigError(f"{source}: batch_size {config.batch_size} must be a multiple of grad_accum "
+                          f"{config.grad_accum} (each accumulation step takes batch_size / grad_accum samples)")
+    if config.resolution is not None and config.resolution < 8:
+        raise ConfigError(f"{source}: 'resolution' must be at least 8 pixels, got {config.resolution}")
+    options = config.options
+    if isinstance(options, UNetOptions) and not 0 <= options.caption_dropout <= 1:
+        raise ConfigError(f"{source}: 'unet.caption_dropout' must be in [0, 1], got {options.caption_dropout}")
+
+
+# -- reading -----------------------------------------------------------------------------------------
+
+
+def read_toml(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"training config not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+
+
+def merge_overrides(values: dict, overrides: dict) -> dict:
+    """`values` with `overrides` set on top; a dotted key ("unet.min_snr_gamma") reaches into a section."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        table, _, name = key.rpartition(".")
+        if table:
+            section = merged.setdefault(table, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"cannot set '{key}': '{table}' is not a table")
+            section[name] = value
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`--set key=value`: the value is read as TOML (numbers, true/false, lists), else as a plain string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set takes KEY=VALUE, e.g. --set unet.min_snr_gamma=5; got '{text}'")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(trainer: str, path: Optional[str] = None, overrides: Optional[dict] = None) -> TrainConfig:
+    """The recipe at `path` (if any) with `overrides` (command-line flags, None = not given) on top."""
+    values = read_toml(path) if path else {}
+    return build_config(trainer, merge_overrides(values, overrides or {}), source=path or "command line")
+
+
+def _deep_merge(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def resolve_model_config(value: Union[str, dict, None], over: ModelConfig = SD1) -> Optional[ModelConfig]:
+    """A ModelConfig from a preset name or a JSON file (sdlab's `to_json`), or `over` changed by the
+    keys of a table ({"unet": {"model_channels": 64}}); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return from_dict(_deep_merge(to_dict(over), value))
+    if value in PRESETS:
+        return PRESETS[value]
+    if os.path.isfile(value):
+        try:
+            with open(value) as f:
+                return from_dict(json.load(f))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"model config {value} is not valid JSON: {exc}") from exc
+    raise ConfigError(f"model config '{value}' is neither a preset ({', '.join(PRESETS)}) nor a JSON file")

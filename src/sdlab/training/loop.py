@@ -1,0 +1,266 @@
+"""The training loop every trainer shares, top to bottom: data, mixed precision, gradient accumulation,
+gradient averaging over ranks, clipping, EMA, validation, checkpoints.
+
+A trainer (vae.py, text.py, unet.py) is an nn.Module built by `build(config, device)` with:
+    trained: nn.ModuleDict       the modules the optimizer updates (their state is checkpointed)
+    model: nn.Module             what EMA averages and the final file holds (part of `trained`)
+    default_ema_decay: float     EMA decay when the recipe leaves `ema_decay` unset (0: no EMA)
+    resolution: int              training image side when the recipe leaves `resolution` unset
+    loss(batch) -> (loss, logs)  the scalar to minimise for one micro-batch, and values to log (the
+                                 loss itself unless logs has a "loss" entry)
+    validate(model, examples, step, out_dir)   write a picture of how `model` does (rank 0, no grad)
+    save(out_dir, model, data) -> path         write the result (rank 0), e.g. OUT/last.safetensors
+Frozen networks (the UNet trainer's VAE and text encoder) live on the trainer outside `trained`.
+
+Resumable state, OUT/train_state.pt: trained weights, EMA, optimizer, grad scaler, step, RNG states and
+loss history. The data position is the step itself (data.py). Files are written to a temporary name
+and renamed over the old one, so a kill or Ctrl-C leaves the previous checkpoint intact and costs at
+most the steps since it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..progress import ProgressBar
+from . import distributed
+from .config import RESUMABLE_CHANGES, TrainConfig
+from .data import batches, open_data
+from .plots import loss_plot
+
+STATE_FILE = "train_state.pt"
+
+
+def build_trainer(config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    import importlib
+
+    return importlib.import_module(f"{__package__}.{config.trainer}").build(config, device)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for `precision` on `device`; None: plain fp32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None  # CPU bf16 is only fast with native bf16 instructions; ask for it with --precision bf16
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("fp16 mixed precision needs a CUDA GPU; on CPU use --precision bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bf16; use --precision fp16")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then constant or a half cosine down to 0 at `steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "cosine":
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return config.lr
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay with warm-up, min(decay, (1 + step) / (10 + step)), as TensorFlow's
+    ExponentialMovingAverage with num_updates: early averages forget the random initialisation fast."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for averaged, current in zip(ema.parameters(), model.parameters()):
+        averaged.lerp_(current.detach().to(averaged.dtype), 1 - decay)
+    for averaged, current in zip(ema.buffers(), model.buffers()):
+        averaged.copy_(current)
+
+
+def rng_states() -> dict:
+    """Every global generator, so a resumed run draws what the uninterrupted one would have."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [name, keys.tolist(), position, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) then rename tmp over `path`: readers see the old file or the new one, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
+    current = config.to_dict()
+    changed = sorted(k for k in current.keys() | saved.keys()
+                     if k not in RESUMABLE_CHANGES and current.get(k) != saved.get(k))
+    if changed:
+        details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise ConfigError(f"cannot resume {path} with a different recipe ({details}); use the same settings "
+                          f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change) or a new --out")
+
+
+def train(config: TrainConfig, resume: bool = False, callback: Optional[Callable[[dict], None]] = None,
+          quiet: bool = False) -> Path:
+    """Run `config` (in this process, or as one rank of a torchrun job); returns the saved file's path.
+
+    callback(info) runs after every optimizer step (and its checkpoint) with
+    {"step", "steps", "logs", "lr"}; an exception from it stops the run like Ctrl-C would.
+    """
+    ctx = distributed.setup(config.device)
+    try:
+        return _train(config, ctx, resume, callback, quiet)
+    finally:
+        distributed.cleanup()
+
+
+def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback, quiet: bool) -> Path:
+    device, main = ctx.device, ctx.is_main
+    out = Path(config.out_dir)
+    state_path = out / STATE_FILE
+    if resume and not state_path.exists():
+        raise ConfigError(f"nothing to resume: {state_path} does not exist; start without --resume")
+    if not resume and state_path.exists():
+        raise ConfigError(f"{out} already holds a run ({STATE_FILE}); continue it with --resume or choose another --out")
+    distributed.barrier()  # every rank has looked before rank 0 writes anything
+    if main:
+        (out / "validation").mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank and in every rerun
+    trainer = build_trainer(config, device)
+    distributed.broadcast_module(trainer.trained)
+    for module in trainer.trained.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = config.gradient_checkpointing
+    params = [p for p in trainer.trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                  eps=config.adam_eps, weight_decay=config.weight_decay)
+    amp_dtype = autocast_dtype(config.precision, device)
+    # fp16 gradients underflow without loss scaling (Micikevicius et al. 2018); bf16 has fp32's range
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema_decay = trainer.default_ema_decay if config.ema_decay is None else config.ema_decay
+    ema = copy.deepcopy(trainer.model).eval().requires_grad_(False) if ema_decay > 0 else None
+
+    start_step, history = 0, {}
+    if resume:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        check_resumable(state["config"], config, state_path)
+        trainer.trained.load_state_dict(state["trained"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"])
+        start_step, history = state["step"], state["history"]
+        del state
+
+    size = config.resolution or trainer.resolution
+    data = open_data(config.data, size, config.crop, config.flip, config.seed, verbose=main)
+    validation_examples = data.validation_examples(config.validation_images)
+    micro_batches = batches(data, start_step, config.steps, config.batch_size, config.grad_accum, ctx.rank,
+                            ctx.world_size, config.num_workers, config.seed, device)
+
+    def save_checkpoint(step: int) -> None:
+        state = {
+            "step": step,
+            "trained": trainer.trained.state_dict(),
+            "ema": ema.state_dict() if ema is not None else {},
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng_states(),
+            "history": history,
+            "config": config.to_dict(),
+        }
+        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+        atomic_write(out / "loss.png", lambda tmp: loss_plot(history, f"sdlab train {config.trainer}").save(tmp, "PNG"))
+
+    def validate(step: int) -> None:
+        model = ema if ema is not None else trainer.model
+        model.eval()
+        trainer.validate(model, validation_examples, step, out / "validation")
+        trainer.trained.train()
+
+    bar = ProgressBar(config.steps, f"train {config.trainer} ") if main and not quiet else None
+    if bar is not None:
+        bar.update(start_step)
+    trainer.trained.train()
+    started = time.perf_counter()
+    for step in range(start_step, config.steps):
+        lr = learning_rate(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        logs: dict[str, torch.Tensor] = {}
+        for _ in range(config.grad_accum):
+            batch = next(micro_batches)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss, parts = trainer.loss(batch)
+            scaler.scale(loss / config.grad_accum).backward()
+            parts.setdefault("loss", loss)
+            for name, value in parts.items():
+                logs[name] = logs.get(name, 0) + value.detach().float() / config.grad_accum
+
+        distributed.average_gradients(params, ctx.world_size)
+        scaler.unscale_(optimizer)
+        if config.max_grad_norm > 0:
+            for module in trainer.trained.values():  # each network by itself: a GAN's critic cannot shrink the generator's step
+                torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], config.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            update_ema(ema, trainer.model, ema_decay_at(step, ema_decay))
+
+        done = step + 1
+        values = distributed.mean_over_ranks(torch.stack(list(logs.values()))).tolist()
+        logs_now = dict(zip(logs, values))
+        for name, value in logs_now.items():
+            history.setdefault(name, []).append((done, value))
+        if bar is not None:
+            bar.update(1, **logs_now)
+        if main and (done == config.steps or (config.validate_every and done % config.validate_every == 0)):
+            validate(done)
+        if main and (done == config.steps or done % config.checkpoint_every == 0):
+            save_checkpoint(done)
+        if callback is not None:
+            callback({"step": done, "steps": config.steps, "logs": logs_now, "lr": lr})
+
+    elapsed = time.perf_counter() - started
+    if bar is not None:
+        bar.close()
+    path = out / "last.safetensors"
+    if main:
+        path = trainer.save(out, ema if ema is not None else trainer.model, data)
+        steps_run = config.steps - start_step
+        if not quiet:
+            print(f"sdlab: {steps_run} steps in {elapsed:.1f}s ({steps_run / max(elapsed, 1e-9):.2f} steps/s); "
+                  f"wrote {path}", file=sys.stderr)
+    distributed.barrier()
+    return path

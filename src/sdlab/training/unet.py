@@ -1,0 +1,113 @@
+"""`sdlab train unet`: the latent diffusion model (Rombach et al. 2022) on a frozen VAE and text encoder.
+
+For each image: latents z0 = scaling_factor * (a sample of the VAE posterior), a timestep t uniform in
+[0, T), noise eps, and the noised latents z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps with SD's schedule
+(Ho et al. 2020, eq. 4). The UNet, given z_t, t and the caption's text embeddings, predicts eps, or
+v = sqrt(a_t) eps - sqrt(1 - a_t) z0 for v-prediction models (Salimans & Ho 2022, section 4); the loss
+is the mean squared error. Captions are replaced by the empty caption a fraction of the time, so the
+same network also learns the unconditional prediction classifier-free guidance needs (Ho & Salimans
+2022). The saved UNet is the exponential moving average of the weights.
+
+Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 8)
+weights each sample's loss by min(SNR_t, gamma) / SNR_t for eps (/(SNR_t + 1) for v), with
+SNR_t = a_t / (1 - a_t): the easy low-noise timesteps stop dominating the gradient.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..schedules import alphas_cumprod
+from ..tokenizer import get_tokenizer
+from . import components
+from .config import TrainConfig, UNetOptions
+from .data import Batch
+from .plots import image_grid
+
+
+class UNetTrainer(nn.Module):
+    default_ema_decay = 0.9999  # CompVis' LitEma for SD
+
+    def __init__(self, config: TrainConfig, model: ModelConfig, unet: nn.Module, vae: nn.Module,
+                 text_encoder: nn.Module):
+        super().__init__()
+        self.config, self.options, self.model_config = config, config.options, model
+        self.resolution = model.resolution
+        self.model = unet
+        self.trained = nn.ModuleDict({"unet": unet})
+        self.vae = vae.eval().requires_grad_(False)
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.register_buffer("alphas_cumprod", alphas_cumprod(model.schedule), persistent=False)
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        text = self.model_config.text
+        ids = get_tokenizer().tokenize(captions, text.context_length, pad_token_id=text.pad_token_id)
+        return self.text_encoder(ids.to(device))  # (b, 77, width)
+
+    def loss(self, batch: Batch):
+        options: UNetOptions = self.options
+        device = batch.images.device
+        with torch.no_grad():
+            posterior = self.vae.encode(batch.images)
+            eps = batch.randn(*posterior.mean.shape[1:]).to(posterior.mean.dtype)
+            latents = (posterior.mean + posterior.std * eps).float() * self.model_config.vae.scaling_factor
+            keep = batch.rand() >= options.caption_dropout
+            captions = [caption if k else "" for caption, k in zip(batch.captions, keep.tolist())]
+            text_embeddings = self.encode_text(captions, device)
+
+        noise = batch.randn(*latents.shape[1:])
+        timesteps = batch.randint(self.model_config.schedule.num_train_timesteps)
+        a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        noisy_latents = a.sqrt() * latents + (1 - a).sqrt() * noise
+        noise_pred = self.model(noisy_latents, timesteps, text_embeddings).float()
+        if self.model_config.prediction == "v":
+            target = a.sqrt() * noise - (1 - a).sqrt() * latents
+        else:
+            target = noise
+        per_sample = (noise_pred - target).pow(2).mean(dim=(1, 2, 3))  # (b,)
+        logs = {}
+        if options.min_snr_gamma is not None:
+            snr = (a / (1 - a)).view(-1)
+            # for v the MSE already carries a factor SNR + 1 relative to x0-error, eps's carries SNR
+            denominator = snr + 1 if self.model_config.prediction == "v" else snr
+            weight = snr.clamp(max=options.min_snr_gamma) / denominator
+            logs["mse"] = per_sample.mean()
+            per_sample = per_sample * weight
+        return per_sample.mean(), logs
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, examples, step: int, out_dir: Path) -> None:
+        """Images sampled from the validation prompts with the model being trained (its EMA)."""
+        from ..pipelines.common import Pipeline
+
+        options: UNetOptions = self.options
+        prompts = list(options.validation_prompts) or [caption for _, caption in examples]
+        if not any(p.strip() for p in prompts):
+            prompts = ["a picture"] * len(prompts)  # txt2img refuses all-empty prompts
+        device = next(model.parameters()).device
+        pipe = Pipeline(self.model_config, model, self.vae, self.text_encoder, device, torch.float32)
+        size = self.config.resolution or self.resolution
+        result = pipe.txt2img(prompts, steps=options.validation_steps, guidance_scale=options.validation_guidance,
+                              seed=self.config.seed, width=size, height=size, batch_size=len(prompts),
+                              sampler=options.validation_sampler)
+        image_grid(result.images, columns=len(prompts), labels=prompts).save(Path(out_dir) / f"step-{step:06d}.png")
+
+    def save(self, out_dir: Path, model: nn.Module, data) -> Path:
+        return components.save_model(out_dir, self.model_config, self.config,
+                                     {"unet": model, "vae": self.vae, "text_encoder": self.text_encoder})
+
+
+def build(config: TrainConfig, device: torch.device) -> UNetTrainer:
+    from ..checkpoint.load import load_components
+
+    if config.base is None:
+        components.model_config(config, "unet", None)  # raises the error that says what --base must hold
+    base = load_components(config.base, dtype=torch.float32)
+    model = components.model_config(config, "unet", base.config)
+    unet = components.starting_part(config, "unet", model, base.unet)
+    return UNetTrainer(config, model, unet, base.vae, base.text_encoder).to(device)
