@@ -76,7 +76,7 @@ class TrainConfig:
     out: Optional[str] = None  # run folder; unset: runs/<trainer>
     base: Optional[str] = None  # checkpoint whose parts this run does not train (unet: the VAE and text encoder)
     init_from_base: bool = False  # start the trained part from --base's weights (fine-tuning), not from scratch
-    # preset name, ModelConfig JSON file, or a table of changes to --base's config (sd1's without --base);
+    # preset name, ModelConfig .json/.toml file (beside the recipe or a path), or a table of changes to --base's config (sd1's without --base);
     # with --base only the trained part's sections are taken from it (components.py)
     model: Union[str, dict, None] = None
 
@@ -135,7 +135,8 @@ def _type_name(tp) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, _type_name(item))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
             dict: "a table"}.get(tp, str(tp))
 
@@ -155,8 +156,9 @@ def _check(value, tp, key: str, source: str):
         if value in typing.get_args(tp):
             return value
     elif origin is tuple:
-        if isinstance(value, (list, tuple)):
-            return tuple(_check(v, typing.get_args(tp)[0], key, source) for v in value)
+        item = typing.get_args(tp)[0]
+        if isinstance(value, (list, tuple)) and all(isinstance(_try(v, item), tuple) for v in value):
+            return tuple(_check(v, item, key, source) for v in value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -166,6 +168,14 @@ def _check(value, tp, key: str, source: str):
     elif isinstance(value, tp):
         return value
     raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _try(value, tp):
+    """(converted,) when `value` fits `tp`, else None."""
+    try:
+        return (_check(value, tp, "", ""),)
+    except ConfigError:
+        return None
 
 
 def _fields(cls) -> dict[str, Any]:
@@ -276,6 +286,11 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 def load_config(trainer: str, path: Optional[str] = None, overrides: Optional[dict] = None) -> TrainConfig:
     """The recipe at `path` (if any) with `overrides` (command-line flags, None = not given) on top."""
     values = read_toml(path) if path else {}
+    model = values.get("model")
+    if isinstance(model, str) and model not in PRESETS and not os.path.isabs(model):
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), model)
+        if os.path.isfile(beside):  # a model file named in a recipe is found next to the recipe
+            values["model"] = beside
     return build_config(trainer, merge_overrides(values, overrides or {}), source=path or "command line")
 
 
@@ -287,8 +302,8 @@ def _deep_merge(base: dict, changes: dict) -> dict:
 
 
 def resolve_model_config(value: Union[str, dict, None], over: ModelConfig = SD1) -> Optional[ModelConfig]:
-    """A ModelConfig from a preset name or a JSON file (sdlab's `to_json`), or `over` changed by the
-    keys of a table ({"unet": {"model_channels": 64}}); None stays None."""
+    """A ModelConfig from a preset name, a JSON file (sdlab's `to_json`) or a TOML file of the same
+    tables, or `over` changed by the keys of a table ({"unet": {"model_channels": 64}}); None stays None."""
     if value is None:
         return None
     if isinstance(value, dict):
@@ -296,9 +311,11 @@ def resolve_model_config(value: Union[str, dict, None], over: ModelConfig = SD1)
     if value in PRESETS:
         return PRESETS[value]
     if os.path.isfile(value):
+        if value.endswith(".toml"):
+            return from_dict(read_toml(value))
         try:
             with open(value) as f:
                 return from_dict(json.load(f))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"model config {value} is not valid JSON: {exc}") from exc
-    raise ConfigError(f"model config '{value}' is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
+    raise ConfigError(f"model config '{value}' is neither a preset ({', '.join(PRESETS)}) nor a .json/.toml file")

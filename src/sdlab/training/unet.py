@@ -104,7 +104,9 @@ class UNetTrainer(nn.Module):
 
 def build(config: TrainConfig, device: torch.device) -> UNetTrainer:
     from ..checkpoint.load import load_components
+    from ..samplers import resolve_sampler
 
+    resolve_sampler(config.options.validation_sampler)  # an unknown name fails now, not at the first validation
     if config.base is None:
         components.model_config(config, "unet", None)  # raises the error that says what --base must hold
     base = load_components(config.base, dtype=torch.float32)

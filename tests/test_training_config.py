@@ -1,0 +1,171 @@
+"""Training recipes: TOML read into checked dataclasses, flags on top, one clear error per mistake."""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sdlab.config import SD1, SD2_BASE, ModelConfig, to_json
+from sdlab.errors import ConfigError
+from sdlab.training import cli
+from sdlab.training.config import (
+    TextOptions, UNetOptions, VAEOptions, build_config, load_config, parse_assignment, resolve_model_config,
+)
+from sdlab.training.loop import ema_decay_at, learning_rate
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def write(tmp_path: Path, text: str, name: str = "recipe.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def parse_flags(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_train_command(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_a_recipe_is_read_into_typed_fields_and_its_trainer_section(tmp_path):
+    path = write(tmp_path, """
+        data = "shapes"
+        steps = 300
+        batch_size = 16
+        lr = 1            # an integer where a float is expected is fine
+        crop = "random"
+        [unet]
+        min_snr_gamma = 5
+        validation_prompts = ["a large red circle on the left"]
+    """)
+    config = load_config("unet", path)
+    assert (config.trainer, config.steps, config.batch_size, config.crop) == ("unet", 300, 16, "random")
+    assert config.lr == 1.0 and isinstance(config.lr, float)
+    assert config.options == UNetOptions(min_snr_gamma=5.0, validation_prompts=("a large red circle on the left",))
+    assert config.out_dir == "runs/unet"
+
+
+def test_every_trainer_has_its_own_options_with_defaults():
+    assert build_config("vae", {}).options == VAEOptions()
+    assert build_config("text", {}).options == TextOptions()
+    assert build_config("unet", {}).options == UNetOptions()
+    assert VAEOptions().kl_weight == 1e-6  # latent diffusion's kl-f8 weight
+    assert UNetOptions().caption_dropout == 0.1
+
+
+@pytest.mark.parametrize("text, key", [
+    ("stepz = 10", "stepz"),
+    ("[vae]\nkl_wieght = 1e-6", "vae.kl_wieght"),
+])
+def test_an_unknown_key_is_one_error_naming_it(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
+        load_config("vae", write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('steps = "100"', r"'steps' must be an integer, got '100' \(str\)"),
+    ("steps = 1.5", "'steps' must be an integer"),
+    ("flip = 1", "'flip' must be true or false"),
+    ("batch_size = true", "'batch_size' must be an integer"),
+    ('precision = "fp8"', "'precision' must be one of 'auto', 'fp32', 'bf16', 'fp16'"),
+    ("[unet]\ncaption_dropout = \"often\"", "'unet.caption_dropout' must be a number"),
+    ("[unet]\nvalidation_prompts = [1, 2]", "'unet.validation_prompts' must be a list of strings, got \\[1, 2\\]"),
+])
+def test_a_value_of_the_wrong_type_is_one_error_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("unet", write(tmp_path, text))
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"steps": 0}, "'steps' must be at least 1"),
+    ({"batch_size": 6, "grad_accum": 4}, "batch_size 6 must be a multiple of grad_accum 4"),
+    ({"lr": -1.0}, "'lr' must be positive"),
+    ({"ema_decay": 1.0}, r"'ema_decay' must be in \[0, 1\)"),
+    ({"vae": {}}, r"the \[vae\] section belongs to `sdlab train vae`"),
+    ({"trainer": "vae"}, "a recipe for `sdlab train vae`, not `sdlab train unet`"),
+])
+def test_values_out_of_range_are_refused_before_training(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config("unet", values)
+
+
+def test_invalid_toml_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config("vae", write(tmp_path, "steps = = 3"))
+    with pytest.raises(ConfigError, match="training config not found"):
+        load_config("vae", str(tmp_path / "missing.toml"))
+
+
+def test_command_line_flags_override_the_file_and_set_reaches_any_key(tmp_path):
+    path = write(tmp_path, "steps = 100\nlr = 1e-4\nseed = 3\n[vae]\nkl_weight = 1e-6\n")
+    args = parse_flags(["train", "vae", "--config", path, "--steps", "7", "--grad-checkpointing",
+                        "--set", "vae.kl_weight=1e-5", "--set", "crop=random"])
+    config = cli.config_from_args(args)
+    assert config.steps == 7  # the flag wins
+    assert config.lr == 1e-4 and config.seed == 3  # the file's, where no flag is given
+    assert config.gradient_checkpointing is True
+    assert config.options.kl_weight == 1e-5 and config.crop == "random"
+    assert not parse_flags(["train", "vae"]).resume
+
+
+def test_set_reads_values_as_toml_and_refuses_a_missing_equals_sign():
+    assert parse_assignment("unet.min_snr_gamma=5") == ("unet.min_snr_gamma", 5)
+    assert parse_assignment("data=/some/folder") == ("data", "/some/folder")
+    assert parse_assignment("flip=true") == ("flip", True)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_assignment("flip")
+
+
+def test_model_config_from_a_preset_a_file_or_a_table_of_changes(tmp_path):
+    assert resolve_model_config("sd2-base") == SD2_BASE
+    json_path = write(tmp_path, to_json(SD1.replace(resolution=256)), "model.json")
+    assert resolve_model_config(json_path) == SD1.replace(resolution=256)
+    changed = resolve_model_config({"resolution": 64, "unet": {"model_channels": 32}})
+    assert changed.resolution == 64 and changed.unet.model_channels == 32
+    assert changed.unet.channel_mult == SD1.unet.channel_mult  # untouched keys keep sd1's values
+    base = ModelConfig(name="mine", resolution=128)
+    assert resolve_model_config({"vae": {"ch": 64}}, over=base).resolution == 128
+    with pytest.raises(ConfigError, match="neither a preset"):
+        resolve_model_config("sd9")
+    with pytest.raises(ConfigError, match="unknown UNetConfig fields: widht"):
+        resolve_model_config({"unet": {"widht": 3}})
+
+
+def test_a_model_file_named_in_a_recipe_is_found_beside_it(tmp_path):
+    (tmp_path / "family.json").write_text(json.dumps({"resolution": 48}))
+    config = load_config("vae", write(tmp_path, 'model = "family.json"'))
+    assert resolve_model_config(config.model).resolution == 48
+
+
+@pytest.mark.parametrize("trainer", ["vae", "text", "unet"])
+def test_the_shipped_recipes_load(trainer):
+    config = load_config(trainer, str(RECIPES / f"shapes-{trainer}.toml"))
+    model = resolve_model_config(config.model)
+    assert model.unet.context_dim == model.text.width
+    assert load_config(trainer, str(RECIPES / "tiny.toml")).resolution == 32
+
+
+def test_learning_rate_warms_up_linearly_then_holds_or_follows_a_half_cosine():
+    constant = build_config("vae", {"lr": 1.0, "warmup_steps": 4, "steps": 10})
+    assert [learning_rate(s, constant) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = constant.replace(lr_schedule="cosine")
+    assert learning_rate(4, cosine) == 1.0
+    assert learning_rate(7, cosine) == pytest.approx(0.5)
+    assert learning_rate(10, cosine) == pytest.approx(0.0)
+
+
+def test_ema_decay_warms_up_from_the_first_steps():
+    assert ema_decay_at(0, 0.9999) == pytest.approx(0.1)
+    assert ema_decay_at(90, 0.9999) == pytest.approx(91 / 100)
+    assert ema_decay_at(10**7, 0.9999) == 0.9999
+    assert math.isclose(ema_decay_at(10**7, 0.5), 0.5)
+
+
+def test_the_cli_prints_one_line_and_exits_2_on_a_recipe_error(tmp_path, capsys):
+    path = write(tmp_path, "stepz = 3")
+    assert cli.main(["vae", "--config", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown key 'stepz'" in err
