@@ -1,0 +1,144 @@
+"""The UNet's spatial transformer: image tokens attend to themselves and to the text embeddings.
+
+Module names follow CompVis `ldm/modules/attention.py`, so the checkpoint keys under
+`input_blocks.N.1.` read `norm`, `proj_in`, `transformer_blocks.K.{attn1,attn2,ff,norm1..3}`,
+`proj_out`. Every attention product goes through `attention()` and every projection is an
+`nn.Linear` named `to_q/to_k/to_v/to_out.0`: the two places where attention maps can be recorded
+(prompt-to-prompt) and low-rank adapters attached (LoRA).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v per head (Vaswani et al. 2017, eq. 1).
+
+    q: (B, Lq, heads * d), k and v: (B, Lk, heads * d) -> (B, Lq, heads * d).
+    The head split is a view; scaled_dot_product_attention takes the strided tensors as they are.
+    """
+    b, lq, inner = q.shape
+    d = inner // heads
+    q = q.view(b, lq, heads, d).transpose(1, 2)
+    k = k.view(b, -1, heads, d).transpose(1, 2)
+    v = v.view(b, -1, heads, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, Lq, d)
+    return out.transpose(1, 2).reshape(b, lq, inner)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of `x` to `context` (to itself when context is None).
+
+    The query, key and value projections have no bias, the output projection has one (ldm).
+    """
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: Optional[int] = None):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        # index 1 is ldm's dropout slot (p = 0 in every SD config); it keeps the key `to_out.0`
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """x * GELU(gate), both halves from one projection (Shazeer 2020, "GLU Variants")."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU to 4x the width and back; `net.1` is ldm's dropout slot so the keys read `net.0`, `net.2`."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text, feed-forward; each with a residual.
+
+    `disable_self_attention` (the x4 upscaler's high-resolution levels) makes attn1 attend to the
+    context as well, so the block has two cross-attentions and no self-attention.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, disable_self_attention: bool = False):
+        super().__init__()
+        self.disable_self_attention = disable_self_attention
+        self.attn1 = CrossAttention(dim, heads, head_dim, context_dim if disable_self_attention else None)
+        self.attn2 = CrossAttention(dim, heads, head_dim, context_dim)
+        self.ff = FeedForward(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.attn1(self.norm1(x), context if self.disable_self_attention else None) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the h*w positions of a feature map, added back to its input.
+
+    SD1 projects in and out with 1x1 convolutions on the map, SD2 (`use_linear_projection`) with
+    Linear layers on the tokens; the arithmetic is the same, the weight shapes differ.
+    """
+
+    def __init__(self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int,
+                 use_linear_projection: bool = False, disable_self_attention: bool = False):
+        super().__init__()
+        inner = heads * head_dim
+        self.use_linear_projection = use_linear_projection
+        # eps 1e-6 here (ldm attention.Normalize), unlike the ResBlocks' 1e-5
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        if use_linear_projection:
+            self.proj_in = nn.Linear(channels, inner)
+            self.proj_out = nn.Linear(inner, channels)
+        else:
+            self.proj_in = nn.Conv2d(channels, inner, 1)
+            self.proj_out = nn.Conv2d(inner, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, head_dim, context_dim, disable_self_attention) for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x)
+        if not self.use_linear_projection:
+            tokens = self.proj_in(tokens)
+        # one copy into token-major memory: strided tokens would make every LayerNorm and residual
+        # add in the blocks copy again
+        tokens = tokens.flatten(2).transpose(1, 2).contiguous()  # (B, h*w, inner)
+        if self.use_linear_projection:
+            tokens = self.proj_in(tokens)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        if self.use_linear_projection:
+            tokens = self.proj_out(tokens)
+        tokens = tokens.transpose(1, 2).reshape(b, -1, h, w)  # a strided view, no copy
+        if not self.use_linear_projection:
+            tokens = self.proj_out(tokens)
+        # x first: the sum takes x's contiguous layout, the residual add doubling as the copy back
+        return x + tokens
