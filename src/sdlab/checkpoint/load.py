@@ -162,7 +162,7 @@ JUNK_PREFIXES = (
     "first_stage_model.loss.",  # the autoencoder's training losses (LPIPS, discriminator)
 )
 JUNK_SUFFIXES = (
-    "text_model.embeddings.position_ids",  # a constant arange that transformers < 4.31 saved
+    "embeddings.position_ids",  # CLIP's constant arange, saved by transformers < 4.31
 )
 SCHEDULE_PREFIXES = ("low_scale_model.",)  # x4 upscaler: the noise-augmentation schedule of the low-res image
 CLIP_TEXT_PREFIX = convert.TEXT_PREFIXES["clip"]
