@@ -30,7 +30,7 @@ from sdlab.checkpoint.load import (
 )
 from sdlab.checkpoint.save import save_single_file
 from sdlab.config import SD1, SD2, ModelConfig, ScheduleConfig, from_json, to_json
-from sdlab.errors import CheckpointError
+from sdlab.errors import CheckpointError, InputError
 from sdlab.models import build_text_encoder, build_unet, build_vae
 
 
@@ -364,6 +364,8 @@ def test_sd2_safetensors_loads_to_identical_tensors(tmp_path, sd2):
     save_file(ldm_state_dict(TINY_SD2, *sd2), path)
     assert_modules_hold(load_components(path), TINY_SD2, *sd2)
     assert load_components(path, prediction="epsilon").config.prediction == "epsilon"
+    with pytest.raises(InputError, match="unknown prediction type 'x0': use epsilon or v"):
+        load_components(path, prediction="x0")
 
 
 def test_ckpt_in_a_lightning_wrapper_loads(tmp_path, sd1):

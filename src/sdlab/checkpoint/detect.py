@@ -70,8 +70,7 @@ def detect_config(
     VAE-only ...).
     """
     buffers = schedule_buffers or {}
-    if prediction is not None and prediction not in PREDICTIONS:
-        raise InputError(f"unknown prediction type '{prediction}': use epsilon or v")
+    check_prediction(prediction)
     _refuse_other_layouts(state_dict)
     kind = text_kind(state_dict)
     text = _text_config(state_dict, kind)
@@ -85,6 +84,11 @@ def detect_config(
         config = _from_metadata(metadata[METADATA_KEY], detected)
         return config if prediction is None else config.replace(prediction=prediction)
     return with_family_defaults(detected, prediction)
+
+
+def check_prediction(prediction: Optional[str]) -> None:
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise InputError(f"unknown prediction type '{prediction}': use epsilon or v")
 
 
 def with_family_defaults(config: ModelConfig, prediction: Optional[str] = None) -> ModelConfig:

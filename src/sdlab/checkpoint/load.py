@@ -25,10 +25,10 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..devices import default_dtype
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError
 from ..models import build_text_encoder, build_unet, build_vae
 from . import convert
-from .detect import PREDICTIONS, describe, detect_config, with_family_defaults
+from .detect import check_prediction, describe, detect_config, with_family_defaults
 from .io import read_state_dict
 
 StateDict = dict[str, torch.Tensor]
@@ -80,8 +80,7 @@ def load_components(
 
 def read_checkpoint(path: str | os.PathLike, prediction: Optional[str] = None) -> Checkpoint:
     """The weights and config of a single file or diffusers folder, without building modules."""
-    if prediction is not None and prediction not in PREDICTIONS:
-        raise InputError(f"unknown prediction type '{prediction}': use epsilon or v")
+    check_prediction(prediction)
     path = Path(path)
     if path.is_dir():
         return _read_diffusers_folder(path, prediction)
