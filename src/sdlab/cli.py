@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     samplers = commands.add_parser("samplers", help="list sampler names and aliases")
     samplers.set_defaults(run=cmd_samplers)
+
+    from .training.cli import add_train_command
+
+    add_train_command(commands)
     return parser
 
 
