@@ -311,6 +311,19 @@ def test_sd2_diffusers_text_encoder_drops_the_last_resblock_and_gets_it_back_as_
                         {k: v for k, v in state.items() if k not in ignored and "logit_scale" not in k})
 
 
+def test_vae_attention_names_of_old_diffusers_folders_are_read(sd1):
+    # diffusers < 0.14 wrote query/key/value/proj_attn; such VAE folders are still published
+    modern = convert.vae_to_diffusers(sd1[1].state_dict(), TINY_SD1.vae)
+    legacy_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    legacy = {}
+    for key, value in modern.items():
+        for new, old in legacy_names.items():
+            key = key.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
+        legacy[key] = value
+    assert legacy != modern
+    assert_same_tensors(convert.vae_from_diffusers(legacy, TINY_SD1.vae), sd1[1].state_dict())
+
+
 @pytest.mark.parametrize("config_name", ["sd1", "sd2"])
 def test_original_diffusers_original_round_trip_is_the_identity(sd1, sd2, config_name):
     config, modules = (TINY_SD1, sd1) if config_name == "sd1" else (TINY_SD2, sd2)

@@ -232,14 +232,15 @@ def _text_config(state_dict: Mapping[str, torch.Tensor], kind: str) -> TextConfi
         projection = shape("text_projection.weight")
         # OpenAI CLIP ViT-L/14: 64-channel heads, quick_gelu, pads with the end token
         return TextConfig(kind="clip", vocab_size=vocab_size, context_length=context_length, width=width,
-                          layers=layers, heads=width // 64, projection_dim=None if projection is None else projection[0])
+                          layers=layers, heads=max(1, width // 64),
+                          projection_dim=None if projection is None else projection[0])
     vocab_size, width = shape.require("token_embedding.weight")
     context_length = shape.require("positional_embedding")[0]
     layers = shape.count("transformer.resblocks.{}.attn.in_proj_weight")
     projection = shape("text_projection")
     # OpenCLIP ViT-H/14 as SD2 uses it: 64-channel heads, exact GELU, penultimate layer, pads with 0
     return TextConfig(kind="open_clip", vocab_size=vocab_size, context_length=context_length, width=width,
-                      layers=layers, heads=width // 64, activation="gelu", layer="penultimate", pad_token_id=0,
+                      layers=layers, heads=max(1, width // 64), activation="gelu", layer="penultimate", pad_token_id=0,
                       projection_dim=None if projection is None else projection[1])
 
 
