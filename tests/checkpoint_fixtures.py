@@ -141,7 +141,10 @@ def write_tokenizer(folder: Path, text: TextConfig) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with gzip.open(VOCAB_PATH, "rt", encoding="utf-8") as file:
         merges = file.read().split("\n")[1:NUM_MERGES + 1]
-    (folder / "vocab.json").write_text(json.dumps(Tokenizer().vocab))
+    # HF names the special tokens <|startoftext|>/<|endoftext|> where CLIP's own code says <start_of_text>
+    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {renamed.get(token, token): index for token, index in Tokenizer().vocab.items()}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     pad = "<|endoftext|>" if text.pad_token_id == 49407 else "!"  # SD2's tokenizer pads with "!" (id 0)
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
