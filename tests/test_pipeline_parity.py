@@ -4,8 +4,6 @@ diffusers builds a tiny Stable Diffusion with random weights and saves it as a d
 sdlab loads that folder and both generate. PSNR >= 40 dB between the two images.
 """
 
-import gzip
-import json
 import math
 
 import numpy as np
@@ -18,7 +16,8 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import sdlab
-from sdlab.tokenizer import NUM_MERGES, VOCAB_PATH, Tokenizer
+from checkpoint_fixtures import write_tokenizer
+from sdlab.config import TextConfig
 
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                    steps_offset=1, clip_sample=False, set_alpha_to_one=False)
@@ -27,21 +26,6 @@ SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_lin
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
-
-
-def write_hf_tokenizer(folder, pad_token: str):
-    """transformers' CLIPTokenizer files from sdlab's vocabulary (CLIP's merges; HF names the specials
-    <|startoftext|> and <|endoftext|>). SD1 pads with the end token, SD2 with "!" (id 0)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = dict(Tokenizer().vocab)
-    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {renamed.get(token, token): index for token, index in vocab.items()}
-    with gzip.open(VOCAB_PATH, "rt", encoding="utf-8") as file:
-        merges = file.read().split("\n")[1:NUM_MERGES + 1]
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token,
-                         model_max_length=77)
 
 
 def tiny_diffusers_sd(folder, family: str, prediction: str):
@@ -66,7 +50,8 @@ def tiny_diffusers_sd(folder, family: str, prediction: str):
         bos_token_id=49406, eos_token_id=49407, pad_token_id=0 if sd2 else 49407, projection_dim=context,
     )
     text_encoder = CLIPTextModel(text_config)
-    tokenizer = write_hf_tokenizer(folder / "tokenizer_files", "!" if sd2 else "<|endoftext|>")
+    write_tokenizer(folder / "tokenizer_files", TextConfig(pad_token_id=0 if sd2 else 49407))
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_files"))
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     # SD's own scheduler_config.json: the other schedulers are made from it with from_config, as users do
     scheduler = DDIMScheduler(**SD_SCHEDULE, prediction_type="v_prediction" if prediction == "v" else "epsilon")
