@@ -130,3 +130,40 @@ def test_batch_and_explicit_latents_match_diffusers(tmp_path):
     assert_latents_close(result.latents, expected_latents)
     for ours, theirs in zip(result.images, expected):
         assert psnr(np.asarray(ours), np.asarray(theirs)) >= 40
+
+
+@pytest.mark.slow
+def test_full_size_sd15_single_file_gives_diffusers_image(tmp_path, monkeypatch):
+    """The real SD 1.5 shapes end to end: sdlab saves a random-weight SD 1.5 as a single fp16 file, then
+    sdlab.load and diffusers' from_single_file (offline, local configs) generate the same 64x64 image."""
+    import huggingface_hub.constants
+
+    from checkpoint_fixtures import ldm_yaml, write_diffusers_configs
+    from sdlab.checkpoint.save import save_single_file
+    from sdlab.config import SD1
+    from sdlab.models import build_text_encoder, build_unet, build_vae
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    torch.manual_seed(0)
+    path = save_single_file(tmp_path / "sd15.safetensors", SD1, build_unet(SD1.unet), build_vae(SD1.vae),
+                            build_text_encoder(SD1.text), dtype=torch.float16)
+    prompt, negative, seed = "a watercolour painting of a lighthouse", "blurry", 11
+
+    pipe = sdlab.load(str(path))
+    assert pipe.config == SD1
+    ours = pipe.txt2img(prompt, negative, steps=2, guidance_scale=7.5, seed=seed, width=64, height=64, sampler="Euler")
+    del pipe
+
+    (tmp_path / "v1-inference.yaml").write_text(ldm_yaml(SD1))
+    reference = StableDiffusionPipeline.from_single_file(
+        str(path), config=str(write_diffusers_configs(tmp_path / "configs", SD1)),
+        original_config=str(tmp_path / "v1-inference.yaml"), local_files_only=True, safety_checker=None,
+        requires_safety_checker=False, torch_dtype=torch.float32)
+    reference.scheduler = diffusers_scheduler("Euler", reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    expected_latents, expected = run_diffusers(
+        reference, prompt, negative_prompt=negative, num_inference_steps=2, guidance_scale=7.5, height=64, width=64,
+        generator=torch.Generator("cpu").manual_seed(seed))
+    assert_latents_close(ours.latents, expected_latents)
+    assert psnr(np.asarray(ours.images[0]), np.asarray(expected[0])) >= 40
