@@ -127,6 +127,24 @@ def test_matches_diffusers_after_its_own_conversion(case):
     assert relative_error(noise_pred, expected) <= TOLERANCE
 
 
+def test_normalisation_epsilons_match_on_nearly_constant_features():
+    """GroupNorm eps 1e-5 in ResBlocks, 1e-6 before a transformer, LayerNorm 1e-5: only visible when the
+    features' variance is as small as eps, which whole-model random inputs never reach."""
+    unet = random_unet(TINY_SD1)
+    reference = diffusers_twin(unet)
+    generator = torch.Generator().manual_seed(2)
+    features = 1e-3 * torch.randn(2, 32, 8, 8, generator=generator)
+    emb = torch.randn(2, 128, generator=generator)
+    text_embeddings = torch.randn(2, 77, 32, generator=generator)
+    with torch.no_grad():
+        resblock = unet.input_blocks[1][0](features, emb)
+        expected_resblock = reference.down_blocks[0].resnets[0](features, emb)
+        transformer = unet.input_blocks[1][1](features, text_embeddings) - features
+        expected_transformer = reference.down_blocks[0].attentions[0](features, text_embeddings).sample - features
+    assert relative_error(resblock, expected_resblock) <= TOLERANCE
+    assert relative_error(transformer, expected_transformer) <= TOLERANCE
+
+
 def test_inpainting_concat_is_appended_to_the_latents():
     unet = random_unet(replace(TINY_SD1, in_channels=9))
     latents, timesteps, text_embeddings = inputs(unet.config)
