@@ -140,14 +140,20 @@ def test_ranks_and_accumulation_steps_split_the_global_batch_without_overlap():
     assert seen == list(range(24, 32))  # step 3 is samples 3*8 .. 3*8+7, each once
 
 
-def test_per_sample_noise_does_not_depend_on_how_many_processes_share_the_batch():
+def test_per_sample_noise_does_not_depend_on_how_many_processes_or_micro_batches_share_the_batch():
     data = ShapesData(16, seed=0)
     one = next(batches(data, 2, 3, batch_size=4, grad_accum=1, seed=5))
     halves_ = [next(batches(data, 2, 3, batch_size=4, grad_accum=1, rank=r, world_size=2, seed=5)) for r in range(2)]
-    assert torch.equal(torch.cat([h.images for h in halves_]), one.images)
-    assert sum((h.captions for h in halves_), []) == one.captions
-    assert torch.equal(torch.cat([h.randn(3) for h in halves_]), one.randn(3))
-    assert torch.equal(torch.cat([h.randint(1000) for h in halves_]), one.randint(1000))
+    micro = list(batches(data, 2, 3, batch_size=4, grad_accum=2, seed=5))
+    draws = lambda batch: (batch.randn(3), batch.randint(1000))  # noqa: E731 (a trainer's draws, in order)
+    noise, timesteps = draws(one)
+    for split in (halves_, micro):
+        assert torch.equal(torch.cat([h.images for h in split]), one.images)
+        assert sum((h.captions for h in split), []) == one.captions
+        parts = [draws(h) for h in split]
+        assert torch.equal(torch.cat([n for n, _ in parts]), noise)
+        assert torch.equal(torch.cat([t for _, t in parts]), timesteps)
+    assert [h.micro_size for h in halves_ + micro] == [4, 4, 2, 2]
 
 
 def test_a_resumed_stream_continues_with_exactly_the_batches_of_an_uninterrupted_one():

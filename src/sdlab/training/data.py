@@ -5,8 +5,8 @@ Every sample a run sees has a number n = step * batch_size + position in the glo
 n is (which image, which crop, which flip) is a pure function of (seed, n), so a resumed run continues
 with exactly the samples it would have seen, and under torchrun each rank loads only its slice of the
 same global batch. The per-step random numbers of a trainer (noise, timesteps, caption dropout) are
-drawn the same way: for the whole global batch from a generator seeded by (seed, step, micro-batch),
-then sliced, so 1 process and N processes compute the same thing.
+drawn the same way: for the whole global batch from a generator seeded by (seed, step), then sliced,
+so 1 process and N processes, with or without gradient accumulation, compute the same thing.
 """
 
 from __future__ import annotations
@@ -179,26 +179,28 @@ def open_data(spec: str, size: int, crop: str = "center", flip: bool = False, se
 # -- batches -----------------------------------------------------------------------------------------
 
 
-def step_seed(seed: int, step: int, micro: int) -> int:
-    """One 63-bit seed per (run seed, step, micro-batch), from numpy's SeedSequence hashing."""
-    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0]) & (2**63 - 1)
+def step_seed(seed: int, step: int) -> int:
+    """One 63-bit seed per (run seed, step), from numpy's SeedSequence hashing."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]) & (2**63 - 1)
 
 
 @dataclass
 class Batch:
     """What a trainer's loss sees: this rank's slice of one micro-batch, and the random numbers for it.
 
-    `randn`, `rand` and `randint` draw for the whole micro-batch over all ranks from one generator that
-    is seeded by (seed, step, micro) and identical on every rank, and return this rank's rows, so noise
-    and timesteps do not depend on how many processes share the batch.
+    `randn`, `rand` and `randint` draw for the step's whole global batch, from a generator seeded by
+    (seed, step) that is identical on every rank and in every micro-batch, and return this slice's
+    rows: noise and timesteps do not depend on how many processes or accumulation steps share the batch.
     """
 
     images: torch.Tensor  # (b, 3, H, W) in [-1, 1], on the training device
     captions: list[str]  # b captions
     step: int
     micro: int
-    global_size: int  # samples in this micro-batch over all ranks
-    start: int  # this rank's first row in it
+    global_size: int  # samples in the step's global batch, over all ranks and micro-batches
+    start: int  # this slice's first row in it
+    micro_size: int  # samples in this micro-batch over all ranks (what a contrastive loss compares)
+    rank: int
     world_size: int
     generator: torch.Generator
 
@@ -248,6 +250,6 @@ def batches(data, start_step: int, steps: int, batch_size: int, grad_accum: int,
     local = micro_size // world_size
     for k, (images, captions) in enumerate(loader):
         step, micro = start_step + k // grad_accum, k % grad_accum
-        generator = torch.Generator().manual_seed(step_seed(seed, step, micro))
-        yield Batch(images.to(device, non_blocking=True), captions, step, micro, micro_size, rank * local,
-                    world_size, generator)
+        generator = torch.Generator().manual_seed(step_seed(seed, step))
+        yield Batch(images.to(device, non_blocking=True), captions, step, micro, batch_size,
+                    micro * micro_size + rank * local, micro_size, rank, world_size, generator)

@@ -82,12 +82,13 @@ class TextTrainer(nn.Module):
         all_image = distributed.gather_with_grad(image_features)  # (B, D), every rank's rows in rank order
         all_text = distributed.gather_with_grad(text_features)
         scale = self.model.scale()
-        labels = torch.arange(batch.start, batch.start + batch.size, device=ids.device)  # our rows' partners
+        first = batch.rank * batch.size  # our rows' place among the gathered ones
+        labels = torch.arange(first, first + batch.size, device=ids.device)  # our rows' partners
         logits_per_image = scale * image_features @ all_text.T  # (b, B): our images against every caption
         logits_per_text = scale * text_features @ all_image.T  # (b, B): our captions against every image
         # this rank's share of the global mean; the shares sum to the loss of the whole batch
         share = (F.cross_entropy(logits_per_image, labels, reduction="sum")
-                 + F.cross_entropy(logits_per_text, labels, reduction="sum")) / (2 * batch.global_size)
+                 + F.cross_entropy(logits_per_text, labels, reduction="sum")) / (2 * batch.micro_size)
         with torch.no_grad():
             accuracy = (logits_per_image.argmax(dim=1) == labels).float().mean()
         logs = {"loss": share * batch.world_size, "accuracy": accuracy, "scale": scale.detach()}

@@ -1,0 +1,44 @@
+"""Data parallelism: `torchrun --nproc_per_node 2` (gloo on CPU), each process taking half of the same
+global batch, trains the same weights as one process with that batch."""
+
+import pytest
+import torch
+
+from test_training_loop import RECIPE, one_thread, run, shapes_folder, tiny_base, tiny_config, torchrun, trained_state  # noqa: F401
+
+# Adam divides by sqrt(v) + eps: where a gradient is ~0, the rounding of a differently ordered sum
+# (two halves added, not one batch) can flip the sign of a whole lr-sized step. An eps large against
+# those gradients keeps the comparison about the gradients themselves.
+ADAM_EPS = 1e-3
+TOLERANCE = 1e-6
+
+# trainer -> (global batch, recipe keys beyond the tiny recipe)
+SETTINGS = {
+    "vae": (4, {"vae.disc_start": 1}),  # the GAN's adaptive weight needs gradients averaged over ranks
+    "text": (8, {}),  # the contrast runs over both processes' pairs
+    "unet": (4, {"unet.caption_dropout": 0.5, "ema_decay": 0.5}),
+}
+
+
+@pytest.mark.parametrize("trainer", ["vae", "text", "unet"])
+def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_path, trainer):
+    data = str(shapes_folder(tmp_path / "data", count=8))
+    batch_size, settings = SETTINGS[trainer]
+    if trainer == "unet":
+        settings = {**settings, "base": str(tiny_base(tmp_path / "base.safetensors"))}
+    run(tiny_config(trainer, tmp_path / "one", data=data, steps=3, batch_size=batch_size, adam_eps=ADAM_EPS, **settings))
+
+    args = [trainer, "--config", RECIPE, "--data", data, "--out", str(tmp_path / "two"), "--steps", "3",
+            "--batch-size", str(batch_size), "--validate-every", "0", "--checkpoint-every", "1000", "--quiet",
+            "--set", f"adam_eps={ADAM_EPS}"]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"]
+    torchrun(args)
+
+    one, two = trained_state(tmp_path / "one"), trained_state(tmp_path / "two")
+    assert one.keys() == two.keys()
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert worst < TOLERANCE, f"largest weight difference {worst:.3g}"
+    history = [torch.load(tmp_path / out / "train_state.pt", weights_only=True)["history"]["loss"] for out in ("one", "two")]
+    assert [step for step, _ in history[0]] == [step for step, _ in history[1]] == [1, 2, 3]
+    assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(*history))
