@@ -85,21 +85,22 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         averaged.copy_(current)
 
 
-def rng_states() -> dict:
-    """Every global generator, so a resumed run draws what the uninterrupted one would have."""
+def rng_states(device: torch.device) -> dict:
+    """Every global generator, so a resumed run draws what the uninterrupted one would have. On a GPU,
+    only this process's device: touching the others would open a CUDA context on each."""
     name, keys, position, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "numpy": [name, keys.tolist(), position, has_gauss, gauss],
         "python": random.getstate(),
     }
 
 
-def set_rng_states(states: dict) -> None:
+def set_rng_states(states: dict, device: torch.device) -> None:
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
     name, keys, position, has_gauss, gauss = states["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
     version, internal, gauss_next = states["python"]
@@ -177,7 +178,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
             ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_states(state["rng"])
+        set_rng_states(state["rng"], device)
         start_step, history = state["step"], state["history"]
         del state
 
@@ -194,7 +195,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
             "ema": ema.state_dict() if ema is not None else {},
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
-            "rng": rng_states(),
+            "rng": rng_states(device),
             "history": history,
             "config": config.to_dict(),
         }
@@ -207,9 +208,8 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
         trainer.validate(model, validation_examples, step, out / "validation")
         trainer.trained.train()
 
-    bar = ProgressBar(config.steps, f"train {config.trainer} ") if main and not quiet else None
-    if bar is not None:
-        bar.update(start_step)
+    desc = f"train {config.trainer} " + (f"(steps {start_step + 1}-{config.steps}) " if start_step else "")
+    bar = ProgressBar(config.steps - start_step, desc) if main and not quiet else None
     trainer.trained.train()
     started = time.perf_counter()
     for step in range(start_step, config.steps):
