@@ -20,7 +20,9 @@ from PIL import Image
 from .. import __version__
 from ..config import ModelConfig
 from ..errors import InputError
-from ..noise import NOISE_MODES
+from ..infotext import format_infotext
+from ..noise import NOISE_MODES, noise_source
+from ..samplers import resolve_sampler, sample
 
 
 @dataclass
@@ -49,9 +51,29 @@ class Pipeline:
 
         return txt2img(self, prompt, negative_prompt, **kwargs)
 
+    def img2img(self, prompt, init_image, negative_prompt: str = "", **kwargs) -> GenerationResult:
+        from .img2img import img2img
+
+        return img2img(self, prompt, init_image, negative_prompt, **kwargs)
+
+    def inpaint(self, prompt, init_image, mask, negative_prompt: str = "", **kwargs) -> GenerationResult:
+        from .inpaint import inpaint
+
+        return inpaint(self, prompt, init_image, mask, negative_prompt, **kwargs)
+
+    def outpaint(self, prompt, init_image, negative_prompt: str = "", **kwargs) -> GenerationResult:
+        from .outpaint import outpaint
+
+        return outpaint(self, prompt, init_image, negative_prompt, **kwargs)
+
     @property
     def latent_factor(self) -> int:
         return self.config.vae.downsample_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides the UNet takes: each of its levels halves the latents (64 px for SD)."""
+        return self.latent_factor * 2 ** (len(self.config.unet.channel_mult) - 1)
 
     @property
     def model_hash(self) -> Optional[str]:
@@ -104,6 +126,18 @@ def check_prompts(prompts: list[str], negative_prompts: list[str]) -> None:
 def check_noise(noise: str) -> None:
     if noise not in NOISE_MODES:
         raise InputError(f"unknown noise mode '{noise}'; choose one of: {', '.join(NOISE_MODES)}")
+
+
+def check_strength(strength) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise InputError(f"denoising strength must be a number from 0 (keep the image) to 1 (repaint it fully), "
+                         f"got {strength!r}")
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+        raise InputError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+    return int(seed)
 
 
 def random_seed() -> int:
@@ -178,10 +212,15 @@ def decode_latents(pipe: Pipeline, latents: torch.Tensor) -> list[Image.Image]:
 @torch.no_grad()
 def encode_images(pipe: Pipeline, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), sampled from the VAE's posterior."""
+    return encode_posterior(pipe, images).sample(generator).to(pipe.dtype) * pipe.config.vae.scaling_factor
+
+
+@torch.no_grad()
+def encode_posterior(pipe: Pipeline, images: torch.Tensor):
+    """(B, 3, H, W) in [-1, 1] -> the VAE's posterior q(z | x) (models/vae.py DiagonalGaussian), unscaled."""
     vae = pipe.vae
     vae_dtype = next(vae.parameters()).dtype
-    posterior = vae.encode(images.to(pipe.device, vae_dtype))
-    return posterior.sample(generator).to(pipe.dtype) * pipe.config.vae.scaling_factor
+    return vae.encode(images.to(pipe.device, vae_dtype))
 
 
 # -- web-UI parameters ----------------------------------------------------------------------------
@@ -248,3 +287,236 @@ def sampler_display_name(name: str) -> str:
     from ..samplers import resolve_sampler
 
     return resolve_sampler(name).name
+
+
+# -- the denoising run every pipeline shares ------------------------------------------------------
+
+
+def image_seeds(seed: int, batch_size: int, noise: str) -> list[int]:
+    """The seed each image of a batch is reproduced with: the web UI gives image i seed+i."""
+    if noise.startswith("a1111"):
+        return [seed + i for i in range(batch_size)]
+    return [seed] * batch_size
+
+
+class NoiseDraws:
+    """Every random number of one generation, drawn in the order its tool draws them.
+
+    `noise="diffusers"`: one CPU generator seeded once hands out everything in call order, as in
+    diffusers' pipelines. Its img2img pipeline draws the init image's VAE posterior sample, then the
+    initial noise, then each stochastic step's noise; its inpainting pipeline draws [the init image's
+    posterior sample,] the initial noise, the masked image's posterior sample, then the steps. A
+    pipeline's `prepare` calls `posterior` and `initial` in that order.
+    The other modes draw the initial and step noise as their tool does (noise.py) and take the
+    posterior's mean: the web UI samples it from torch's global RNG, which its seed does not fix.
+    `latents`, when given, replace the initial noise (it is still drawn, so the steps' noise stays put).
+    """
+
+    def __init__(self, mode: str, seed: int, batch_size: int, shape: tuple, latents: Optional[torch.Tensor] = None):
+        self.shape = (batch_size, *shape)
+        self._latents = latents
+        self._initial = None
+        if mode == "diffusers":
+            self._generator = torch.Generator("cpu").manual_seed(seed)
+            self._source = None
+        else:
+            self._generator = None
+            self._source = noise_source(mode, seed, batch_size, shape)
+
+    def posterior(self, shape) -> Optional[torch.Tensor]:
+        """Standard-normal eps for a VAE posterior sample mean + std * eps; None: take the mean."""
+        if self._generator is None:
+            return None
+        return torch.randn(tuple(shape), generator=self._generator)
+
+    def initial(self) -> torch.Tensor:
+        """The initial noise (B, C, h, w), drawn on the first call."""
+        if self._initial is None:
+            drawn = self._source.initial() if self._source else torch.randn(self.shape, generator=self._generator)
+            self._initial = drawn if self._latents is None else self._latents.float().cpu()
+        return self._initial
+
+    def step(self) -> torch.Tensor:
+        """The next stochastic step's noise (B, C, h, w)."""
+        self.initial()
+        if self._source is not None:
+            return self._source.step_noise()
+        return torch.randn(self.shape, generator=self._generator)
+
+
+@dataclass
+class Run:
+    """The checked settings and random numbers of one generation, as a pipeline's `prepare` sees them."""
+
+    pipe: Pipeline
+    batch_size: int
+    width: int
+    height: int
+    seed: int
+    steps: int
+    start_step: int  # steps skipped: steps - int(steps * strength)
+    draws: NoiseDraws
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return self.draws.shape
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) pixels in [-1, 1] -> scaled latents (batch_size, C, h, w), one posterior draw.
+
+        N = 1 (one image for the whole batch) or batch_size; diffusers encodes the image once and
+        repeats its latents over the batch, and so draws the posterior noise for N images only."""
+        if pixels.shape[0] not in (1, self.batch_size):
+            raise InputError(f"got {pixels.shape[0]} images for a batch of {self.batch_size}")
+        posterior = encode_posterior(self.pipe, pixels)
+        eps = self.draws.posterior(posterior.mean.shape)
+        z = posterior.mean if eps is None else posterior.mean + posterior.std * eps.to(posterior.mean)
+        latents = z.to(self.pipe.dtype) * self.pipe.config.vae.scaling_factor
+        return latents.float().expand(self.batch_size, -1, -1, -1).contiguous()
+
+
+@dataclass
+class Start:
+    """What an editing pipeline changes in the shared run; txt2img changes nothing.
+
+    init_latents (B, C, h, w): clean latents noised to the first sigma used (img2img); required
+    when strength < 1. conditioning: UNet inputs both CFG halves share, e.g. {"concat": (B, 5, h, w)}
+    (inpainting UNets' mask + masked-image latents) or {"y": (B,)}. keep_latents + repaint_mask
+    (B, 1, h, w), 1 = repaint: inpainting with an ordinary UNet (KeepOutsideMask).
+    """
+
+    init_latents: Optional[torch.Tensor] = None
+    conditioning: dict = field(default_factory=dict)
+    keep_latents: Optional[torch.Tensor] = None
+    repaint_mask: Optional[torch.Tensor] = None
+
+
+class KeepOutsideMask(torch.nn.Module):
+    """Inpainting with any UNet: outside the mask, the original latents noised to the current sigma
+    replace what the sampler made, so only the masked area is generated.
+
+    diffusers' StableDiffusionInpaintPipeline does this for 4-channel UNets after every scheduler step,
+    `(1 - mask) * add_noise(image_latents, noise, t_next) + mask * latents`; the next model call is the
+    first place a denoiser sees that step's result. The samplers hand the model the very tensor they
+    step, so the blend is written into it in place and the sampler carries the blended latents on.
+    The first call sees the sampler's own start, as diffusers' first step does; `finish` blends the
+    returned latents with the clean originals, as diffusers' last step does.
+    """
+
+    def __init__(self, model, latents: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor):
+        super().__init__()
+        self.model, self.latents, self.noise, self.mask = model, latents, noise, mask
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        if self.calls:
+            s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+            x.copy_((1 - self.mask) * (self.latents + self.noise * s) + self.mask * x)
+        self.calls += 1
+        return self.model(x, sigma)
+
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:
+        return (1 - self.mask) * self.latents + self.mask * latents
+
+
+def unmasked_concat(run: Run) -> torch.Tensor:
+    """(B, 5, h, w) for an inpainting UNet used without a mask (txt2img, img2img): everything is to be
+    painted (mask 1) and the masked image is all grey (0 in [-1, 1]), as the web UI conditions them."""
+    pixels = torch.zeros(1, 3, run.height, run.width)
+    grey = encode_posterior(run.pipe, pixels).mode().float() * run.pipe.config.vae.scaling_factor
+    b, _, h, w = run.latent_shape
+    return torch.cat([torch.ones(1, 1, h, w), grey.cpu()], dim=1).expand(b, -1, -1, -1)
+
+
+@torch.no_grad()
+def generate(
+    pipe: Pipeline,
+    prompt,
+    negative_prompt="",
+    *,
+    steps: int = 20,
+    guidance_scale: float = 7.0,
+    seed: Optional[int] = None,
+    width: Optional[int] = None,
+    height: Optional[int] = None,
+    batch_size: int = 1,
+    sampler: str = "Euler a",
+    noise: str = "diffusers",
+    latents: Optional[torch.Tensor] = None,
+    clip_skip: int = 1,
+    eta: Optional[float] = None,
+    callback: Optional[Callable[[dict], None]] = None,
+    strength: float = 1.0,
+    prepare: Optional[Callable[[Run], Start]] = None,
+    params: Optional[dict] = None,
+) -> GenerationResult:
+    """The denoising run of every pipeline: check the settings, seed the noise, condition on the
+    prompts, sample, decode, describe each image in the web UI's words.
+
+    The pipelines differ only in `prepare(run) -> Start` (init latents, extra UNet inputs, latent
+    blending) and in `params`, their extra infotext fields. `strength` < 1 skips the first
+    steps - int(steps * strength) steps, as diffusers' img2img does; with no step left the init
+    latents are decoded as they are. Other arguments: see txt2img.
+    """
+    width = width or pipe.config.resolution
+    height = height or pipe.config.resolution
+    check_size(width, height, pipe.latent_factor)
+    check_steps(steps)
+    check_noise(noise)
+    check_strength(strength)
+    spec = resolve_sampler(sampler)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+    prompts = as_list(prompt, batch_size, "prompt")
+    negatives = as_list(negative_prompt, batch_size, "negative prompt")
+    check_prompts(prompts, negatives)
+    seed = check_seed(random_seed() if seed is None else seed)
+
+    shape = (pipe.config.latent_channels, height // pipe.latent_factor, width // pipe.latent_factor)
+    if latents is not None and tuple(latents.shape) != (batch_size, *shape):
+        raise InputError(f"latents must have shape {(batch_size, *shape)}, got {tuple(latents.shape)}")
+    denoise_steps = min(int(steps * strength), steps)
+    run = Run(pipe, batch_size, width, height, seed, steps, steps - denoise_steps,
+              NoiseDraws(noise, seed, batch_size, shape, latents))
+    start = prepare(run) if prepare is not None else Start()
+    if run.start_step and start.init_latents is None:
+        raise InputError(f"denoising strength {strength} needs an init image to start from")
+    initial_noise = run.draws.initial()
+
+    conditioning = dict(start.conditioning)
+    if pipe.config.unet.in_channels == shape[0] + 5 and "concat" not in conditioning:
+        conditioning["concat"] = unmasked_concat(run)
+    extra_channels = conditioning["concat"].shape[1] if "concat" in conditioning else 0
+    if pipe.config.unet.in_channels != shape[0] + extra_channels:
+        raise InputError(f"{pipe.config.name}: this UNet takes {pipe.config.unet.in_channels} input channels, "
+                         f"this pipeline gives it {shape[0] + extra_channels}; use the pipeline made for it")
+    conditioning = {key: value.to(pipe.device) for key, value in conditioning.items()}
+
+    if denoise_steps == 0:
+        latents = start.init_latents.to(pipe.device)
+    else:
+        cond, uncond = encode_text(pipe, prompts, negatives, clip_skip)
+        model = make_denoiser(pipe, cond, uncond, guidance_scale, sampler=spec, **conditioning)
+        if start.repaint_mask is not None:
+            model = KeepOutsideMask(model, start.keep_latents.to(pipe.device, torch.float32),
+                                    initial_noise.to(pipe.device), start.repaint_mask.to(pipe.device, torch.float32))
+        init = start.init_latents.to(pipe.device, torch.float32) if start.init_latents is not None else None
+        latents = sample(
+            spec, model, initial_noise.to(pipe.device, torch.float32), pipe.config.schedule, steps,
+            step_noise=lambda: run.draws.step().to(pipe.device), eta=eta, callback=callback,
+            start_step=run.start_step, init_latents=init,
+        )
+        if start.repaint_mask is not None:
+            latents = model.finish(latents)
+    images = decode_latents(pipe, latents)
+
+    seeds = image_seeds(seed, batch_size, noise)
+    infotexts = []
+    for i, image_seed in enumerate(seeds):
+        fields = generation_params(
+            pipe, steps=steps, sampler=spec.name, guidance_scale=guidance_scale, seed=image_seed,
+            width=width, height=height, noise=noise, clip_skip=clip_skip, batch_size=batch_size,
+            batch_pos=i, extra={**(params or {}), "Eta": eta},
+        )
+        infotexts.append(format_infotext(prompts[i], negatives[i], fields))
+    return GenerationResult(images, infotexts, seeds, latents)
