@@ -1,8 +1,12 @@
-"""Prompts the way the popular SD web UI (AUTOMATIC1111) reads them: emphasis, 75-token chunks, BREAK.
+"""Prompts the way the popular SD web UI (AUTOMATIC1111) reads them: emphasis, 75-token chunks, BREAK,
+textual-inversion embeddings and prompt editing.
 
     parse_prompt_attention   "a (red:1.3) cat"  ->  [("a ", 1.0), ("red", 1.3), (" cat", 1.0)]
     tokenize_weighted        -> chunks of 77 ids and 77 weights: [start, 75 tokens or padding, end]
     encode_prompts           -> text_embeddings (B, 77 * n_chunks, D), every chunk encoded on its own
+    prompt_schedule          "a [fantasy:cyberpunk:16] landscape", 20 -> [(16, "a fantasy landscape"),
+                                                                           (20, "a cyberpunk landscape")]
+    encode_conditioning      -> ScheduledConditioning for cond and uncond: the embeddings of every step
 
 Emphasis: `(text)` multiplies the weight by 1.1, `[text]` divides it by 1.1, `(text:1.3)` multiplies
 it by 1.3; nesting multiplies; `\\(`, `\\)`, `\\[`, `\\]` are literal brackets. Brackets left open
@@ -17,10 +21,15 @@ whose weights are all 1 is returned as the encoder gave it, bit for bit.
 Two deliberate differences from the web UI: `BREAK` inside brackets still starts a new chunk (the web
 UI multiplies its marker and then encodes the word "break"), and a malformed weight such as
 `(word:1.2.3)` is kept as text instead of raising.
+
+Textual-inversion embeddings (adapters/embeddings.py) registered on the text encoder are found by
+their name's tokens, as the web UI finds them, and take as many token positions as they have vectors;
+an embedding never straddles two chunks.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -121,14 +130,18 @@ def make_chunk(ids: Sequence[int], weights: Sequence[float], pad_token_id: int =
     )
 
 
-def tokenize_weighted(prompt: str, tokenizer: Optional[Tokenizer] = None,
-                      pad_token_id: int = END_ID) -> list[PromptChunk]:
+def tokenize_weighted(prompt: str, tokenizer: Optional[Tokenizer] = None, pad_token_id: int = END_ID,
+                      embeddings=None) -> list[PromptChunk]:
     """The prompt's chunks of 77 ids and weights, split as the web UI splits them.
 
     A chunk holds 75 tokens. When a token would overflow it and the last comma of the chunk is
     among its last 20 tokens, the words after that comma move to the next chunk (so a phrase stays
     together) and the chunk is padded. BREAK closes the current chunk. The empty prompt is one
     chunk of padding.
+
+    `embeddings` (adapters.embeddings.EmbeddingLookup) has `match(tokens, position)`, which returns
+    (vector ids, tokens of the name) where an embedding's name starts, else None. The vector ids
+    replace the name; they move whole to the next chunk when they do not fit.
     """
     tokenizer = tokenizer or get_tokenizer()
     comma_id = tokenizer.vocab[",</w>"]
@@ -146,7 +159,10 @@ def tokenize_weighted(prompt: str, tokenizer: Optional[Tokenizer] = None,
         if (text, weight) == BREAK:
             close_chunk()
             continue
-        for token in tokenizer.encode(text):
+        tokens = tokenizer.encode(text)
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma_id:
                 last_comma = len(ids)
             elif len(ids) == CHUNK_LENGTH and last_comma != -1 and CHUNK_LENGTH - last_comma <= COMMA_BACKTRACK:
@@ -156,8 +172,18 @@ def tokenize_weighted(prompt: str, tokenizer: Optional[Tokenizer] = None,
                 ids, weights = moved
             if len(ids) == CHUNK_LENGTH:
                 close_chunk()
-            ids.append(token)
-            weights.append(weight)
+            hit = embeddings.match(tokens, position) if embeddings is not None else None
+            if hit is None:
+                ids.append(token)
+                weights.append(weight)
+                position += 1
+                continue
+            vector_ids, consumed = hit
+            if len(ids) + len(vector_ids) > CHUNK_LENGTH:
+                close_chunk()
+            ids.extend(vector_ids)
+            weights.extend([weight] * len(vector_ids))
+            position += consumed
     if ids or not chunks:
         close_chunk()
     return chunks
@@ -193,14 +219,18 @@ def encode_prompts(text_encoder: torch.nn.Module, prompts: Sequence[str], clip_s
 
     `text_encoder(input_ids, clip_skip)` maps (B, 77) ids to (B, 77, D) hidden states, final layer
     norm applied; its `config` (a TextConfig) gives the padding id. Repeated prompts are encoded once.
+    Embeddings loaded onto the encoder (adapters.embeddings) are recognised by name.
     Gradients flow (for training); inference callers wrap this in torch.no_grad().
     """
+    from .adapters.embeddings import embedding_lookup
+
     if isinstance(prompts, str) or not prompts:
         raise InputError("encode_prompts takes a non-empty list of prompt strings")
     tokenizer = get_tokenizer()
     pad_token_id = text_encoder.config.pad_token_id
+    lookup = embedding_lookup(text_encoder)
     unique = list(dict.fromkeys(prompts))
-    chunked = [tokenize_weighted(p, tokenizer, pad_token_id) for p in unique]
+    chunked = [tokenize_weighted(p, tokenizer, pad_token_id, lookup) for p in unique]
     empty = make_chunk([], [], pad_token_id)
     n_chunks = max(len(c) for c in chunked)
     parts = [
@@ -231,3 +261,211 @@ def pad_cond_uncond(cond: torch.Tensor, uncond: torch.Tensor,
     chunk = empty_chunk.shape[1]
     n_chunks = max(cond.shape[1], uncond.shape[1]) // chunk
     return pad_to_chunks(cond, n_chunks, empty_chunk), pad_to_chunks(uncond, n_chunks, empty_chunk)
+
+
+# -- prompt editing ------------------------------------------------------------------------------------
+#
+# The web UI's syntax (its `prompt_parser` grammar), read by a small recursive-descent parser:
+#   [from:to:when]  `from` until step `when`, then `to`     [to:when]  nothing, then `to`
+#   [from::when]    `from`, then nothing                    [a|b|c]    a, b, c, a, ... one per step
+# `when` with a decimal point is a fraction of the steps (0.25 of 20 -> 5), without one a step number;
+# the switch happens after that step. Constructs nest; (emphasis) and [de-emphasis] pass through as
+# text. Brackets and colons that open or close nothing are text at the top level; a prompt the grammar
+# does not derive (a `|` outside [...], a trailing backslash) is used unchanged at every step.
+
+_PLAIN_RE = re.compile(r"(?:[^\\\[\]():|]|\\.)+")  # text without editing syntax; backslash escapes a character
+_STRAY = "[]():"  # at the top level these may stand for themselves
+_WHEN_RE = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?))\s*]")
+
+
+@dataclass
+class _Scheduled:
+    before: list  # nodes shown up to and including step `step`; [] for [to:when]
+    after: list
+    when: str  # the number as written
+    step: int = 0
+
+
+@dataclass
+class _Alternate:
+    options: list  # one node list per option
+
+
+def _parse_sequence(text: str, i: int, top: bool) -> Optional[tuple[list, int]]:
+    """Nodes from position i to the first character this level cannot take, and that position.
+
+    Inside a construct the caller checks that character; at the top level everything must parse, else None.
+    """
+    nodes: list = []
+    while i < len(text):
+        plain = _PLAIN_RE.match(text, i)
+        if plain:
+            nodes.append(plain.group())
+            i = plain.end()
+            continue
+        char = text[i]
+        parsed = _parse_round(text, i) if char == "(" else _parse_square(text, i) if char == "[" else None
+        if parsed is not None:
+            group, i = parsed
+            nodes.extend(group)
+        elif top and char in _STRAY:
+            nodes.append(char)
+            i += 1
+        elif top:
+            return None
+        else:
+            break
+    return nodes, i
+
+
+def _parse_round(text: str, i: int) -> Optional[tuple[list, int]]:
+    """(text) or (text:weight), kept as text; its inside may hold editing constructs."""
+    first, j = _parse_sequence(text, i + 1, top=False)
+    if text.startswith(")", j):
+        return ["(", *first, ")"], j + 1
+    if text.startswith(":", j):
+        second, k = _parse_sequence(text, j + 1, top=False)
+        if text.startswith(")", k):
+            return ["(", *first, ":", *second, ")"], k + 1
+    return None
+
+
+def _parse_square(text: str, i: int) -> Optional[tuple[list, int]]:
+    """[text] (kept as text), [a|b|...], [to:when] or [from:to:when]."""
+    first, j = _parse_sequence(text, i + 1, top=False)
+    if text.startswith("]", j):
+        return ["[", *first, "]"], j + 1
+    if text.startswith("|", j):
+        options = [first]
+        while text.startswith("|", j):
+            option, j = _parse_sequence(text, j + 1, top=False)
+            options.append(option)
+        return ([_Alternate(options)], j + 1) if text.startswith("]", j) else None
+    if text.startswith(":", j):
+        when = _WHEN_RE.match(text, j + 1)
+        if when:
+            return [_Scheduled([], first, when.group(1))], when.end()
+        second, k = _parse_sequence(text, j + 1, top=False)
+        when = _WHEN_RE.match(text, k + 1) if text.startswith(":", k) else None
+        if when:
+            return [_Scheduled(first, second, when.group(1))], when.end()
+    return None
+
+
+def _switch_step(when: str, steps: int, old_scheduling: bool) -> int:
+    """The last step that shows `from`. The web UI's rule: a decimal point makes `when` a fraction of the
+    steps; its older rule (`old_scheduling`) took any value below 1 as a fraction."""
+    value = float(when)
+    if old_scheduling:
+        value = value * steps if value < 1 else value
+    elif "." in when:
+        value *= steps
+    if not math.isfinite(value):
+        return steps if value > 0 else 0
+    return min(steps, int(value))
+
+
+def _collect_steps(nodes: list, steps: int, old_scheduling: bool, found: set[int]) -> None:
+    for node in nodes:
+        if isinstance(node, _Scheduled):
+            node.step = _switch_step(node.when, steps, old_scheduling)
+            if node.step >= 1:
+                found.add(node.step)
+            _collect_steps(node.before, steps, old_scheduling, found)
+            _collect_steps(node.after, steps, old_scheduling, found)
+        elif isinstance(node, _Alternate):
+            found.update(range(1, steps + 1))
+            for option in node.options:
+                _collect_steps(option, steps, old_scheduling, found)
+
+
+def _render(nodes: list, step: int) -> str:
+    parts = []
+    for node in nodes:
+        if isinstance(node, str):
+            parts.append(node)
+        elif isinstance(node, _Scheduled):
+            parts.append(_render(node.before if step <= node.step else node.after, step))
+        else:
+            parts.append(_render(node.options[(step - 1) % len(node.options)], step))
+    return "".join(parts)
+
+
+def prompt_schedule(prompt: str, steps: int, old_scheduling: bool = False) -> list[tuple[int, str]]:
+    """[(until_step, text), ...]: `text` is the prompt for 1-based steps up to and including `until_step`.
+
+    The web UI's `get_learned_conditioning_prompt_schedules` for one prompt, e.g. with 20 steps
+    "a [fantasy:cyberpunk:16] landscape" -> [(16, "a fantasy landscape"), (20, "a cyberpunk landscape")],
+    and with 4 steps "[a|b]" -> [(1, "a"), (2, "b"), (3, "a"), (4, "b")]. Entries are listed at every
+    step where some construct may switch, so neighbours can repeat a text, as in the web UI.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
+    try:
+        parsed = _parse_sequence(prompt, 0, top=True)
+    except RecursionError:  # thousands of nested brackets: the text is taken as it is
+        parsed = None
+    if parsed is None:
+        return [(steps, prompt)]
+    nodes, _ = parsed
+    found = {steps}
+    _collect_steps(nodes, steps, old_scheduling, found)
+    return [(step, _render(nodes, step)) for step in sorted(found)]
+
+
+@dataclass
+class ScheduledConditioning:
+    """Text embeddings that may change from step to step (prompt editing), for a batch of prompts.
+
+    `text_embeddings` (N, 77 * n, D) holds each distinct text once; `schedules[b]` lists batch item b's
+    (until_step, row) pairs in step order: row `row` conditions 1-based steps up to `until_step`.
+    """
+
+    text_embeddings: torch.Tensor
+    schedules: list[list[tuple[int, int]]]
+
+    def at_step(self, i: int) -> torch.Tensor:
+        """(B, 77 * n, D) for the sampler's 0-based step i, i.e. the schedule's step i + 1."""
+        rows = [next((row for until, row in schedule if until >= i + 1), schedule[-1][1])
+                for schedule in self.schedules]
+        return self.text_embeddings[rows]
+
+    @property
+    def changes(self) -> bool:
+        """Whether any prompt of the batch is conditioned differently at different steps."""
+        return any(len({row for _, row in schedule}) > 1 for schedule in self.schedules)
+
+    def __len__(self) -> int:
+        return len(self.schedules)
+
+    def to(self, *args, **kwargs) -> "ScheduledConditioning":
+        return ScheduledConditioning(self.text_embeddings.to(*args, **kwargs), self.schedules)
+
+
+def encode_prompt_schedules(text_encoder: torch.nn.Module, prompts: Sequence[str], steps: int, clip_skip: int = 1,
+                            old_scheduling: bool = False) -> ScheduledConditioning:
+    """The prompts' schedules for `steps` steps, every distinct text encoded once (one padded batch)."""
+    if isinstance(prompts, str) or not prompts:
+        raise InputError("encode_prompt_schedules takes a non-empty list of prompt strings")
+    schedules = [prompt_schedule(p, steps, old_scheduling) for p in prompts]
+    texts = list(dict.fromkeys(text for schedule in schedules for _, text in schedule))
+    row = {text: i for i, text in enumerate(texts)}
+    return ScheduledConditioning(
+        encode_prompts(text_encoder, texts, clip_skip),
+        [[(until, row[text]) for until, text in schedule] for schedule in schedules],
+    )
+
+
+def encode_conditioning(text_encoder: torch.nn.Module, prompts: Sequence[str], negative_prompts: Sequence[str],
+                        steps: int, clip_skip: int = 1,
+                        old_scheduling: bool = False) -> tuple[ScheduledConditioning, ScheduledConditioning]:
+    """(cond, uncond) for classifier-free guidance: prompt and negative-prompt schedules, padded to one
+    number of chunks so both halves run as one UNet batch. Without editing syntax, `at_step(i)` gives
+    exactly `encode_prompts(text_encoder, negatives + prompts)` split in two."""
+    if len(prompts) != len(negative_prompts):
+        raise InputError(f"got {len(prompts)} prompts but {len(negative_prompts)} negative prompts")
+    both = encode_prompt_schedules(text_encoder, list(negative_prompts) + list(prompts), steps, clip_skip,
+                                   old_scheduling)
+    n = len(negative_prompts)
+    return (ScheduledConditioning(both.text_embeddings, both.schedules[n:]),
+            ScheduledConditioning(both.text_embeddings, both.schedules[:n]))
