@@ -177,3 +177,16 @@ def test_worker_processes_load_the_same_batches(tmp_path):
     inline = list(batches(data, 0, 3, batch_size=2, grad_accum=1, seed=0))
     workers = list(batches(data, 0, 3, batch_size=2, grad_accum=1, num_workers=2, seed=0))
     assert all(torch.equal(a.images, b.images) and a.captions == b.captions for a, b in zip(inline, workers))
+
+
+def test_an_image_that_fails_to_decode_mid_run_is_replaced_by_the_next_one(tmp_path, capsys):
+    folder = make_folder(tmp_path / "data", 3)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / "img01.png")
+    noisy = (folder / "img01.png").read_bytes()
+    (folder / "img01.png").write_bytes(noisy[: len(noisy) // 2])  # a valid header, then the file ends
+    data = ImageFolder(str(folder), size=16)
+    assert len(data) == 3  # the header reads fine, so the scan keeps it
+    n = next(n for n in range(3) if data.index_of(n) == 1)
+    image, caption = data[n]
+    assert caption == "picture number 2" and torch.equal(image, data.load(2)[0])
+    assert "cannot decode" in capsys.readouterr().err

@@ -66,8 +66,8 @@ class ImageFolder:
         self.unreadable: list[str] = []
         for path in _image_files(folder):
             try:
-                with Image.open(path) as image:
-                    image.verify()  # reads the whole file's structure, not its pixels
+                with Image.open(path):  # the header only: a folder of a million images scans in seconds
+                    pass
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
                 self.unreadable.append(path)
                 continue
