@@ -59,6 +59,7 @@ def test_every_trainer_has_its_own_options_with_defaults():
 @pytest.mark.parametrize("text, key", [
     ("stepz = 10", "stepz"),
     ("[vae]\nkl_wieght = 1e-6", "vae.kl_wieght"),
+    ("[model.vae]\nwidth = 3", "model.vae.width"),
 ])
 def test_an_unknown_key_is_one_error_naming_it(tmp_path, text, key):
     with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
@@ -72,6 +73,9 @@ def test_an_unknown_key_is_one_error_naming_it(tmp_path, text, key):
     ("batch_size = true", "'batch_size' must be an integer"),
     ('precision = "fp8"', "'precision' must be one of 'auto', 'fp32', 'bf16', 'fp16'"),
     ("[unet]\ncaption_dropout = \"often\"", "'unet.caption_dropout' must be a number"),
+    ("[model.unet]\nmodel_channels = \"32\"", "'model.unet.model_channels' must be an integer"),
+    ("[model]\nprediction = \"x0\"", "'model.prediction' must be one of 'epsilon', 'v'"),
+    ("[model.unet]\nchannel_mult = [1, 2.5]", "'model.unet.channel_mult' must be a list of integers"),
     ("[unet]\nvalidation_prompts = [1, 2]", "'unet.validation_prompts' must be a list of strings, got \\[1, 2\\]"),
 ])
 def test_a_value_of_the_wrong_type_is_one_error_naming_the_key(tmp_path, text, message):

@@ -26,7 +26,9 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
-from ..config import PRESETS, SD1, ModelConfig, from_dict, to_dict
+from ..config import (
+    PRESETS, SD1, ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, from_dict, to_dict,
+)
 from ..errors import ConfigError
 
 
@@ -156,9 +158,11 @@ def _check(value, tp, key: str, source: str):
         if value in typing.get_args(tp):
             return value
     elif origin is tuple:
-        item = typing.get_args(tp)[0]
-        if isinstance(value, (list, tuple)) and all(isinstance(_try(v, item), tuple) for v in value):
-            return tuple(_check(v, item, key, source) for v in value)
+        if isinstance(value, (list, tuple)):
+            try:
+                return tuple(_check(v, typing.get_args(tp)[0], key, source) for v in value)
+            except ConfigError:
+                pass  # the error names the list's type, below
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -168,14 +172,6 @@ def _check(value, tp, key: str, source: str):
     elif isinstance(value, tp):
         return value
     raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
-def _try(value, tp):
-    """(converted,) when `value` fits `tp`, else None."""
-    try:
-        return (_check(value, tp, "", ""),)
-    except ConfigError:
-        return None
 
 
 def _fields(cls) -> dict[str, Any]:
@@ -212,11 +208,25 @@ def build_config(trainer: str, values: dict, source: str = "config") -> TrainCon
     for key in values:
         if key not in common:
             raise ConfigError(f"{source}: unknown key '{key}'; known keys: {', '.join(common)}, [{trainer}]")
+    if isinstance(values.get("model"), dict):
+        _check_model_table(values["model"], source)
     options_cls = TRAINER_OPTIONS[trainer]
     options = options_cls(**_checked(options_cls, section, f"{trainer}.", source))
     config = TrainConfig(trainer=trainer, options=options, **_checked(TrainConfig, values, "", source))
     _check_ranges(config, source)
     return config
+
+
+def _check_model_table(table: dict, source: str) -> None:
+    """The keys and types of a [model] table, against ModelConfig and its part dataclasses."""
+    sections = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig, "schedule": ScheduleConfig}
+    for key, value in table.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: 'model.{key}' must be a table ([model.{key}]), got {value!r}")
+            _checked(sections[key], value, f"model.{key}.", source)
+        else:
+            _checked(ModelConfig, {key: value}, "model.", source)
 
 
 def _check_ranges(config: TrainConfig, source: str) -> None:
