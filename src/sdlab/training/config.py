@@ -108,6 +108,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between resumable checkpoints (OUT/train_state.pt)
     validate_every: int = 500  # steps between validation grids (OUT/validation/); 0: only at the end
     validation_images: int = 4
+    log_every: int = 100  # steps between progress lines when stderr is not a terminal (a log file)
 
     options: Any = None  # the trainer's section: VAEOptions, TextOptions or UNetOptions
 
@@ -124,7 +125,7 @@ class TrainConfig:
 
 # Keys a resumed run may change: they steer where and how often, not what is learned.
 RESUMABLE_CHANGES = frozenset({"steps", "out", "checkpoint_every", "validate_every", "validation_images",
-                               "num_workers", "device", "data"})
+                               "log_every", "num_workers", "device", "data"})
 
 
 # -- checking ----------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def _check_model_table(table: dict, source: str) -> None:
 
 
 def _check_ranges(config: TrainConfig, source: str) -> None:
-    positive = ("steps", "batch_size", "grad_accum", "checkpoint_every", "validation_images")
+    positive = ("steps", "batch_size", "grad_accum", "checkpoint_every", "validation_images", "log_every")
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"{source}: '{key}' must be at least 1, got {getattr(config, key)}")

@@ -245,6 +245,10 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
             history.setdefault(name, []).append((done, value))
         if bar is not None:
             bar.update(1, **logs_now)
+            if not bar.enabled and (done % config.log_every == 0):  # a log file gets a line now and then
+                rate = (done - start_step) / (time.perf_counter() - started)
+                values_text = ", ".join(f"{k}={v:.4g}" for k, v in logs_now.items())
+                print(f"sdlab: step {done}/{config.steps}: {values_text}, {rate:.2f} steps/s", file=sys.stderr, flush=True)
         if main and (done == config.steps or (config.validate_every and done % config.validate_every == 0)):
             validate(done)
         if main and (done == config.steps or done % config.checkpoint_every == 0):

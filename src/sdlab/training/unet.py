@@ -64,12 +64,12 @@ class UNetTrainer(nn.Module):
         timesteps = batch.randint(self.model_config.schedule.num_train_timesteps)
         a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy_latents = a.sqrt() * latents + (1 - a).sqrt() * noise
-        noise_pred = self.model(noisy_latents, timesteps, text_embeddings).float()
+        model_output = self.model(noisy_latents, timesteps, text_embeddings).float()  # noise_pred, or v_pred
         if self.model_config.prediction == "v":
             target = a.sqrt() * noise - (1 - a).sqrt() * latents
         else:
             target = noise
-        per_sample = (noise_pred - target).pow(2).mean(dim=(1, 2, 3))  # (b,)
+        per_sample = (model_output - target).pow(2).mean(dim=(1, 2, 3))  # (b,)
         logs = {}
         if options.min_snr_gamma is not None:
             snr = (a / (1 - a)).view(-1)
