@@ -21,6 +21,15 @@ from test_pipeline_parity import tiny_diffusers_sd
 TOLERANCE = 1e-5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # models this small run faster on one thread than on two fighting over two cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def models(request, tmp_path_factory):
     """diffusers' tiny pipeline (the reference) and sdlab's text encoder loaded from the same folder."""
