@@ -5,9 +5,20 @@
 - loop.py: the shared loop (AMP, accumulation, DDP-style gradient averaging, EMA, checkpoints)
 - vae.py, text.py, unet.py: one small file per trainer (models, loss, validation, what to save)
 - components.py: which parts come from --base and what the single-file result holds
+- cli.py: the command line, also `python -m sdlab.training` and `torchrun -m sdlab.training`
+
+    from sdlab.training import load_config, train
+    train(load_config("unet", "recipes/shapes-unet.toml", {"base": "runs/shapes-text/last.safetensors"}))
 """
 
 from .config import TrainConfig, load_config
-from .loop import train
+
+
+def train(config: TrainConfig, **kwargs):
+    """Run a recipe; see loop.train (imported here on first use, so the CLI starts without torch)."""
+    from .loop import train as run
+
+    return run(config, **kwargs)
+
 
 __all__ = ["TrainConfig", "load_config", "train"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tomllib
 import types
 import typing
 from dataclasses import dataclass
@@ -30,6 +29,11 @@ from ..config import (
     PRESETS, SD1, ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, from_dict, to_dict,
 )
 from ..errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` package
+    import tomli as tomllib
 
 
 @dataclass(frozen=True)
