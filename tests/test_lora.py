@@ -392,6 +392,9 @@ def test_prompt_loras_stay_applied_until_the_tags_change(models, tmp_path):
     with pytest.raises(InputError, match="no LoRA file called 'chalk'"):
         set_prompt_loras(pipe, [LoraTag("chalk")], [tmp_path])
     assert applied_loras(pipe) == second  # the failed request left the model as it was
+    unload_loras(pipe)  # taken off behind set_prompt_loras' back: the same tags apply them again
+    again = set_prompt_loras(pipe, [LoraTag("ink", 0.5, 0.5)], [tmp_path])
+    assert applied_loras(pipe) == again and again != first
     set_prompt_loras(pipe, [], [tmp_path])
     assert_restored(pipe, before)
 

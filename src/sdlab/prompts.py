@@ -425,7 +425,12 @@ class ScheduledConditioning:
     schedules: list[list[tuple[int, int]]]
 
     def at_step(self, i: int) -> torch.Tensor:
-        """(B, 77 * n, D) for the sampler's 0-based step i, i.e. the schedule's step i + 1."""
+        """(B, 77 * n, D) for the sampler's 0-based step i, i.e. the schedule's step i + 1.
+
+        This is the web UI's documented meaning ("[a|b]": a, b, a, b). Its implementation compares a
+        0-based count of model calls with the 1-based steps, so there the first text lasts one call
+        longer (a, a, b, a), and samplers calling the model twice per step (Heun) go by calls.
+        """
         rows = [next((row for until, row in schedule if until >= i + 1), schedule[-1][1])
                 for schedule in self.schedules]
         return self.text_embeddings[rows]

@@ -271,14 +271,19 @@ def _low_rank_path(module: nn.Module, layer: LoraLayer, multiplier: float) -> Ca
     up = (layer.up.float() * factor).to(weight.device, weight.dtype)
     if not isinstance(module, nn.Conv2d):
         down2, up2 = down.flatten(1), up.flatten(1)
-        return lambda x: F.linear(F.linear(x, down2.to(x.dtype)), up2.to(x.dtype))
+        return lambda x: F.linear(F.linear(x, _like(down2, x)), _like(up2, x))
     down4 = down if down.ndim == 4 else down[:, :, None, None]
     up4 = up if up.ndim == 4 else up[:, :, None, None]
     geometry = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
     if layer.mid is None:
-        return lambda x: F.conv2d(F.conv2d(x, down4.to(x.dtype), **geometry), up4.to(x.dtype))
+        return lambda x: F.conv2d(F.conv2d(x, _like(down4, x), **geometry), _like(up4, x))
     mid = layer.mid.to(weight.device, weight.dtype)
-    return lambda x: F.conv2d(F.conv2d(F.conv2d(x, down4.to(x.dtype)), mid.to(x.dtype), **geometry), up4.to(x.dtype))
+    return lambda x: F.conv2d(F.conv2d(F.conv2d(x, _like(down4, x)), _like(mid, x), **geometry), _like(up4, x))
+
+
+def _like(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The factor on x's device and in its dtype (a no-op unless the model moved after applying)."""
+    return factor.to(device=x.device, dtype=x.dtype)
 
 
 class PackedRowsDelta(nn.Module):
@@ -533,7 +538,8 @@ def set_prompt_loras(pipe, tags: Sequence[LoraTag], search: Iterable = (), extra
     search = list(search)
     wanted = [(read_lora(find_lora(t.name, search), t.name), t.te_weight, t.unet_weight) for t in tags]
     wanted += [_request(item) for item in extra]
-    current = _PROMPT_LORAS.get(pipe.unet, [])
+    stack = _STACKS.get(pipe.unet, [])
+    current = [a for a in _PROMPT_LORAS.get(pipe.unet, []) if a in stack]  # unload_loras may have taken some off
     if [(_source_key(s), te, unet, mode) for s, te, unet in wanted] == \
             [(_source_key(a.lora), a.te_weight, a.unet_weight, a.mode) for a in current]:
         return current
