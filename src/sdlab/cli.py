@@ -21,7 +21,7 @@ def _size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def add_generation_options(parser: argparse.ArgumentParser) -> None:
+def add_generation_options(parser: argparse.ArgumentParser, default_size: str = "the model's") -> None:
     """Options shared by every command that runs the denoising loop."""
     parser.add_argument("prompt", help="what the image should show; (word:1.3) emphasises, [word] de-emphasises")
     parser.add_argument("-o", "--output", default="out.png", help="PNG to write (batches add -1, -2, ...)")
@@ -31,7 +31,8 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
-    parser.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
+    parser.add_argument("--size", type=_size, default=None,
+                        help=f"WIDTHxHEIGHT, multiples of 8 (default: {default_size})")
     parser.add_argument("--batch", type=int, default=1, help="images per run")
     parser.add_argument("--prediction", choices=("epsilon", "v"), default=None,
                         help="override the model's prediction type (SD2 768 models are v)")
@@ -42,6 +43,23 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: detected)")
     parser.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fastest safe for the device)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_init_options(parser: argparse.ArgumentParser, strength: float, resize: bool = True) -> None:
+    """Options of the commands that start from an image."""
+    parser.add_argument("--init", required=True, help="the image to start from (PNG, JPEG, WebP)")
+    parser.add_argument("--strength", type=float, default=strength,
+                        help=f"denoising strength: 0 keeps the image, 1 repaints it fully (default {strength})")
+    if resize:
+        parser.add_argument("--resize-mode", default="just", choices=("just", "crop", "fill"),
+                            help="how the image meets --size: stretch, crop the overflow, or fit and stretch "
+                                 "the edges into the borders (default just)")
+
+
+def add_mask_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mask-blur", type=float, default=4, help="Gaussian blur of the mask edge in pixels (default 4)")
+    parser.add_argument("--fill", default="original", choices=("original", "fill", "latent-noise", "latent-nothing"),
+                        help="what the masked area starts from below strength 1 (default original)")
 
 
 def output_paths(output: str, count: int) -> list[str]:
@@ -76,20 +94,20 @@ def load_for(args):
     return load(args.model, prediction=args.prediction, device=args.device, dtype=args.dtype)
 
 
-def cmd_generate(args) -> int:
+def generation_kwargs(args) -> dict:
+    """The `generate` options as keyword arguments of every pipeline."""
+    width, height = args.size or (None, None)
+    return dict(steps=args.steps, guidance_scale=args.cfg, seed=args.seed, width=width, height=height,
+                batch_size=args.batch, sampler=args.sampler, noise=args.noise, clip_skip=args.clip_skip, eta=args.eta)
+
+
+def run_and_save(args, started: float, run, steps: int) -> int:
+    """Run `run(callback)` under a progress bar of `steps` steps and write its images with their parameters."""
     from .infotext import save_png
 
-    check_output(args.output)
-    started = time.perf_counter()
-    pipe = load_for(args)
-    width, height = args.size or (None, None)
-    step, close = progress_callback(args.steps, args.quiet)
+    step, close = progress_callback(steps, args.quiet)
     try:
-        result = pipe.txt2img(
-            args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg, seed=args.seed,
-            width=width, height=height, batch_size=args.batch, sampler=args.sampler, noise=args.noise,
-            clip_skip=args.clip_skip, eta=args.eta, callback=step,
-        )
+        result = run(step)
     finally:
         close()
     for path, image, infotext in zip(output_paths(args.output, len(result.images)), result.images, result.infotexts):
@@ -97,6 +115,76 @@ def cmd_generate(args) -> int:
         print(f"wrote {path}")
     print(f"seed {result.seeds[0]}, {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
+
+
+def cmd_generate(args) -> int:
+    check_output(args.output)
+    started = time.perf_counter()
+    pipe = load_for(args)
+    return run_and_save(args, started, lambda step: pipe.txt2img(
+        args.prompt, args.negative, callback=step, **generation_kwargs(args)), args.steps)
+
+
+def denoising_steps(args) -> int:
+    from .pipelines.common import check_strength
+
+    check_strength(args.strength)
+    return min(int(args.steps * args.strength), args.steps)
+
+
+def cmd_img2img(args) -> int:
+    from .pipelines.images import load_image, resize_mode_key
+
+    check_output(args.output)
+    started = time.perf_counter()
+    image = load_image(args.init, "init image")  # bad input fails before the model loads
+    resize_mode_key(args.resize_mode)
+    steps = denoising_steps(args)
+    pipe = load_for(args)
+    return run_and_save(args, started, lambda step: pipe.img2img(
+        args.prompt, image, args.negative, strength=args.strength, resize_mode=args.resize_mode, callback=step,
+        **generation_kwargs(args)), steps)
+
+
+def cmd_inpaint(args) -> int:
+    import warnings
+
+    from .pipelines.images import load_image, load_mask, resize_mode_key
+
+    check_output(args.output)
+    started = time.perf_counter()
+    image = load_image(args.init, "init image")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mask = load_mask(args.mask, image.size)
+    for warning in caught:
+        print(f"sdlab: warning: {warning.message}", file=sys.stderr)
+    resize_mode_key(args.resize_mode)
+    steps = denoising_steps(args)
+    pipe = load_for(args)
+    return run_and_save(args, started, lambda step: pipe.inpaint(
+        args.prompt, image, mask, args.negative, strength=args.strength, mask_blur=args.mask_blur,
+        only_masked=args.only_masked, padding=args.padding, fill=args.fill, invert_mask=args.invert_mask,
+        resize_mode=args.resize_mode, callback=step, **generation_kwargs(args)), steps)
+
+
+def cmd_outpaint(args) -> int:
+    from .pipelines.images import load_image
+    from .pipelines.outpaint import parse_extend
+
+    check_output(args.output)
+    if args.size:
+        raise InputError("outpaint takes its size from the image and --extend; leave out --size")
+    started = time.perf_counter()
+    image = load_image(args.init, "init image")
+    extend = parse_extend(args.extend)
+    steps = denoising_steps(args)
+    pipe = load_for(args)
+    options = generation_kwargs(args)
+    del options["width"], options["height"]
+    return run_and_save(args, started, lambda step: pipe.outpaint(
+        args.prompt, image, args.negative, extend=extend, overlap=args.overlap, strength=args.strength,
+        mask_blur=args.mask_blur, fill=args.fill, callback=step, **options), steps)
 
 
 def cmd_tokenize(args) -> int:
@@ -134,6 +222,32 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="text to image")
     add_generation_options(generate)
     generate.set_defaults(run=cmd_generate)
+
+    img2img = commands.add_parser("img2img", help="repaint an image towards a prompt")
+    add_generation_options(img2img, default_size="the image's")
+    add_init_options(img2img, strength=0.75)
+    img2img.set_defaults(run=cmd_img2img)
+
+    inpaint = commands.add_parser("inpaint", help="repaint the white part of a mask")
+    add_generation_options(inpaint, default_size="the image's; with --only-masked the model's")
+    add_init_options(inpaint, strength=0.75)
+    inpaint.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
+    add_mask_options(inpaint)
+    inpaint.add_argument("--only-masked", action="store_true",
+                         help="inpaint a box around the mask at --size (default: the model's), paste it back")
+    inpaint.add_argument("--padding", type=int, default=32,
+                         help="with --only-masked: pixels around the mask (default 32)")
+    inpaint.add_argument("--invert-mask", action="store_true", help="repaint the black part instead")
+    inpaint.set_defaults(run=cmd_inpaint)
+
+    outpaint = commands.add_parser("outpaint", help="extend an image's canvas and paint the new margins")
+    add_generation_options(outpaint, default_size="the image's plus --extend; not settable")
+    add_init_options(outpaint, strength=0.8, resize=False)
+    outpaint.add_argument("--extend", required=True, help="pixels per side, e.g. left=64,right=0,top=0,bottom=64")
+    outpaint.add_argument("--overlap", type=int, default=8,
+                          help="pixels of the image repainted along the seam (default 8)")
+    add_mask_options(outpaint)
+    outpaint.set_defaults(run=cmd_outpaint)
 
     tokenize = commands.add_parser("tokenize", help="show how CLIP's tokenizer splits text")
     tokenize.add_argument("text", nargs="*", help="texts to tokenize; '-' reads one text per line from stdin")

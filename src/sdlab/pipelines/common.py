@@ -5,7 +5,6 @@ txt2img, img2img, inpainting and upscaling are short functions over these pieces
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -365,14 +364,16 @@ class Run:
         """(N, 3, H, W) pixels in [-1, 1] -> scaled latents (batch_size, C, h, w), one posterior draw.
 
         N = 1 (one image for the whole batch) or batch_size; diffusers encodes the image once and
-        repeats its latents over the batch, and so draws the posterior noise for N images only."""
+        repeats its latents over the batch, and so draws the posterior noise for N images only.
+        Float32 on the CPU, like the noise: `prepare` mixes them freely and `generate` moves the result."""
         if pixels.shape[0] not in (1, self.batch_size):
             raise InputError(f"got {pixels.shape[0]} images for a batch of {self.batch_size}")
         posterior = encode_posterior(self.pipe, pixels)
-        eps = self.draws.posterior(posterior.mean.shape)
-        z = posterior.mean if eps is None else posterior.mean + posterior.std * eps.to(posterior.mean)
-        latents = z.to(self.pipe.dtype) * self.pipe.config.vae.scaling_factor
-        return latents.float().expand(self.batch_size, -1, -1, -1).contiguous()
+        mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
+        eps = self.draws.posterior(mean.shape)
+        z = mean if eps is None else mean + std * eps
+        latents = z * self.pipe.config.vae.scaling_factor
+        return latents.expand(self.batch_size, -1, -1, -1).contiguous()
 
 
 @dataclass

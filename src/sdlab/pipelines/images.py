@@ -65,7 +65,7 @@ def load_mask(source, size: tuple[int, int], what: str = "mask") -> Image.Image:
     if mask.size != tuple(size):
         warnings.warn(f"the {what} is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}; "
                       "stretching the mask to the image", stacklevel=3)
-        mask = mask.resize(tuple(size), Image.Resampling.LANCZOS)
+        mask = mask.resize(tuple(size), Image.Resampling.BILINEAR)  # no ringing past the painted edge
     return mask
 
 
