@@ -72,12 +72,75 @@ class UNetOptions:
     validation_guidance: float = 5.0
 
 
-TRAINER_OPTIONS = {"vae": VAEOptions, "text": TextOptions, "unet": UNetOptions}
+@dataclass(frozen=True)
+class LoraOptions:
+    """`sdlab train lora`: low-rank adapters on a frozen --base (Hu et al. 2021), saved as a kohya LoRA."""
+
+    rank: int = 4  # r: the inner width of up @ down
+    alpha: float = 4.0  # the update is scaled by alpha / rank (kohya's network_alpha)
+    unet_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # UNet layer names; also "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"
+    text_encoder: bool = False  # also adapt the text encoder's attention (q/k/v/out projections)
+    caption_dropout: float = 0.0  # fraction trained with the empty caption
+    min_snr_gamma: Optional[float] = None  # Min-SNR-gamma loss weights (Hang et al. 2023); unset: plain MSE
+    validation_prompts: tuple[str, ...] = ()  # empty: the captions of the validation batch
+    validation_steps: int = 20
+
+
+@dataclass(frozen=True)
+class TextualInversionOptions:
+    """`sdlab train textual-inversion`: new token vectors for a placeholder word (Gal et al. 2022)."""
+
+    token: str = "my-concept"  # the placeholder: the embedding's name, written in prompts
+    init_word: str = "object"  # the vectors start as this word's token embedding(s)
+    vectors: int = 1  # vectors per use of the placeholder
+    template: str = "a photo of {}"  # training prompt; {} is the placeholder ("{}" alone: the image's caption with the placeholder prepended)
+    validation_prompts: tuple[str, ...] = ()  # empty: the template
+    validation_steps: int = 20
+
+
+@dataclass(frozen=True)
+class DreamBoothOptions:
+    """`sdlab train dreambooth`: fine-tune on a few instance images (Ruiz et al. 2023) with prior preservation."""
+
+    instance_prompt: str = "a sks dog"  # every training image's prompt, with a rare token for the subject
+    class_prompt: Optional[str] = None  # e.g. "a dog"; unset: no prior preservation
+    class_images: int = 100  # images of the class prompt the base model generates before training
+    prior_loss_weight: float = 1.0  # lambda of the prior-preservation term
+    class_sampler: str = "Euler"
+    class_steps: int = 30
+    class_guidance: float = 7.5
+    train_text_encoder: bool = False
+    validation_prompts: tuple[str, ...] = ()  # empty: the instance prompt
+    validation_steps: int = 20
+
+
+@dataclass(frozen=True)
+class InpaintOptions:
+    """`sdlab train inpaint`: a 9-channel inpainting UNet grown from a 4-channel --base."""
+
+    full_mask: float = 0.25  # fraction of samples masked completely (the model also learns plain txt2img)
+    caption_dropout: float = 0.1
+    max_boxes: int = 3  # random rectangles per mask
+    max_strokes: int = 3  # random brush strokes per mask
+
+
+@dataclass(frozen=True)
+class UpscaleOptions:
+    """`sdlab train upscale`: the x4 upscaler's design, latents conditioned on the 4x smaller image."""
+
+    noise_levels: int = 350  # class labels of the low-res noise level (SD x4: max_noise_level 350)
+    max_noise_level: int = 350  # training draws levels in [0, max_noise_level)
+    caption_dropout: float = 0.1
+
+
+TRAINER_OPTIONS = {"vae": VAEOptions, "text": TextOptions, "unet": UNetOptions, "lora": LoraOptions,
+                   "textual_inversion": TextualInversionOptions, "dreambooth": DreamBoothOptions,
+                   "inpaint": InpaintOptions, "upscale": UpscaleOptions}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    trainer: Literal["vae", "text", "unet"]
+    trainer: Literal["vae", "text", "unet", "lora", "textual_inversion", "dreambooth", "inpaint", "upscale"]
     data: str = "shapes"  # a folder of images with same-named .txt captions, or "shapes"
     out: Optional[str] = None  # run folder; unset: runs/<trainer>
     base: Optional[str] = None  # checkpoint whose parts this run does not train (unet: the VAE and text encoder)
@@ -196,6 +259,7 @@ def _checked(cls, values: dict, prefix: str, source: str) -> dict:
 
 def build_config(trainer: str, values: dict, source: str = "config") -> TrainConfig:
     """A checked TrainConfig from plain values (a parsed TOML document, overrides already merged)."""
+    trainer = trainer.replace("-", "_")  # the command line says textual-inversion, the module is textual_inversion
     if trainer not in TRAINER_OPTIONS:
         raise ConfigError(f"unknown trainer '{trainer}'; choose one of: {', '.join(TRAINER_OPTIONS)}")
     values = dict(values)
