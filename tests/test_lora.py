@@ -417,3 +417,29 @@ def test_lora_hashes_follow_the_web_ui(tmp_path):
 
     ink, odd = read_lora(path), read_lora(pickle_path, name="a:b,c")
     assert lora_hashes([Applied(ink), Applied(odd)]) == f"ink: {addnet}, abc: {lora_shorthash(pickle_path)}"
+
+
+def test_a_pipeline_strips_tags_applies_loras_and_gets_its_infotext_fields(models, tmp_path):
+    from sdlab.adapters import apply_prompt_adapters, load_embeddings, unload_embeddings
+    from sdlab.infotext import format_infotext, parse_infotext
+
+    pipe, unet, text_encoder = models
+    before = snapshot(pipe)
+    ink = kohya_file(tmp_path / "ink.safetensors", unet, text_encoder)
+    style = tmp_path / "my-style.pt"
+    torch.save({"string_to_param": {"*": torch.randn(2, pipe.config.text.width)}, "name": "x"}, style)
+    load_embeddings(pipe.text_encoder, style)
+    prompt = "<lora:ink:0.5> a my-style cat"
+    prompts, negatives, fields = apply_prompt_adapters(pipe, [prompt], ["blurry"], lora_search=[tmp_path])
+    assert prompts == [" a my-style cat"] and negatives == ["blurry"]
+    assert fields == {"Lora hashes": f"ink: {lora_shorthash(ink)}",
+                      "TI hashes": f"my-style: {hashlib.sha256(style.read_bytes()).hexdigest()[:12]}"}
+    assert [a.lora.name for a in applied_loras(pipe)] == ["ink"]
+    infotext = format_infotext(prompt, "blurry", {"Steps": 20, "Sampler": "Euler", "Seed": 1, **fields})
+    assert f'Lora hashes: "ink: {lora_shorthash(ink)}"' in infotext
+    assert parse_infotext(infotext)["Lora hashes"] == fields["Lora hashes"]
+
+    _, _, fields = apply_prompt_adapters(pipe, ["a cat"], [""])
+    assert fields == {"Lora hashes": None, "TI hashes": None}
+    unload_embeddings(pipe.text_encoder)
+    assert_restored(pipe, before)

@@ -48,7 +48,8 @@ def test_web_ui_parser_examples(prompt, expected):
 
 
 def test_from_to_switches_after_the_given_step():
-    assert webui("a [fantasy:cyberpunk:16] landscape", 20) == [[16, "a fantasy landscape"], [20, "a cyberpunk landscape"]]
+    expected = [[16, "a fantasy landscape"], [20, "a cyberpunk landscape"]]
+    assert webui("a [fantasy:cyberpunk:16] landscape", 20) == expected
 
 
 def test_alternation_switches_every_step():

@@ -237,3 +237,26 @@ def test_cond_and_uncond_of_different_lengths_are_padded_to_match(encoder):
     assert torch.equal(padded_uncond, torch.cat([uncond, empty.expand(2, -1, -1), empty.expand(2, -1, -1)], dim=1))
     swapped_uncond, swapped_cond = pad_cond_uncond(uncond, cond, empty)
     assert torch.equal(swapped_uncond, padded_uncond) and torch.equal(swapped_cond, cond)
+
+
+class OneEmbedding:
+    """The lookup interface of adapters.embeddings for one two-vector embedding named 'my-style'."""
+
+    def __init__(self):
+        self.name = get_tokenizer().encode("my-style")
+
+    def match(self, tokens, position):
+        n = len(self.name)
+        return ([49408, 49409], n) if list(tokens[position:position + n]) == self.name else None
+
+
+def test_an_embedding_name_becomes_its_vector_ids():
+    (chunk,) = tokenize_weighted("a (my-style:1.2) cat", get_tokenizer(), embeddings=OneEmbedding())
+    assert chunk.ids[1:5] == [320, 49408, 49409, CAT]
+    assert chunk.weights[1:5] == [1.0, 1.2, 1.2, 1.0]
+
+
+def test_embedding_vectors_move_with_the_words_after_a_late_comma():
+    chunks = tokenize_weighted("cat " * 70 + ", my-style dog dog dog", get_tokenizer(), embeddings=OneEmbedding())
+    assert chunks[0].ids[1:72] == [CAT] * 70 + [COMMA] and chunks[0].ids[72:] == [END_ID] * 5
+    assert chunks[1].ids[1:7] == [49408, 49409, DOG, DOG, DOG, END_ID]

@@ -5,13 +5,13 @@ from .embeddings import (
     Embedding, load_embeddings, loaded_embeddings, read_embeddings, ti_hashes, unload_embeddings, used_embeddings,
 )
 from .lora import (
-    AppliedLora, Lora, LoraTag, apply_lora, apply_loras, applied_loras, find_lora, lora_hashes, parse_lora_option,
-    parse_lora_tags, prompt_lora_tags, read_lora, set_prompt_loras, unload_loras,
+    AppliedLora, Lora, LoraTag, apply_lora, apply_loras, apply_prompt_adapters, applied_loras, find_lora,
+    lora_hashes, parse_lora_option, parse_lora_tags, prompt_lora_tags, read_lora, set_prompt_loras, unload_loras,
 )
 
 __all__ = [
-    "AppliedLora", "Embedding", "Lora", "LoraTag", "apply_lora", "apply_loras", "applied_loras", "find_lora",
-    "load_embeddings", "loaded_embeddings", "lora_hashes", "parse_lora_option", "parse_lora_tags",
-    "prompt_lora_tags", "read_embeddings", "read_lora", "set_prompt_loras", "ti_hashes", "unload_embeddings",
-    "unload_loras", "used_embeddings",
+    "AppliedLora", "Embedding", "Lora", "LoraTag", "apply_lora", "apply_loras", "apply_prompt_adapters",
+    "applied_loras", "find_lora", "load_embeddings", "loaded_embeddings", "lora_hashes", "parse_lora_option",
+    "parse_lora_tags", "prompt_lora_tags", "read_embeddings", "read_lora", "set_prompt_loras", "ti_hashes",
+    "unload_embeddings", "unload_loras", "used_embeddings",
 ]

@@ -206,7 +206,8 @@ def _extended_forward(table: nn.Embedding, lookup: EmbeddingLookup):
             return base
         index = (input_ids - vocab_size).clamp(min=0)
         if int(index.max()) >= len(lookup.rows):
-            raise InputError(f"token id {int(input_ids.max())} is beyond the {len(lookup.rows)} loaded embedding vectors")
+            raise InputError(f"token id {int(input_ids.max())} is beyond the {len(lookup.rows)} loaded "
+                             "embedding vectors")
         rows = lookup.rows.to(base.device, base.dtype)[index]
         return torch.where(extra[..., None], rows, base)
 

@@ -14,7 +14,8 @@ Two ways to apply, both undone exactly by `unload`:
 - "merge": W is changed in place; a copy of each touched tensor is kept and copied back on unload.
 - "dynamic": nothing is copied; a forward hook adds w * scale * up(down(x)) to the layer's output.
   OpenCLIP's packed q/k/v weight has no layer of its own, so there a parametrization adds the delta
-  to the affected rows each time the weight is read.
+  to the affected rows each time the weight is read (its state_dict shows torch's parametrization
+  keys meanwhile: unload before saving a checkpoint).
 
 A file is checked completely against the model (every layer known, every shape right) before any
 weight changes: a LoRA for another model fails with the reasons and leaves the model as it was.
@@ -29,8 +30,6 @@ else the SHA-256 of the whole file; 12 hex digits.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 import re
 import weakref
@@ -44,12 +43,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..checkpoint.io import read_state_dict
-from ..errors import CheckpointError, InputError
-from .lora_keys import LayerKey, Target, parse_diffusers_key, parse_kohya_key, text_encoder_targets, unet_targets
+from ..errors import InputError
+from .lora_keys import LoraLayer, match_layers
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 MODES = ("merge", "dynamic")
-MAX_LISTED = 5  # problems named in one error message
 
 
 @dataclass
@@ -99,129 +97,11 @@ def lora_shorthash(path: str | os.PathLike, metadata: Optional[dict] = None) -> 
     return digest.hexdigest()[:12]
 
 
-# -- matching a file to a model ------------------------------------------------------------------------------
-
-
-@dataclass
-class LoraLayer:
-    name: str  # as the file names it
-    target: Target
-    down: torch.Tensor
-    up: torch.Tensor
-    mid: Optional[torch.Tensor]
-    scale: float  # alpha / rank
-
-
 @dataclass
 class _Update:
     module: nn.Module
     layer: LoraLayer
     multiplier: float
-
-
-def _peft_alpha(metadata: dict, key: LayerKey, rank: int) -> Optional[float]:
-    """alpha / rank from diffusers' `lora_adapter_metadata` (PEFT LoraConfig fields per component)."""
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return None
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"lora_adapter_metadata is not JSON ({exc})") from exc
-    prefix = f"{key.component}."
-    alpha = config.get(prefix + "lora_alpha")
-    for pattern, value in (config.get(prefix + "alpha_pattern") or {}).items():
-        path = key.path.removeprefix("text_model.") if not pattern.startswith("text_model.") else key.path
-        if path == pattern or path.endswith("." + pattern):
-            alpha = value
-    if alpha is None:
-        return None
-    return alpha / (math.sqrt(rank) if config.get(prefix + "use_rslora") else rank)
-
-
-def _check_shapes(layer_name: str, weight_shape: tuple, is_conv: bool, down, up, mid) -> Optional[str]:
-    """Why down/up/mid do not fit a weight of `weight_shape`, or None."""
-    out_features, in_features, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
-    rank = down.shape[0]
-    if up.ndim not in (2, 4) or down.ndim not in (2, 4) or (up.ndim == 4 and up.shape[2:] != (1, 1)):
-        return f"{layer_name}: unexpected shapes down {tuple(down.shape)}, up {tuple(up.shape)}"
-    inner = mid.shape[0] if mid is not None else rank
-    if up.shape[1] != inner:
-        return f"{layer_name}: up {tuple(up.shape)} does not follow {'mid' if mid is not None else 'down'} (rank {inner})"
-    if up.shape[0] != out_features or down.shape[1] != in_features:
-        return (f"{layer_name}: the LoRA maps {down.shape[1]} -> {up.shape[0]} features, this model's layer "
-                f"{in_features} -> {out_features} (a LoRA for another model family, e.g. SD 1.x on SD 2.x)")
-    down_kernel = tuple(down.shape[2:]) if down.ndim == 4 else (1, 1)
-    if mid is not None:
-        if mid.ndim != 4 or mid.shape[1] != rank or down_kernel != (1, 1) or not is_conv:
-            return f"{layer_name}: lora_mid {tuple(mid.shape)} does not fit down {tuple(down.shape)} on this layer"
-        down_kernel = tuple(mid.shape[2:])
-    if is_conv and down_kernel != kernel:
-        return f"{layer_name}: the LoRA's kernel is {down_kernel}, this model's layer has {kernel}"
-    if not is_conv and down_kernel != (1, 1):
-        return f"{layer_name}: a {down_kernel} convolution LoRA on a linear layer"
-    return None
-
-
-def match_lora(lora: Lora, unet: nn.Module, text_encoder: nn.Module) -> list[LoraLayer]:
-    """Every layer of `lora` with its target weight in this UNet/text encoder, checked.
-
-    Raises CheckpointError naming the problems (unknown layers, wrong shapes, other adapter types or
-    model families) when anything does not fit.
-    """
-    targets = {("unet", path): t for path, t in unet_targets(unet).items()}
-    targets.update({("text_encoder", path): t for path, t in text_encoder_targets(text_encoder).items()})
-    kohya_paths = {f"lora_{'unet' if c == 'unet' else 'te'}_{path.replace('.', '_')}": (c, path)
-                   for c, path in targets}
-    where = f"LoRA '{lora.name}'" + (f" ({lora.path})" if lora.path else "")
-    groups: dict[tuple[str, str], dict] = {}
-    unknown: list[str] = []
-    for key, tensor in lora.tensors.items():
-        try:
-            parsed = parse_kohya_key(key, kohya_paths) if key.startswith("lora_") else parse_diffusers_key(key)
-        except CheckpointError as exc:
-            raise CheckpointError(f"{where}: {exc}") from None
-        if parsed is None or (parsed.component, parsed.path) not in targets:
-            unknown.append(key.partition(".")[0] if key.startswith("lora_") else key)
-            continue
-        group = groups.setdefault((parsed.component, parsed.path), {"name": parsed.name})
-        group[parsed.part] = tensor
-    problems = []
-    if unknown:
-        names = list(dict.fromkeys(unknown))
-        problems.append(f"{len(names)} layers name modules this model does not have, e.g. {', '.join(names[:3])} "
-                        "(is it a LoRA for another architecture, such as SDXL?)")
-    layers = []
-    modules = {"unet": unet, "text_encoder": text_encoder}
-    for (component, path), group in groups.items():
-        target = targets[(component, path)]
-        name = group["name"]
-        if "down" not in group or "up" not in group:
-            missing = "down" if "down" not in group else "up"
-            problems.append(f"{name}: has no {missing} weight")
-            continue
-        module = modules[component].get_submodule(target.module)
-        weight = getattr(module, target.param)
-        shape = tuple(weight.shape) if target.rows is None else (target.rows[1] - target.rows[0], weight.shape[1])
-        down, up, mid = group["down"], group["up"], group.get("mid")
-        problem = _check_shapes(name, shape, isinstance(module, nn.Conv2d), down, up, mid)
-        if problem:
-            problems.append(problem)
-            continue
-        rank = down.shape[0]
-        if "alpha" in group:
-            scale = float(group["alpha"]) / rank
-        else:
-            peft = _peft_alpha(lora.metadata, LayerKey(component, path, "alpha", name), rank)
-            scale = 1.0 if peft is None else peft
-        layers.append(LoraLayer(name, target, down, up, mid, scale))
-    if not layers and not problems:
-        problems.append("it holds no LoRA layers")
-    if problems:
-        listed = "; ".join(problems[:MAX_LISTED])
-        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
-        raise CheckpointError(f"{where} does not fit this model, nothing was applied: {listed}{more}")
-    return layers
 
 
 # -- applying ---------------------------------------------------------------------------------------------------
@@ -297,8 +177,14 @@ class PackedRowsDelta(nn.Module):
         deltas = torch.zeros_like(weight, dtype=torch.float32)
         for update in self.updates:
             start, stop = update.layer.target.rows
-            deltas[start:stop] += update.multiplier * _delta(update.layer, (stop - start, weight.shape[1])).to(weight.device)
+            delta = _delta(update.layer, (stop - start, weight.shape[1])).to(weight.device)
+            deltas[start:stop] += update.multiplier * delta
         return weight + deltas.to(weight.dtype)
+
+
+def _adding(path: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """A forward hook: the layer's output plus path(its input)."""
+    return lambda module, args, output: output + path(args[0])
 
 
 def _attach(updates: Sequence[_Update]) -> Callable[[], None]:
@@ -310,7 +196,7 @@ def _attach(updates: Sequence[_Update]) -> Callable[[], None]:
             packed.setdefault((id(update.module), target.param), []).append(update)
             continue
         path = _low_rank_path(update.module, update.layer, update.multiplier)
-        handles.append(update.module.register_forward_hook(lambda module, args, output, path=path: output + path(args[0])))
+        handles.append(update.module.register_forward_hook(_adding(path)))
     attached = []
     for group in packed.values():
         module, name = group[0].module, group[0].layer.target.param
@@ -386,9 +272,10 @@ def _plan(pipe, loras: Iterable, mode: str) -> list[AppliedLora]:
     for item in loras:
         source, te_weight, unet_weight = _request(item)
         lora = read_lora(source)
+        where = f"LoRA '{lora.name}'" + (f" ({lora.path})" if lora.path else "")
         updates = [_Update(modules[layer.target.component].get_submodule(layer.target.module), layer,
                            unet_weight if layer.target.component == "unet" else te_weight)
-                   for layer in match_lora(lora, pipe.unet, pipe.text_encoder)]
+                   for layer in match_layers(lora.tensors, lora.metadata, pipe.unet, pipe.text_encoder, where)]
         planned.append(AppliedLora(lora, unet_weight, te_weight, mode, updates, _owner=weakref.ref(pipe.unet)))
     return planned
 
@@ -470,7 +357,8 @@ def parse_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
     return _EXTRA_NETWORK_RE.sub(take, prompt), tags
 
 
-def prompt_lora_tags(prompts: Sequence[str], negative_prompts: Sequence[str] = ()) -> tuple[list[str], list[str], list[LoraTag]]:
+def prompt_lora_tags(prompts: Sequence[str],
+                     negative_prompts: Sequence[str] = ()) -> tuple[list[str], list[str], list[LoraTag]]:
     """Prompts and negative prompts without tags, and the tags they ask for.
 
     A LoRA changes the model for the whole batch, so every batch item (prompt and negative prompt
@@ -569,3 +457,19 @@ def lora_hashes(applied: Iterable[AppliedLora]) -> Optional[str]:
         if a.lora.shorthash:
             entries.append(f"{a.lora.name.replace(':', '').replace(',', '')}: {a.lora.shorthash}")
     return ", ".join(entries) or None
+
+
+def apply_prompt_adapters(pipe, prompts: Sequence[str], negative_prompts: Sequence[str], *, loras: Iterable = (),
+                          lora_search: Iterable = (), mode: str = "merge") -> tuple[list[str], list[str], dict]:
+    """What a pipeline does with adapters before encoding its prompts.
+
+    Takes the `<lora:...>` tags out of the prompts, applies their files (found in `lora_search`) and
+    the `loras` requests (set_prompt_loras), and returns the clean prompts, clean negative prompts
+    and the web UI's infotext fields {"Lora hashes", "TI hashes"} (None when empty).
+    """
+    from .embeddings import ti_hashes, used_embeddings
+
+    clean, clean_negatives, tags = prompt_lora_tags(list(prompts), list(negative_prompts))
+    applied = set_prompt_loras(pipe, tags, lora_search, loras, mode)
+    embeddings = used_embeddings(pipe.text_encoder, clean + clean_negatives)
+    return clean, clean_negatives, {"Lora hashes": lora_hashes(applied), "TI hashes": ti_hashes(embeddings)}

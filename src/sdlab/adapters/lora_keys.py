@@ -1,4 +1,4 @@
-"""LoRA file keys -> the sdlab weights they change.
+"""LoRA file keys -> the sdlab weights they change, with every shape checked before anything is applied.
 
 LoRA files name layers by the module paths of diffusers' UNet2DConditionModel and transformers'
 CLIPTextModel, whatever the base model's own layout:
@@ -18,10 +18,13 @@ a LoRA on q_proj/k_proj/v_proj changes rows [0, W), [W, 2W) or [2W, 3W) of it.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import nn
 
 from ..checkpoint.convert import OPEN_CLIP_LAYER, _rename_key, unet_blocks
@@ -103,6 +106,7 @@ UNSUPPORTED = {
     "b_norm": "LyCORIS norm-layer weights", "diff": "a full weight difference", "on_input": "IA3",
     "lora_B.bias": "LoRA bias terms", "weight_decompose": "DoRA (weight-decomposed LoRA)",
 }
+MAX_LISTED = 5  # problems named in one error message
 SUPPORTED = ("kohya/LyCORIS LoRA and LoCon (lora_down, lora_up, optional lora_mid, alpha) and diffusers/PEFT "
              "LoRA (lora_A, lora_B)")
 _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.")
@@ -174,3 +178,122 @@ def parse_diffusers_key(key: str) -> LayerKey:
     if component == "text_encoder" and not path.startswith("text_model."):
         path = "text_model." + path  # transformers >= 5 module names lack the `text_model.` level
     return LayerKey(component, path, part, f"{component}.{path.removeprefix('text_model.')}")
+
+
+# -- matching a file to a model --------------------------------------------------------------------------
+
+
+@dataclass
+class LoraLayer:
+    name: str  # as the file names it
+    target: Target
+    down: torch.Tensor
+    up: torch.Tensor
+    mid: Optional[torch.Tensor]
+    scale: float  # alpha / rank
+
+
+def _peft_alpha(metadata: dict, key: LayerKey, rank: int) -> Optional[float]:
+    """alpha / rank from diffusers' `lora_adapter_metadata` (PEFT LoraConfig fields per component)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"lora_adapter_metadata is not JSON ({exc})") from exc
+    prefix = f"{key.component}."
+    alpha = config.get(prefix + "lora_alpha")
+    for pattern, value in (config.get(prefix + "alpha_pattern") or {}).items():
+        path = key.path.removeprefix("text_model.") if not pattern.startswith("text_model.") else key.path
+        if path == pattern or path.endswith("." + pattern):
+            alpha = value
+    if alpha is None:
+        return None
+    return alpha / (math.sqrt(rank) if config.get(prefix + "use_rslora") else rank)
+
+
+def _check_shapes(layer_name: str, weight_shape: tuple, is_conv: bool, down, up, mid) -> Optional[str]:
+    """Why down/up/mid do not fit a weight of `weight_shape`, or None."""
+    out_features, in_features, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
+    rank = down.shape[0]
+    if up.ndim not in (2, 4) or down.ndim not in (2, 4) or (up.ndim == 4 and up.shape[2:] != (1, 1)):
+        return f"{layer_name}: unexpected shapes down {tuple(down.shape)}, up {tuple(up.shape)}"
+    inner = mid.shape[0] if mid is not None else rank
+    if up.shape[1] != inner:
+        before = "mid" if mid is not None else "down"
+        return f"{layer_name}: up {tuple(up.shape)} does not follow {before} (rank {inner})"
+    if up.shape[0] != out_features or down.shape[1] != in_features:
+        return (f"{layer_name}: the LoRA maps {down.shape[1]} -> {up.shape[0]} features, this model's layer "
+                f"{in_features} -> {out_features} (a LoRA for another model family, e.g. SD 1.x on SD 2.x)")
+    down_kernel = tuple(down.shape[2:]) if down.ndim == 4 else (1, 1)
+    if mid is not None:
+        if mid.ndim != 4 or mid.shape[1] != rank or down_kernel != (1, 1) or not is_conv:
+            return f"{layer_name}: lora_mid {tuple(mid.shape)} does not fit down {tuple(down.shape)} on this layer"
+        down_kernel = tuple(mid.shape[2:])
+    if is_conv and down_kernel != kernel:
+        return f"{layer_name}: the LoRA's kernel is {down_kernel}, this model's layer has {kernel}"
+    if not is_conv and down_kernel != (1, 1):
+        return f"{layer_name}: a {down_kernel} convolution LoRA on a linear layer"
+    return None
+
+
+def match_layers(tensors: dict, metadata: dict, unet: nn.Module, text_encoder: nn.Module,
+                 where: str) -> list[LoraLayer]:
+    """Every layer of a LoRA file's `tensors` with its target weight in this UNet/text encoder, checked.
+
+    Raises CheckpointError naming the problems (unknown layers, wrong shapes, other adapter types or
+    model families) when anything does not fit; `where` names the file in messages.
+    """
+    targets = {("unet", path): t for path, t in unet_targets(unet).items()}
+    targets.update({("text_encoder", path): t for path, t in text_encoder_targets(text_encoder).items()})
+    kohya_paths = {f"lora_{'unet' if c == 'unet' else 'te'}_{path.replace('.', '_')}": (c, path)
+                   for c, path in targets}
+    groups: dict[tuple[str, str], dict] = {}
+    unknown: list[str] = []
+    for key, tensor in tensors.items():
+        try:
+            parsed = parse_kohya_key(key, kohya_paths) if key.startswith("lora_") else parse_diffusers_key(key)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+        if parsed is None or (parsed.component, parsed.path) not in targets:
+            unknown.append(key.partition(".")[0] if key.startswith("lora_") else key)
+            continue
+        group = groups.setdefault((parsed.component, parsed.path), {"name": parsed.name})
+        group[parsed.part] = tensor
+    problems = []
+    if unknown:
+        names = list(dict.fromkeys(unknown))
+        problems.append(f"{len(names)} layers name modules this model does not have, e.g. {', '.join(names[:3])} "
+                        "(is it a LoRA for another architecture, such as SDXL?)")
+    layers = []
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    for (component, path), group in groups.items():
+        target = targets[(component, path)]
+        name = group["name"]
+        if "down" not in group or "up" not in group:
+            missing = "down" if "down" not in group else "up"
+            problems.append(f"{name}: has no {missing} weight")
+            continue
+        module = modules[component].get_submodule(target.module)
+        weight = getattr(module, target.param)
+        shape = tuple(weight.shape) if target.rows is None else (target.rows[1] - target.rows[0], weight.shape[1])
+        down, up, mid = group["down"], group["up"], group.get("mid")
+        problem = _check_shapes(name, shape, isinstance(module, nn.Conv2d), down, up, mid)
+        if problem:
+            problems.append(problem)
+            continue
+        rank = down.shape[0]
+        if "alpha" in group:
+            scale = float(group["alpha"]) / rank
+        else:
+            peft = _peft_alpha(metadata, LayerKey(component, path, "alpha", name), rank)
+            scale = 1.0 if peft is None else peft
+        layers.append(LoraLayer(name, target, down, up, mid, scale))
+    if not layers and not problems:
+        problems.append("it holds no LoRA layers")
+    if problems:
+        listed = "; ".join(problems[:MAX_LISTED])
+        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+        raise CheckpointError(f"{where} does not fit this model, nothing was applied: {listed}{more}")
+    return layers
