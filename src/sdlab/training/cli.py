@@ -22,6 +22,11 @@ TRAINER_HELP = {
     "vae": "the KL autoencoder: reconstruction + KL (+ PatchGAN), then its latent scaling factor",
     "text": "the text encoder, contrastively against a small image tower (CLIP's loss)",
     "unet": "the denoising UNet on --base's frozen VAE and text encoder",
+    "lora": "low-rank adapters on --base (kohya/web UI and diffusers LoRA files)",
+    "textual-inversion": "new token vectors for a placeholder word (web UI embedding file)",
+    "dreambooth": "fine-tune --base on a few images of a subject, with prior preservation",
+    "inpaint": "a 9-channel inpainting UNet grown from --base's UNet",
+    "upscale": "an x4-upscaler-style UNet conditioned on the 4x smaller image",
 }
 
 # flag destination -> recipe key
@@ -63,7 +68,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 def add_train_command(subparsers) -> None:
     """Register `train vae|text|unet` on an argparse subparsers object (sdlab's main parser's)."""
     train = subparsers.add_parser("train", help="train the VAE, the text encoder or the UNet (CPU, GPU, torchrun)")
-    trainers = train.add_subparsers(dest="trainer", required=True, metavar="{vae,text,unet}")
+    trainers = train.add_subparsers(dest="trainer", required=True, metavar="{" + ",".join(TRAINER_HELP) + "}")
     for name, help_text in TRAINER_HELP.items():
         parser = trainers.add_parser(name, help=help_text, description=help_text)
         add_train_options(parser)
@@ -86,7 +91,7 @@ def run_train(args) -> int:
 def main(argv=None) -> int:
     """`python -m sdlab.training [train] vae|text|unet ...`, also as each process of torchrun."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TRAINER_OPTIONS:
+    if argv and (argv[0] in TRAINER_OPTIONS or argv[0] in TRAINER_HELP):
         argv = ["train", *argv]
     parser = argparse.ArgumentParser(prog="python -m sdlab.training", description="sdlab's training loop")
     add_train_command(parser.add_subparsers(dest="command", required=True))
