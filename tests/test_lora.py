@@ -380,13 +380,19 @@ def test_lora_files_are_found_by_stem(tmp_path):
     assert parse_lora_option("ink.safetensors") == ("ink.safetensors", 1.0)
 
 
-def test_prompt_loras_stay_applied_until_the_tags_change(models, tmp_path):
+def test_prompt_loras_stay_applied_until_the_tags_change(models, tmp_path, monkeypatch):
+    import sdlab.adapters.lora as lora_module
+
     pipe, unet, text_encoder = models
     before = snapshot(pipe)
     kohya_file(tmp_path / "ink.safetensors", unet, text_encoder, seed=4)
     kohya_file(tmp_path / "paper.safetensors", unet, text_encoder, seed=5)
+    reads = []
+    read = lora_module.read_state_dict
+    monkeypatch.setattr(lora_module, "read_state_dict", lambda path: reads.append(path) or read(path))
     first = set_prompt_loras(pipe, [LoraTag("ink", 0.5, 0.5)], [tmp_path])
-    assert set_prompt_loras(pipe, [LoraTag("ink", 0.5, 0.5)], [tmp_path]) == first  # nothing re-merged
+    assert set_prompt_loras(pipe, [LoraTag("ink", 0.5, 0.5)], [tmp_path]) == first  # nothing re-read or re-merged
+    assert len(reads) == 1
     second = set_prompt_loras(pipe, [LoraTag("ink", 0.5, 0.5), LoraTag("paper", 1.0, 0.2)], [tmp_path])
     assert [a.lora.name for a in second] == ["ink", "paper"]
     with pytest.raises(InputError, match="no LoRA file called 'chalk'"):

@@ -424,14 +424,14 @@ def set_prompt_loras(pipe, tags: Sequence[LoraTag], search: Iterable = (), extra
     model as it was. LoRAs applied directly with apply_lora are left alone.
     """
     search = list(search)
-    wanted = [(read_lora(find_lora(t.name, search), t.name), t.te_weight, t.unet_weight) for t in tags]
+    wanted = [((find_lora(t.name, search), t.name), t.te_weight, t.unet_weight) for t in tags]
     wanted += [_request(item) for item in extra]
     stack = _STACKS.get(pipe.unet, [])
     current = [a for a in _PROMPT_LORAS.get(pipe.unet, []) if a in stack]  # unload_loras may have taken some off
     if [(_source_key(s), te, unet, mode) for s, te, unet in wanted] == \
             [(_source_key(a.lora), a.te_weight, a.unet_weight, a.mode) for a in current]:
         return current
-    planned = _plan(pipe, wanted, mode)
+    planned = _plan(pipe, [(read_lora(*s) if isinstance(s, tuple) else s, te, unet) for s, te, unet in wanted], mode)
     for applied in reversed(current):
         applied.unload()
     _PROMPT_LORAS[pipe.unet] = _activate(pipe, planned)
@@ -445,6 +445,8 @@ def _source_key(source) -> object:
     """What makes two requests the same LoRA: its file and name, or the very object."""
     if isinstance(source, Lora):
         return (os.path.abspath(source.path), source.name) if source.path else id(source)
+    if isinstance(source, tuple):  # (file, name) of a prompt tag
+        return (os.path.abspath(source[0]), source[1])
     if isinstance(source, (str, os.PathLike)):
         return (os.path.abspath(source), Path(source).stem)
     return id(source)
