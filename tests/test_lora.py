@@ -20,6 +20,7 @@ from sdlab.adapters.lora import (
     LoraTag, apply_lora, apply_loras, applied_loras, find_lora, lora_hashes, lora_shorthash, parse_lora_option,
     parse_lora_tags, prompt_lora_tags, read_lora, set_prompt_loras, unload_loras,
 )
+from sdlab.adapters.lora_keys import unet_targets
 from sdlab.errors import CheckpointError, InputError
 from sdlab.tokenizer import get_tokenizer
 
@@ -449,3 +450,22 @@ def test_a_pipeline_strips_tags_applies_loras_and_gets_its_infotext_fields(model
     assert fields == {"Lora hashes": None, "TI hashes": None}
     unload_embeddings(pipe.text_encoder)
     assert_restored(pipe, before)
+
+
+def test_kohya_names_of_the_original_unet_layout_are_read_too(models, tmp_path):
+    pipe, unet, text_encoder = models
+    path = kohya_file(tmp_path / "style.safetensors", unet, text_encoder, text=False)
+    diffusers_named = read_lora(path)
+    names = {path.replace(".", "_"): target.module.replace(".", "_") for path, target in unet_targets(pipe.unet).items()}
+    ldm_named = {}
+    for key, value in diffusers_named.tensors.items():
+        layer, _, part = key.removeprefix("lora_unet_").partition(".")
+        ldm_named[f"lora_unet_{names[layer]}.{part}"] = value
+    assert "lora_unet_input_blocks_1_1_proj_in.lora_down.weight" in ldm_named
+    x, t, context, _ = inputs(pipe)
+    with torch.no_grad():
+        applied = apply_lora(pipe, diffusers_named)
+        expected = pipe.unet(x, t, context)
+        applied.unload()
+        apply_lora(pipe, ldm_named)
+        torch.testing.assert_close(pipe.unet(x, t, context), expected, rtol=0, atol=0)

@@ -249,6 +249,9 @@ def match_layers(tensors: dict, metadata: dict, unet: nn.Module, text_encoder: n
     targets.update({("text_encoder", path): t for path, t in text_encoder_targets(text_encoder).items()})
     kohya_paths = {f"lora_{'unet' if c == 'unet' else 'te'}_{path.replace('.', '_')}": (c, path)
                    for c, path in targets}
+    # some converters write the UNet's original (ldm) names, lora_unet_input_blocks_1_1_proj_in; the web UI reads both
+    kohya_paths.update({f"lora_unet_{t.module.replace('.', '_')}": (c, path)
+                        for (c, path), t in targets.items() if c == "unet"})
     groups: dict[tuple[str, str], dict] = {}
     unknown: list[str] = []
     for key, tensor in tensors.items():
