@@ -123,11 +123,11 @@ def test_resize_modes_in_the_pipeline_and_the_parameters(models):
     assert "Resize mode" not in same_size.infotexts[0], "the mode changes nothing at the image's own size"
 
 
-def test_working_size_defaults_to_the_image_rounded_down_to_what_the_unet_takes(models):
+def test_working_size_defaults_to_the_image_rounded_down_to_what_the_vae_takes(models):
     _, pipe = models
-    step = pipe.size_multiple  # tiny model: latent factor 2, two UNet levels -> 4 px
-    assert step == 4
-    assert working_size(pipe, (70, 51), None, None) == (68, 48)
+    step = pipe.size_multiple  # tiny model: latent factor 2 (the UNet takes any latent size)
+    assert step == 2
+    assert working_size(pipe, (70, 51), None, None) == (70, 50)
     assert working_size(pipe, (100, 50), 64, None) == (64, 32)
     with pytest.raises(InputError, match="multiple of 2"):
         working_size(pipe, (100, 50), 63, 32)

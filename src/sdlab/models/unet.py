@@ -84,14 +84,16 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x, then a 3x3 convolution."""
+    """Nearest-neighbour 2x (or to `size`, the skip connection's, for odd latent sides), then a 3x3 conv."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 def _check_config(config: UNetConfig) -> None:
@@ -174,13 +176,16 @@ class UNetModel(nn.Module):
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
 
-    def _run(self, layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _run(self, layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+             upsample_size=None) -> torch.Tensor:
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in layers:
             if isinstance(layer, ResBlock):
                 h = checkpoint(layer, h, emb, use_reentrant=False) if recompute else layer(h, emb)
             elif isinstance(layer, SpatialTransformer):
                 h = checkpoint(layer, h, context, use_reentrant=False) if recompute else layer(h, context)
+            elif isinstance(layer, Upsample):
+                h = layer(h, upsample_size)
             else:
                 h = layer(h)
         return h
@@ -210,12 +215,6 @@ class UNetModel(nn.Module):
                 f"the UNet takes {config.in_channels} input channels but got {x.shape[1]}; inpainting models "
                 "need the mask and masked-image latents as `concat`, plain models none"
             )
-        factor = 2 ** (len(config.channel_mult) - 1)
-        if x.shape[-2] % factor or x.shape[-1] % factor:
-            raise InputError(
-                f"latent size {tuple(x.shape[-2:])} must be a multiple of {factor}; "
-                f"choose image sides that are multiples of {factor * 8} pixels"
-            )
         if context is None:
             raise InputError("the UNet needs text embeddings (context) of shape (B, L, context_dim)")
         if (y is None) != (config.num_classes is None):
@@ -237,5 +236,9 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            # Latent sides that are not multiples of 2^levels (image sides that are multiples of 8 but
+            # not of 64) halve with rounding up; upsampling then goes to the next skip's exact size,
+            # as diffusers does with `upsample_size`.
+            h = self._run(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)

@@ -71,8 +71,9 @@ class Pipeline:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides the UNet takes: each of its levels halves the latents (64 px for SD)."""
-        return self.latent_factor * 2 ** (len(self.config.unet.channel_mult) - 1)
+        """Image sides must be multiples of this: the VAE's factor (8 px for SD). The UNet takes any latent
+        size (its up path follows the skip connections' sizes, as diffusers' does)."""
+        return self.latent_factor
 
     @property
     def model_hash(self) -> Optional[str]:

@@ -14,7 +14,7 @@ from .images import RESIZE_MODES, load_image, resize_image, resize_mode_key, to_
 
 def working_size(pipe: Pipeline, image_size: tuple[int, int], width: Optional[int], height: Optional[int]):
     """(width, height) to generate at: as given; else the image's size, or the other side's scale when one
-    is given, rounded down to sides the UNet takes (64 px for SD; pipe.size_multiple)."""
+    is given, rounded down to sides the UNet takes (8 px for SD; pipe.size_multiple)."""
     factor = pipe.size_multiple
     w, h = image_size
     if width is None and height is None:

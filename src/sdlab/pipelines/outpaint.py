@@ -87,7 +87,7 @@ def outpaint(
 ) -> GenerationResult:
     """Extend `init_image` by `extend` px per side ({"left": 64, ...} or "left=64,bottom=64") and paint
     the new area for `prompt`. The result is the canvas rounded up to sides the UNet takes
-    (pipe.size_multiple: 64 px for SD) with the image at offset (left, top), unscaled. Other options
+    (pipe.size_multiple: 8 px for SD) with the image at offset (left, top), unscaled. Other options
     are inpaint's (fill, invert_mask, only_masked, ...) and txt2img's.
     """
     image = load_image(init_image, "init image")
