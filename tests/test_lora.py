@@ -456,7 +456,8 @@ def test_kohya_names_of_the_original_unet_layout_are_read_too(models, tmp_path):
     pipe, unet, text_encoder = models
     path = kohya_file(tmp_path / "style.safetensors", unet, text_encoder, text=False)
     diffusers_named = read_lora(path)
-    names = {path.replace(".", "_"): target.module.replace(".", "_") for path, target in unet_targets(pipe.unet).items()}
+    names = {path.replace(".", "_"): target.module.replace(".", "_")
+             for path, target in unet_targets(pipe.unet).items()}
     ldm_named = {}
     for key, value in diffusers_named.tensors.items():
         layer, _, part = key.removeprefix("lora_unet_").partition(".")
