@@ -44,6 +44,9 @@ def test_save_png_writes_parameters_chunk_atomically(tmp_path):
     with Image.open(path) as image:
         assert image.text["parameters"] == "a\nSteps: 1, Sampler: Euler, Seed: 3"
     assert sorted(os.listdir(tmp_path)) == ["out.png"]  # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
 
 
 def test_save_png_refuses_missing_folder_and_leaves_nothing(tmp_path):

@@ -69,6 +69,12 @@ def parse_infotext(text: str) -> dict:
     return result
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_png(image: Image.Image, path: str, infotext: str | None = None) -> None:
     """Write a PNG with its `parameters` chunk atomically: a temp file in the same folder, then rename."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -81,6 +87,7 @@ def save_png(image: Image.Image, path: str, infotext: str | None = None) -> None
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved image gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
