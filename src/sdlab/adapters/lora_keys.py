@@ -193,8 +193,8 @@ class LoraLayer:
     scale: float  # alpha / rank
 
 
-def _peft_alpha(metadata: dict, key: LayerKey, rank: int) -> Optional[float]:
-    """alpha / rank from diffusers' `lora_adapter_metadata` (PEFT LoraConfig fields per component)."""
+def _peft_scale(metadata: dict, key: LayerKey, rank: int) -> Optional[float]:
+    """lora_alpha / rank from diffusers' `lora_adapter_metadata` (PEFT LoraConfig fields per component)."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None
@@ -290,7 +290,7 @@ def match_layers(tensors: dict, metadata: dict, unet: nn.Module, text_encoder: n
         if "alpha" in group:
             scale = float(group["alpha"]) / rank
         else:
-            peft = _peft_alpha(metadata, LayerKey(component, path, "alpha", name), rank)
+            peft = _peft_scale(metadata, LayerKey(component, path, "alpha", name), rank)
             scale = 1.0 if peft is None else peft
         layers.append(LoraLayer(name, target, down, up, mid, scale))
     if not layers and not problems:
