@@ -12,6 +12,7 @@ the safetensors metadata (`sdlab_config`); it is used after checking that it agr
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Mapping, Optional
 
 import torch
@@ -22,6 +23,11 @@ from .convert import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX
 
 PREDICTIONS = ("epsilon", "v")
 METADATA_KEY = "sdlab_config"
+
+# The SD x4 upscaler (Stability's configs/stable-diffusion/x4-upscaling.yaml) keeps its latent scale as a
+# plain attribute, not a buffer, so its file does not say it; its training schedule is in `betas`.
+X4_SCALING_FACTOR = 0.08333
+X4_SCHEDULE = ScheduleConfig(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02)
 
 # The fields each part's tensor shapes determine; the metadata config must agree on all of them.
 SHAPE_FIELDS = {
@@ -74,16 +80,27 @@ def detect_config(
     _refuse_other_layouts(state_dict)
     kind = text_kind(state_dict)
     text = _text_config(state_dict, kind)
+    unet = _unet_config(state_dict, kind)
+    vae = _vae_config(state_dict, buffers.get("scale_factor"))
+    upscaler = is_x4_upscaler(unet, vae)
+    if upscaler and buffers.get("scale_factor") is None:
+        vae = replace(vae, scaling_factor=X4_SCALING_FACTOR)
     detected = ModelConfig(
-        unet=_unet_config(state_dict, kind),
-        vae=_vae_config(state_dict, buffers.get("scale_factor")),
+        unet=unet,
+        vae=vae,
         text=text,
-        schedule=_schedule(buffers.get("betas")),
+        schedule=_schedule(buffers.get("betas"), X4_SCHEDULE if upscaler else ScheduleConfig()),
     )
     if metadata and METADATA_KEY in metadata:
         config = _from_metadata(metadata[METADATA_KEY], detected)
         return config if prediction is None else config.replace(prediction=prediction)
     return with_family_defaults(detected, prediction)
+
+
+def is_x4_upscaler(unet: UNetConfig, vae: VAEConfig) -> bool:
+    """The x4 upscaler's shapes: a noise-level class embedding (label_emb), the 3-channel low-resolution
+    image stacked onto the latents (7 input channels), and a 3-level VAE (latents 1/4 of the image)."""
+    return unet.num_classes is not None and unet.in_channels == vae.z_channels + 3 and len(vae.ch_mult) == 3
 
 
 def check_prediction(prediction: Optional[str]) -> None:
@@ -244,15 +261,15 @@ def _text_config(state_dict: Mapping[str, torch.Tensor], kind: str) -> TextConfi
                       projection_dim=None if projection is None else projection[1])
 
 
-def _schedule(betas: Optional[torch.Tensor]) -> ScheduleConfig:
+def _schedule(betas: Optional[torch.Tensor], default: ScheduleConfig) -> ScheduleConfig:
     """The training schedule from ldm's `betas` buffer when it is SD's scaled-linear one
-    (sqrt(beta) linear in t, Rombach et al. 2022 app. E), else the default."""
+    (sqrt(beta) linear in t, Rombach et al. 2022 app. E), else the family's default."""
     if betas is None or betas.ndim != 1 or len(betas) < 2:
-        return ScheduleConfig()
+        return default
     betas = betas.double()
     roots = torch.linspace(betas[0].sqrt().item(), betas[-1].sqrt().item(), len(betas), dtype=torch.float64)
     if not torch.allclose(roots**2, betas, rtol=1e-2, atol=0):
-        return ScheduleConfig()
+        return default
     # 3 significant digits undo float32/float16 storage (0.00085 and 0.012 in every SD config)
     return ScheduleConfig(num_train_timesteps=len(betas), beta_start=float(f"{betas[0].item():.3g}"),
                           beta_end=float(f"{betas[-1].item():.3g}"))

@@ -12,6 +12,7 @@ the tensors become the parameters, with no second copy unless a dtype cast or de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,17 +24,18 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, VAEConfig
 from ..devices import default_dtype
 from ..errors import CheckpointError
 from ..models import build_text_encoder, build_unet, build_vae
 from . import convert
-from .detect import check_prediction, describe, detect_config, with_family_defaults
+from .detect import X4_SCALING_FACTOR, check_prediction, describe, detect_config, is_x4_upscaler, with_family_defaults
 from .io import read_state_dict
 
 StateDict = dict[str, torch.Tensor]
 
 PARTS = ("unet", "vae", "text_encoder")
+SD_SCALING_FACTOR = VAEConfig.scaling_factor
 
 
 @dataclass
@@ -258,6 +260,10 @@ def _read_diffusers_folder(folder: Path, prediction: Optional[str]) -> Checkpoin
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_path) if scheduler_path.is_file() else None
     config = convert.config_from_diffusers(configs["unet"], configs["vae"], configs["text_encoder"], scheduler)
+    if is_x4_upscaler(config.unet, config.vae) and configs["vae"].get("scaling_factor") in (None, SD_SCALING_FACTOR):
+        # early x4-upscaler folders leave SD's 0.18215 in the VAE config; diffusers' upscale pipeline
+        # overrides it with the model's 0.08333, and so do we
+        config = config.replace(vae=dataclasses.replace(config.vae, scaling_factor=X4_SCALING_FACTOR))
     if prediction is not None:
         config = config.replace(prediction=prediction)
     config = config.replace(name=with_family_defaults(config, config.prediction).name)
