@@ -105,3 +105,24 @@ def test_samplers_lists_web_ui_names_and_aliases():
     code, stdout, _ = run_cli("samplers")
     assert code == 0
     assert "DPM++ 2M Karras" in stdout and "dpmpp_2m_karras" in stdout and "euler_a" in stdout
+
+
+def test_embeddings_loras_and_prompt_editing_from_the_command_line(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    embedding = tmp_path / "sdlabstyle.safetensors"
+    save_file({"emb_params": torch.randn(2, 64)}, str(embedding))  # the demo text encoder is 64 wide
+    out = tmp_path / "emb.png"
+    assert main(["generate", "a sdlabstyle cat, [red:blue:0.5]", "--model", "demo", "--embedding", str(embedding),
+                 "--steps", "2", "--size", "32x32", "--seed", "1", "--quiet", "-o", str(out)]) == 0
+    text = Image.open(out).text["parameters"]
+    assert text.startswith("a sdlabstyle cat, [red:blue:0.5]\n")  # the prompt as written, editing syntax kept
+    assert 'TI hashes: "sdlabstyle: ' in text
+
+    code, _, stderr = run_cli("generate", "a cat <lora:missing:0.5>", "--model", "demo", "--steps", "2",
+                              "-o", str(tmp_path / "x.png"))
+    assert_one_line_error(code, stderr, "no LoRA file called 'missing'")
+    code, _, stderr = run_cli("generate", "a cat", "--model", "demo", "--lora", str(tmp_path / "nope.safetensors:0.7"),
+                              "-o", str(tmp_path / "y.png"))
+    assert_one_line_error(code, stderr, "not found")

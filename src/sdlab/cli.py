@@ -23,7 +23,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def add_generation_options(parser: argparse.ArgumentParser, default_size: str = "the model's") -> None:
     """Options shared by every command that runs the denoising loop."""
-    parser.add_argument("prompt", help="what the image should show; (word:1.3) emphasises, [word] de-emphasises")
+    parser.add_argument("prompt", help="what the image should show; (word:1.3) emphasises, [word] de-emphasises, "
+                        "[from:to:when] and [a|b] edit it across steps, <lora:name:0.8> applies a LoRA")
     parser.add_argument("-o", "--output", default="out.png", help="PNG to write (batches add -1, -2, ...)")
     parser.add_argument("--negative", default="", help="negative prompt: what the image should not show")
     parser.add_argument("--model", default=None, help="checkpoint file (.safetensors/.ckpt), diffusers folder, or 'demo'")
@@ -43,6 +44,14 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: detected)")
     parser.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fastest safe for the device)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--lora", action="append", default=[], type=_lora_option, metavar="FILE[:WEIGHT]",
+                        help="apply a LoRA (kohya/web UI or diffusers format); repeatable")
+    parser.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                        help="where <lora:name:w> prompt tags find their files (by name); repeatable")
+    parser.add_argument("--lora-mode", choices=("merge", "dynamic"), default="merge",
+                        help="merge LoRAs into the weights (fast) or apply them on the fly")
+    parser.add_argument("--embedding", action="append", default=[], metavar="FILE_OR_DIR",
+                        help="textual-inversion embedding(s) to use by name in prompts; repeatable")
 
 
 def add_init_options(parser: argparse.ArgumentParser, strength: float, resize: bool = True) -> None:
@@ -88,17 +97,28 @@ def progress_callback(total: int, quiet: bool, desc: str = "sampling "):
     return (lambda info: bar.update(1)), bar.close
 
 
+def _lora_option(text: str):
+    from .adapters import parse_lora_option
+
+    return parse_lora_option(text)
+
+
 def load_for(args):
     from . import load
+    from .adapters import load_embeddings
 
-    return load(args.model, prediction=args.prediction, device=args.device, dtype=args.dtype)
+    pipe = load(args.model, prediction=args.prediction, device=args.device, dtype=args.dtype)
+    if args.embedding:
+        load_embeddings(pipe.text_encoder, args.embedding)
+    return pipe
 
 
 def generation_kwargs(args) -> dict:
     """The `generate` options as keyword arguments of every pipeline."""
     width, height = args.size or (None, None)
     return dict(steps=args.steps, guidance_scale=args.cfg, seed=args.seed, width=width, height=height,
-                batch_size=args.batch, sampler=args.sampler, noise=args.noise, clip_skip=args.clip_skip, eta=args.eta)
+                batch_size=args.batch, sampler=args.sampler, noise=args.noise, clip_skip=args.clip_skip, eta=args.eta,
+                loras=args.lora, lora_dirs=args.lora_dir, lora_mode=args.lora_mode)
 
 
 def run_and_save(args, started: float, run, steps: int) -> int:

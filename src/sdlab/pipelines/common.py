@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from ..errors import InputError
 from ..infotext import format_infotext
 from ..noise import NOISE_MODES, noise_source
-from ..samplers import resolve_sampler, sample
+from ..samplers import resolve_sampler, sample, sampler_sigmas
 
 
 @dataclass
@@ -157,46 +157,37 @@ def as_list(value, batch_size: int, name: str) -> list[str]:
 
 
 @torch.no_grad()
-def encode_text(pipe: Pipeline, prompts: list[str], negative_prompts: list[str], clip_skip: int = 1):
-    """Text embeddings for prompts and negative prompts, padded to the same number of 77-token chunks."""
-    from ..prompts import encode_prompts
+def encode_text(pipe: Pipeline, prompts: list[str], negative_prompts: list[str], clip_skip: int = 1,
+                steps: Optional[int] = None):
+    """Text embeddings for prompts and negative prompts, padded to the same number of 77-token chunks.
+
+    Without `steps`: tensors (B, 77*n, D). With `steps`: ScheduledConditioning pairs that follow the
+    web UI's prompt-editing syntax (`[from:to:when]`, `[a|b]`) over that many denoising steps.
+    """
+    from ..prompts import encode_conditioning, encode_prompts
 
     if clip_skip < 1 or clip_skip >= pipe.config.text.layers:
         raise InputError(f"clip skip must be between 1 and {pipe.config.text.layers - 1}, got {clip_skip}")
+    if steps is not None:
+        cond, uncond = encode_conditioning(pipe.text_encoder, prompts, negative_prompts, steps, clip_skip)
+        return cond.to(pipe.dtype), uncond.to(pipe.dtype)
     embeddings = encode_prompts(pipe.text_encoder, list(negative_prompts) + list(prompts), clip_skip=clip_skip)
     uncond, cond = embeddings.chunk(2)
     return cond.to(pipe.dtype), uncond.to(pipe.dtype)  # (B, 77*n, D) each
 
 
-def make_denoiser(pipe: Pipeline, cond, uncond, guidance_scale: float, sampler=None, **extra):
+def make_denoiser(pipe: Pipeline, cond, uncond, guidance_scale: float, sampler=None, sigmas=None, **extra):
     """The sampler's `model(x, sigma) -> denoised`: UNet + prediction-type wrapper + CFG.
 
     `sampler` (a SamplerSpec) says whether the UNet's timestep is rounded, as diffusers does for
-    DPM++ 2M Karras; `extra` is conditioning both CFG halves share (`concat`, `y`)."""
+    DPM++ 2M Karras; `sigmas` (the schedule the sampler walks) let scheduled conditioning find the
+    step; `extra` is conditioning both CFG halves share (`concat`, `y`), which the UNet takes as is."""
     from ..denoisers import Denoiser
     from ..guidance import CFGDenoiser
 
-    denoiser = Denoiser(ConditionedUNet(pipe.unet), pipe.config.schedule, pipe.config.prediction,
-                         quantize=bool(sampler is not None and sampler.quantize))
-    return CFGDenoiser(denoiser, cond, uncond, guidance_scale, **extra)
-
-
-class ConditionedUNet(torch.nn.Module):
-    """The UNet called with a conditioning dict, as the denoisers pass it.
-
-    `crossattn` (B, L, D) goes to cross-attention; `concat` (B, C, h, w) is stacked onto the input
-    channels (inpainting: mask + masked-image latents; x4 upscaler: the low-res image); `y` (B,) is the
-    class label (the upscaler's noise level).
-    """
-
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, t, crossattn, concat=None, y=None):
-        if concat is not None:
-            x = torch.cat([x, concat.to(x.dtype)], dim=1)
-        return self.unet(x, t, crossattn, y=y)
+    denoiser = Denoiser(pipe.unet, pipe.config.schedule, pipe.config.prediction,
+                        quantize=bool(sampler is not None and sampler.quantize))
+    return CFGDenoiser(denoiser, cond, uncond, guidance_scale, sigmas=sigmas, **extra)
 
 
 @torch.no_grad()
@@ -451,6 +442,9 @@ def generate(
     strength: float = 1.0,
     prepare: Optional[Callable[[Run], Start]] = None,
     params: Optional[dict] = None,
+    loras=(),
+    lora_dirs=(),
+    lora_mode: str = "merge",
 ) -> GenerationResult:
     """The denoising run of every pipeline: check the settings, seed the noise, condition on the
     prompts, sample, decode, describe each image in the web UI's words.
@@ -458,8 +452,12 @@ def generate(
     The pipelines differ only in `prepare(run) -> Start` (init latents, extra UNet inputs, latent
     blending) and in `params`, their extra infotext fields. `strength` < 1 skips the first
     steps - int(steps * strength) steps, as diffusers' img2img does; with no step left the init
-    latents are decoded as they are. Other arguments: see txt2img.
+    latents are decoded as they are. `loras` ([file | (file, weight)]) and the prompts' `<lora:name:w>`
+    tags (files found by stem in `lora_dirs`) are applied before encoding, merged or on the fly
+    (`lora_mode` "merge" | "dynamic"). Other arguments: see txt2img.
     """
+    from ..adapters import apply_prompt_adapters
+
     width = width or pipe.config.resolution
     height = height or pipe.config.resolution
     check_size(width, height, pipe.latent_factor)
@@ -471,7 +469,9 @@ def generate(
         raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
     prompts = as_list(prompt, batch_size, "prompt")
     negatives = as_list(negative_prompt, batch_size, "negative prompt")
-    check_prompts(prompts, negatives)
+    clean, clean_negatives, adapter_fields = apply_prompt_adapters(
+        pipe, prompts, negatives, loras=loras, lora_search=lora_dirs, mode=lora_mode)
+    check_prompts(clean, clean_negatives)
     seed = check_seed(random_seed() if seed is None else seed)
 
     shape = (pipe.config.latent_channels, height // pipe.latent_factor, width // pipe.latent_factor)
@@ -497,8 +497,9 @@ def generate(
     if denoise_steps == 0:
         latents = start.init_latents.to(pipe.device)
     else:
-        cond, uncond = encode_text(pipe, prompts, negatives, clip_skip)
-        model = make_denoiser(pipe, cond, uncond, guidance_scale, sampler=spec, **conditioning)
+        cond, uncond = encode_text(pipe, clean, clean_negatives, clip_skip, steps=denoise_steps)
+        sigmas = sampler_sigmas(spec, pipe.config.schedule, steps)[run.start_step:]
+        model = make_denoiser(pipe, cond, uncond, guidance_scale, sampler=spec, sigmas=sigmas, **conditioning)
         if start.repaint_mask is not None:
             model = KeepOutsideMask(model, start.keep_latents.to(pipe.device, torch.float32),
                                     initial_noise.to(pipe.device), start.repaint_mask.to(pipe.device, torch.float32))
@@ -518,7 +519,7 @@ def generate(
         fields = generation_params(
             pipe, steps=steps, sampler=spec.name, guidance_scale=guidance_scale, seed=image_seed,
             width=width, height=height, noise=noise, clip_skip=clip_skip, batch_size=batch_size,
-            batch_pos=i, extra={**(params or {}), "Eta": eta},
+            batch_pos=i, extra={**(params or {}), **adapter_fields, "Eta": eta},
         )
         infotexts.append(format_infotext(prompts[i], negatives[i], fields))
     return GenerationResult(images, infotexts, seeds, latents)
