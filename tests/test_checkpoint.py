@@ -463,6 +463,16 @@ def test_narrow_model_round_trips_through_its_metadata(tmp_path):
     assert detect_config(tensors).unet.num_heads == 8  # what SD1's rules would have guessed
 
 
+def test_clip_text_encoder_with_a_projection_round_trips(tmp_path):
+    """sdlab's contrastively trained SD1-layout text encoders keep their `text_projection` head."""
+    projected = TINY_SD1.replace(name="projected", text=dataclasses.replace(TINY_SD1.text, projection_dim=32))
+    modules = random_modules(projected, seed=6)
+    path = save_single_file(tmp_path / "projected.safetensors", projected, *modules, dtype=torch.float32)
+    components = load_components(path)
+    assert components.config == projected
+    assert_modules_hold(components, projected, *modules)
+
+
 def test_metadata_that_contradicts_the_tensors_is_refused(tmp_path, sd1):
     path = save_single_file(tmp_path / "x.safetensors", TINY_SD1, *sd1)
     tensors, metadata = read_state_dict(path)

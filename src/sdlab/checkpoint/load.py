@@ -217,7 +217,8 @@ def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[StateDict,
             ema[convert.UNET_PREFIX + ema_key_to_unet_key(key[len(EMA_PREFIX):])] = value
         elif "." not in key or key.startswith(SCHEDULE_PREFIXES):
             buffers[key] = value
-        elif key.startswith(CLIP_TEXT_PREFIX) and not key.startswith(CLIP_TEXT_PREFIX + "text_model."):
+        elif key.startswith(CLIP_TEXT_PREFIX) and not key.startswith(
+                (CLIP_TEXT_PREFIX + "text_model.", CLIP_TEXT_PREFIX + "text_projection.")):
             # some SD1 merges saved CLIPTextTransformer itself, without the `text_model.` level
             weights[CLIP_TEXT_PREFIX + "text_model." + key[len(CLIP_TEXT_PREFIX):]] = value
         else:
