@@ -81,9 +81,9 @@ def factors(module, rank, generator):
     return down, up
 
 
-def kohya_file(path, unet, text_encoder, seed=0, rank=4, conv=True, text=True):
+def kohya_file(path, unet, text_encoder, seed=0, rank=4, conv=True, text=True, alpha=None):
     """lora_unet_<diffusers path with '_'> / lora_te_text_model_<...>, lora_down/lora_up/alpha (fp16 alpha,
-    as kohya's trainer stores it)."""
+    as kohya's trainer stores it); one `alpha` for every layer, as kohya writes, or varied per layer."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
     layers = [("lora_unet_" + n.replace(".", "_"), m) for n, m in unet_layers(unet, conv)]
@@ -92,7 +92,7 @@ def kohya_file(path, unet, text_encoder, seed=0, rank=4, conv=True, text=True):
     for i, (key, module) in enumerate(layers):
         down, up = factors(module, rank, generator)
         state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = down, up
-        state[f"{key}.alpha"] = torch.tensor(float(1 + i % rank), dtype=torch.float16)
+        state[f"{key}.alpha"] = torch.tensor(float(alpha or 1 + i % rank), dtype=torch.float16)
     save_file(state, str(path), metadata={"ss_network_module": "networks.lora"})
     return path
 
@@ -223,6 +223,20 @@ def test_peft_lora_matches_diffusers_layout(models, tmp_path, mode):
     apply_lora(pipe, path, mode=mode)
     peft_merge(path, metadata, special, unet, text_encoder)
     assert_matches(pipe, unet, text_encoder, base)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_kohya_lora_matches_diffusers_load_lora_weights(family, tmp_path, conv):
+    """The literal oracle: diffusers' own `load_lora_weights` (through PEFT) on the same file. One alpha for all
+    layers, as kohya's trainer writes: diffusers drops per-layer alphas it cannot pattern-match."""
+    name, folder, reference = family
+    reference = copy.deepcopy(reference)
+    pipe = sdlab.load(str(folder))
+    base = outputs(pipe)
+    path = kohya_file(tmp_path / "style.safetensors", reference.unet, reference.text_encoder, conv=conv, alpha=2.0)
+    apply_lora(pipe, path, 1.0)
+    reference.load_lora_weights(str(path))
+    assert_matches(pipe, reference.unet, reference.text_encoder, base)
 
 
 def test_text_encoder_and_unet_weights_apart(models, tmp_path):
