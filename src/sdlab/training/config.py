@@ -128,8 +128,8 @@ class InpaintOptions:
 class UpscaleOptions:
     """`sdlab train upscale`: the x4 upscaler's design, latents conditioned on the 4x smaller image."""
 
-    noise_levels: int = 350  # class labels of the low-res noise level (SD x4: max_noise_level 350)
-    max_noise_level: int = 350  # training draws levels in [0, max_noise_level)
+    noise_levels: int = 1000  # classes of the noise-level embedding (x4-upscaling.yaml: num_classes 1000)
+    max_noise_level: int = 350  # training draws levels in [0, max_noise_level] (x4-upscaling.yaml: 350)
     caption_dropout: float = 0.1
 
 
