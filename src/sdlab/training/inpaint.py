@@ -129,8 +129,9 @@ class InpaintTrainer(nn.Module):
             mask = random_mask(image.shape[-1], np.random.default_rng([self.config.seed, i, 3]),
                                dataclasses.replace(self.options, full_mask=0.0))
             source, mask_image = tensor_to_image(image), Image.fromarray((mask[0].numpy() * 255).astype(np.uint8))
+            # mask_blur 0: the sharp masks of training (the pipeline's default blur can erase a small one)
             result = pipe.inpaint(caption or "a picture", source, mask_image, steps=20, seed=self.config.seed,
-                                  width=image.shape[-1], height=image.shape[-2])
+                                  width=image.shape[-1], height=image.shape[-2], mask_blur=0)
             pictures += [source, mask_image.convert("RGB"), result.images[0]]
             labels += [caption, "mask", "inpainted"]
         image_grid(pictures, columns=3, labels=labels).save(Path(out_dir) / f"step-{step:06d}.png")

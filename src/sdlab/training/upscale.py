@@ -2,7 +2,7 @@
 (Stability's x4-upscaling.yaml; pipelines/upscale.py runs the result).
 
 The latents of the full-size image have the size of the low-resolution one: the training image
-downsampled by the VAE's factor (4 with the x4 upscaler's 3-level VAE, hence its name). The UNet sees
+downsampled by the VAE's factor, which must be 4 (the x4 upscaler's 3-level VAE; SD 1.x/2.x's VAE is 8x). The UNet sees
 that small image as 3 extra input channels beside the noisy latents (`concat`), after noise
 augmentation: it is noised to a random level t in [0, max_noise_level] of its own DDPM schedule
 (pipelines/upscale.LOW_RES_SCHEDULE), and t is the class label `y` of the UNet's noise-level embedding
@@ -34,6 +34,7 @@ from .lora import drop_captions, encode_latents, encode_text, load_base, noised_
 from .plots import image_grid, tensor_to_image
 
 IMAGE_CHANNELS = 3
+UPSCALE_FACTOR = 4  # pipelines/upscale.py's SCALE: output side / input side, which is the VAE's factor
 
 
 def upscaler_unet(base_unet: nn.Module, model: ModelConfig, options: UpscaleOptions) -> tuple[nn.Module, ModelConfig]:
@@ -123,5 +124,9 @@ def build(config: TrainConfig, device: torch.device) -> UpscaleTrainer:
     if not 0 <= options.caption_dropout <= 1:
         raise ConfigError(f"upscale.caption_dropout must be in [0, 1], got {options.caption_dropout}")
     base = load_base(config, "upscale")
+    factor = base.config.vae.downsample_factor
+    if factor != UPSCALE_FACTOR:
+        raise ConfigError(f"--base's VAE shrinks images {factor}x; the x4 upscaler's latents have the size of the 4x "
+                          "smaller input, so it needs a VAE with a factor of 4 (3 levels, like the SD x4 upscaler's)")
     unet, model = upscaler_unet(base.unet, base.config, options)
     return UpscaleTrainer(config, model, unet, base.vae, base.text_encoder).to(device)
