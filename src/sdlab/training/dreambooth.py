@@ -16,6 +16,7 @@ a full single-file model, OUT/last.safetensors.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -46,7 +47,7 @@ def generate_class_images(folder: Path, count: int, model_config: ModelConfig, u
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{i:04d}.png" for i in range(count)]
     missing = [i for i, path in enumerate(paths) if not path.exists()]
-    if missing:
+    if missing and int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 draws, the others wait
         distributed.note(f"generating {len(missing)} class images of {options.class_prompt!r} into {folder}")
         device = next(unet.parameters()).device
         pipe = Pipeline(model_config, unet, vae, text_encoder, device, torch.float32)
@@ -54,6 +55,7 @@ def generate_class_images(folder: Path, count: int, model_config: ModelConfig, u
             result = pipe.txt2img(options.class_prompt, steps=options.class_steps, guidance_scale=options.class_guidance,
                                   seed=seed + i, width=size, height=size, sampler=options.class_sampler)
             atomic_write(paths[i], lambda tmp: result.images[0].save(tmp, "PNG"))
+    distributed.barrier()
     return paths
 
 
