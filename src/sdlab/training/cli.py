@@ -4,6 +4,11 @@
     sdlab train text --data shapes --base runs/vae/last.safetensors --out runs/text
     sdlab train unet --data shapes --base runs/text/last.safetensors --out runs/unet
     torchrun --nproc_per_node 2 -m sdlab.training unet --config recipes/shapes-unet.toml
+    sdlab train lora --base model.safetensors --data photos/ --out runs/lora --set lora.rank=8
+    sdlab train textual-inversion --base model.safetensors --data photos/ --out runs/ti \
+        --set textual_inversion.token=my-cat --set textual_inversion.init_word=cat
+    sdlab train dreambooth --base model.safetensors --data dog/ --out runs/db --set "dreambooth.class_prompt=a dog"
+    sdlab train inpaint|upscale --base model.safetensors --data photos/ --out runs/inpaint
 
 Flags override the --config recipe; `--set section.key=value` reaches any other key.
 """
