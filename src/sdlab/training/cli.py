@@ -5,8 +5,7 @@
     sdlab train unet --data shapes --base runs/text/last.safetensors --out runs/unet
     torchrun --nproc_per_node 2 -m sdlab.training unet --config recipes/shapes-unet.toml
     sdlab train lora --base model.safetensors --data photos/ --out runs/lora --set lora.rank=8
-    sdlab train textual-inversion --base model.safetensors --data photos/ --out runs/ti \
-        --set textual_inversion.token=my-cat --set textual_inversion.init_word=cat
+    sdlab train textual-inversion --base model.safetensors --data cat/ --out runs/ti --set textual_inversion.token=my-cat
     sdlab train dreambooth --base model.safetensors --data dog/ --out runs/db --set "dreambooth.class_prompt=a dog"
     sdlab train inpaint|upscale --base model.safetensors --data photos/ --out runs/inpaint
 
