@@ -79,20 +79,15 @@ def noise_low_res(pixels: torch.Tensor, noise: torch.Tensor, noise_level: int) -
     return a.sqrt() * pixels + (1 - a).sqrt() * noise
 
 
-def low_res_pixels(pipe: Pipeline, image) -> torch.Tensor:
-    """(N, 3, h, w) in [-1, 1] from one image or a list (any PIL mode or file; converted to RGB)."""
+def low_res_pixels(image) -> torch.Tensor:
+    """(N, 3, h, w) in [-1, 1] from one image or a list (any PIL mode or file; converted to RGB). Any size:
+    the latents have the image's size, and the UNet takes any latent size."""
     images = [load_image(item, "image to upscale") for item in (image if isinstance(image, (list, tuple)) else [image])]
     if not images:
         raise InputError("no image to upscale")
     sizes = {im.size for im in images}
     if len(sizes) > 1:
         raise InputError(f"the images of one batch must have the same size, got {sorted(sizes)}")
-    width, height = images[0].size
-    multiple = 2 ** (len(pipe.config.unet.channel_mult) - 1)  # the latents have the image's size
-    if width % multiple or height % multiple:
-        fit = (max(multiple, width - width % multiple), max(multiple, height - height % multiple))
-        raise InputError(f"the image to upscale is {width}x{height}; its sides must be multiples of {multiple} "
-                         f"for this UNet: resize or crop it to {fit[0]}x{fit[1]}")
     return torch.cat([to_pixels(im) for im in images])
 
 
@@ -132,7 +127,7 @@ def upscale(
     """
     check_upscaler(pipe)
     noise_level = check_noise_level(noise_level)
-    pixels = low_res_pixels(pipe, image)
+    pixels = low_res_pixels(image)
     batch_size, _, height, width = pixels.shape
     seed = check_seed(random_seed() if seed is None else seed)
     tiled = with_tiled_vae(pipe, tiled_vae, width * SCALE, height * SCALE, batch_size)
