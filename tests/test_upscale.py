@@ -282,3 +282,29 @@ def test_a_size_that_cannot_be_decoded_whole_asks_for_the_tiled_vae_before_sampl
     whole = upscale(pipe, sample_image(*LOW_RES), "x", steps=2, seed=1, sampler="Euler", tiled_vae=False)
     difference = np.abs(np.asarray(tiled.images[0], dtype=int) - np.asarray(whole.images[0], dtype=int))
     assert difference.max() <= 1
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+
+def test_upscale_command_writes_a_png_four_times_larger_with_its_parameters(models, tmp_path, capsys):
+    import argparse
+
+    from sdlab.infotext import parse_infotext
+    from sdlab.pipelines.upscale_cli import add_upscale_command
+
+    _, _, folder = models
+    parser = argparse.ArgumentParser()
+    add_upscale_command(parser.add_subparsers())
+    sample_image(*LOW_RES).save(tmp_path / "low.png")
+    out = tmp_path / "big.png"
+    args = parser.parse_args(["upscale", "a red disc", "--image", str(tmp_path / "low.png"), "--model", str(folder),
+                              "--steps", "2", "--seed", "5", "--noise-level", "40", "-o", str(out), "--quiet"])
+    assert args.run(args) == 0
+    with Image.open(out) as written:
+        assert written.size == (96, 64)
+        fields = parse_infotext(written.info["parameters"])
+    assert (fields["CFG scale"], fields["Noise level"], fields["Seed"]) == ("9", "40", "5")
+    with pytest.raises(InputError, match="leave out --size and --batch"):
+        args = parser.parse_args(["upscale", "x", "--image", str(tmp_path / "low.png"), "--size", "64x64"])
+        args.run(args)

@@ -117,13 +117,15 @@ def upscale(
     eta: Optional[float] = None,
     callback: Optional[Callable[[dict], None]] = None,
     tiled_vae: Optional[bool] = None,
+    **options,
 ) -> GenerationResult:
     """Images 4 times larger than `image` (a PIL image, a file, or a list of them: one per batch item).
 
     noise_level: 0..350, how much the input is noised before the model sees it (diffusers' default 20).
     prompt: what the image shows (one text, or one per image); it guides the details the model adds.
     guidance_scale 9 is diffusers' default for this model. tiled_vae: decode in tiles (True), not
-    (False), or above a megapixel (None). Other options as txt2img; `latents` replace the initial noise.
+    (False), or above a megapixel (None). Other options as txt2img (`latents` replace the initial noise;
+    `options`: loras, lora_dirs, lora_mode).
     """
     check_upscaler(pipe)
     noise_level = check_noise_level(noise_level)
@@ -145,5 +147,5 @@ def upscale(
         tiled, prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
         width=width * SCALE, height=height * SCALE, batch_size=batch_size, sampler=sampler, noise=noise,
         latents=latents, clip_skip=clip_skip, eta=eta, callback=callback, prepare=prepare,
-        params={"Noise level": noise_level},
+        params={"Noise level": noise_level}, **options,
     )

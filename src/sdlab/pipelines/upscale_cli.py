@@ -1,0 +1,91 @@
+"""Command-line pieces for super-resolution: `sdlab upscale` and the hires-fix options of `sdlab generate`.
+
+cli.py hooks them in (inside build_parser, like the training commands):
+
+    from .pipelines.upscale_cli import add_hires_options, add_upscale_command
+    add_hires_options(generate)        # after add_generation_options(generate)
+    add_upscale_command(commands)
+
+and cmd_generate hands over when a hires scale is given: `if args.hires_scale: return cmd_hires(args)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..errors import InputError
+
+
+def add_tiled_vae_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tiled-vae", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode (and encode) in tiles: the same image in about half the memory; default: "
+                             "only above a megapixel or when the image would not fit")
+
+
+def add_hires_options(parser: argparse.ArgumentParser) -> None:
+    """The web UI's "Hires. fix" as options of `sdlab generate`."""
+    group = parser.add_argument_group("hires fix", "generate at --size, enlarge, then repaint part-way at the larger size")
+    group.add_argument("--hires-scale", type=float, default=None,
+                       help="enlarge by this factor (e.g. 2) and run the second pass; off when not given")
+    group.add_argument("--hires-strength", type=float, default=0.5,
+                       help="denoising strength of the second pass (default 0.5; below 0.5 the latent upscaler blurs)")
+    group.add_argument("--hires-steps", type=int, default=None, help="steps of the second pass (default: --steps)")
+    group.add_argument("--hires-upscaler", default="latent", choices=("latent", "latent-nearest-exact", "lanczos"),
+                       help="enlarge the latents (bilinear or nearest-exact) or the decoded pixels (lanczos)")
+    add_tiled_vae_option(parser)
+
+
+def _common_kwargs(args) -> dict:
+    return dict(steps=args.steps, guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler, noise=args.noise,
+                clip_skip=args.clip_skip, eta=args.eta, loras=args.lora, lora_dirs=args.lora_dir,
+                lora_mode=args.lora_mode)
+
+
+def cmd_hires(args) -> int:
+    """`sdlab generate ... --hires-scale S`: txt2img, then the hires pass; one progress bar for both."""
+    from ..cli import check_output, load_for, run_and_save
+    from .hires import hires_fix
+
+    check_output(args.output)
+    started = time.perf_counter()
+    hires_steps = args.steps if args.hires_steps is None else args.hires_steps
+    pipe = load_for(args)
+    width, height = args.size or (None, None)
+    return run_and_save(args, started, lambda step: hires_fix(
+        pipe, args.prompt, args.negative, hires_scale=args.hires_scale, hires_strength=args.hires_strength,
+        hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler, width=width, height=height,
+        batch_size=args.batch, tiled_vae=args.tiled_vae, callback=step, **_common_kwargs(args)), args.steps + hires_steps)
+
+
+def cmd_upscale(args) -> int:
+    from ..cli import check_output, load_for, run_and_save
+    from .images import load_image
+    from .upscale import upscale
+
+    check_output(args.output)
+    if args.size is not None or args.batch != 1:
+        raise InputError("upscale takes its size from the image (4 times larger) and one image per run; "
+                         "leave out --size and --batch")
+    started = time.perf_counter()
+    image = load_image(args.image, "image to upscale")  # bad input fails before the model loads
+    pipe = load_for(args)
+    return run_and_save(args, started, lambda step: upscale(
+        pipe, image, args.prompt, args.negative, noise_level=args.noise_level, tiled_vae=args.tiled_vae,
+        callback=step, **_common_kwargs(args)), args.steps)
+
+
+def add_upscale_command(commands) -> None:
+    """`sdlab upscale PROMPT --image low.png --model x4-upscaler-ema.safetensors -o big.png`."""
+    from ..cli import add_generation_options
+
+    parser = commands.add_parser("upscale", help="4x super-resolution with the SD x4 upscaler model",
+                                 description="4x super-resolution with the SD x4 upscaler model; --cfg defaults "
+                                             "to 9 here, diffusers' default for it")
+    add_generation_options(parser, default_size="4 times the image")
+    parser.add_argument("--image", required=True, help="the low-resolution image (PNG, JPEG, WebP)")
+    parser.add_argument("--noise-level", type=int, default=20,
+                        help="noise added to the image before upscaling, 0-350 (default 20): more repairs "
+                             "artefacts and invents more detail")
+    add_tiled_vae_option(parser)
+    parser.set_defaults(run=cmd_upscale, cfg=9.0)
