@@ -298,7 +298,7 @@ def test_upscale_command_writes_a_png_four_times_larger_with_its_parameters(mode
     add_upscale_command(parser.add_subparsers())
     sample_image(*LOW_RES).save(tmp_path / "low.png")
     out = tmp_path / "big.png"
-    args = parser.parse_args(["upscale", "a red disc", "--image", str(tmp_path / "low.png"), "--model", str(folder),
+    args = parser.parse_args(["upscale", str(tmp_path / "low.png"), "a red disc", "--model", str(folder),
                               "--steps", "2", "--seed", "5", "--noise-level", "40", "-o", str(out), "--quiet"])
     assert args.run(args) == 0
     with Image.open(out) as written:
@@ -306,5 +306,5 @@ def test_upscale_command_writes_a_png_four_times_larger_with_its_parameters(mode
         fields = parse_infotext(written.info["parameters"])
     assert (fields["CFG scale"], fields["Noise level"], fields["Seed"]) == ("9", "40", "5")
     with pytest.raises(InputError, match="leave out --size and --batch"):
-        args = parser.parse_args(["upscale", "x", "--image", str(tmp_path / "low.png"), "--size", "64x64"])
+        args = parser.parse_args(["upscale", str(tmp_path / "low.png"), "x", "--size", "64x64"])
         args.run(args)

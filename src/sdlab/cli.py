@@ -118,7 +118,8 @@ def generation_kwargs(args) -> dict:
     width, height = args.size or (None, None)
     return dict(steps=args.steps, guidance_scale=args.cfg, seed=args.seed, width=width, height=height,
                 batch_size=args.batch, sampler=args.sampler, noise=args.noise, clip_skip=args.clip_skip, eta=args.eta,
-                loras=args.lora, lora_dirs=args.lora_dir, lora_mode=args.lora_mode)
+                loras=args.lora, lora_dirs=args.lora_dir, lora_mode=args.lora_mode,
+                tiled_vae=getattr(args, "tiled_vae", None))
 
 
 def run_and_save(args, started: float, run, steps: int) -> int:
@@ -138,6 +139,10 @@ def run_and_save(args, started: float, run, steps: int) -> int:
 
 
 def cmd_generate(args) -> int:
+    if args.hires_scale:
+        from .pipelines.upscale_cli import cmd_hires
+
+        return cmd_hires(args)
     check_output(args.output)
     started = time.perf_counter()
     pipe = load_for(args)
@@ -277,7 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     samplers = commands.add_parser("samplers", help="list sampler names and aliases")
     samplers.set_defaults(run=cmd_samplers)
 
+    from .pipelines.upscale_cli import add_hires_options, add_upscale_command
     from .training.cli import add_train_command
+
+    add_hires_options(generate)
+    add_upscale_command(commands)
 
     add_train_command(commands)
     return parser

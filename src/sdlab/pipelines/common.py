@@ -5,6 +5,7 @@ txt2img, img2img, inpainting and upscaling are short functions over these pieces
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -44,6 +45,16 @@ class Pipeline:
     dtype: torch.dtype = torch.float32
     model_name: str = "model"
     model_path: Optional[str] = None
+
+    def upscale(self, image, prompt, negative_prompt: str = "", **kwargs) -> GenerationResult:
+        from .upscale import upscale
+
+        return upscale(self, image, prompt, negative_prompt, **kwargs)
+
+    def hires_fix(self, prompt, negative_prompt: str = "", **kwargs) -> GenerationResult:
+        from .hires import hires_fix
+
+        return hires_fix(self, prompt, negative_prompt, **kwargs)
 
     def txt2img(self, prompt, negative_prompt: str = "", **kwargs) -> GenerationResult:
         from .txt2img import txt2img
@@ -188,6 +199,17 @@ def make_denoiser(pipe: Pipeline, cond, uncond, guidance_scale: float, sampler=N
     denoiser = Denoiser(pipe.unet, pipe.config.schedule, pipe.config.prediction,
                         quantize=bool(sampler is not None and sampler.quantize))
     return CFGDenoiser(denoiser, cond, uncond, guidance_scale, sigmas=sigmas, **extra)
+
+
+def with_tiled_vae(pipe: Pipeline, tiled_vae: Optional[bool], width: int, height: int, batch_size: int) -> Pipeline:
+    """The pipeline with its VAE tiling as `tiled_vae` says (None: above a megapixel or when an untiled
+    pass would not fit). Checked now, so a size that cannot fit fails before sampling."""
+    from ..models.tiling import TiledVAE, wants_tiles
+
+    vae = pipe.vae.vae if isinstance(pipe.vae, TiledVAE) else pipe.vae
+    vae_dtype = next(vae.parameters()).dtype
+    tiled = wants_tiles(pipe.config.vae, height, width, batch_size, vae_dtype, pipe.device, tiled_vae)
+    return dataclasses.replace(pipe, vae=TiledVAE(vae, tiled))
 
 
 @torch.no_grad()
@@ -445,6 +467,7 @@ def generate(
     loras=(),
     lora_dirs=(),
     lora_mode: str = "merge",
+    tiled_vae: Optional[bool] = None,
 ) -> GenerationResult:
     """The denoising run of every pipeline: check the settings, seed the noise, condition on the
     prompts, sample, decode, describe each image in the web UI's words.
@@ -454,7 +477,8 @@ def generate(
     steps - int(steps * strength) steps, as diffusers' img2img does; with no step left the init
     latents are decoded as they are. `loras` ([file | (file, weight)]) and the prompts' `<lora:name:w>`
     tags (files found by stem in `lora_dirs`) are applied before encoding, merged or on the fly
-    (`lora_mode` "merge" | "dynamic"). Other arguments: see txt2img.
+    (`lora_mode` "merge" | "dynamic"). `tiled_vae`: decode/encode in tiles (None: when the image is
+    large or would not fit). Other arguments: see txt2img.
     """
     from ..adapters import apply_prompt_adapters
 
@@ -467,6 +491,7 @@ def generate(
     spec = resolve_sampler(sampler)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+    pipe = with_tiled_vae(pipe, tiled_vae, width, height, batch_size)
     prompts = as_list(prompt, batch_size, "prompt")
     negatives = as_list(negative_prompt, batch_size, "negative prompt")
     clean, clean_negatives, adapter_fields = apply_prompt_adapters(

@@ -20,7 +20,7 @@ from PIL import Image
 from ..errors import InputError
 from .common import GenerationResult, Pipeline, Run, Start, check_seed, check_steps, check_strength, generate, random_seed
 from .images import to_pixels
-from .upscale import with_tiled_vae
+from .common import with_tiled_vae
 
 # sdlab name -> (the web UI's "Hires upscaler" name, torch interpolation mode; None: in pixel space)
 HIRES_UPSCALERS = {

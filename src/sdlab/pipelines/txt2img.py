@@ -29,6 +29,7 @@ def txt2img(
     loras=(),
     lora_dirs=(),
     lora_mode: str = "merge",
+    tiled_vae: Optional[bool] = None,
 ) -> GenerationResult:
     """Generate `batch_size` images for `prompt` (a string, or one per image).
 
@@ -42,4 +43,5 @@ def txt2img(
         pipe, prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed, width=width,
         height=height, batch_size=batch_size, sampler=sampler, noise=noise, latents=latents, clip_skip=clip_skip,
         eta=eta, callback=callback, loras=loras, lora_dirs=lora_dirs, lora_mode=lora_mode,
+        tiled_vae=tiled_vae,
     )

@@ -11,7 +11,6 @@ random draws from diffusers' StableDiffusionUpscalePipeline (image noise first, 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -19,9 +18,8 @@ import torch
 from ..checkpoint.detect import X4_SCALING_FACTOR, X4_SCHEDULE
 from ..config import OPEN_CLIP_H, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
 from ..errors import InputError
-from ..models.tiling import TiledVAE, wants_tiles
 from ..schedules import alphas_cumprod
-from .common import GenerationResult, Pipeline, Run, Start, check_seed, generate, random_seed
+from .common import GenerationResult, Pipeline, Run, Start, check_seed, generate, random_seed, with_tiled_vae
 from .images import load_image, to_pixels
 
 # x4-upscaling.yaml: 1000 noise-level classes (only 0..350 trained), attention at 2x, 4x and 8x
@@ -89,14 +87,6 @@ def low_res_pixels(image) -> torch.Tensor:
     if len(sizes) > 1:
         raise InputError(f"the images of one batch must have the same size, got {sorted(sizes)}")
     return torch.cat([to_pixels(im) for im in images])
-
-
-def with_tiled_vae(pipe: Pipeline, tiled_vae: Optional[bool], width: int, height: int, batch_size: int) -> Pipeline:
-    """The pipeline with its VAE tiling as `tiled_vae` says (None: above AUTO_TILE_PIXELS or when an
-    untiled pass would not fit). Checked now, so a size that cannot fit fails before sampling."""
-    vae_dtype = next(pipe.vae.parameters()).dtype
-    tiled = wants_tiles(pipe.config.vae, height, width, batch_size, vae_dtype, pipe.device, tiled_vae)
-    return dataclasses.replace(pipe, vae=TiledVAE(pipe.vae, tiled))
 
 
 @torch.no_grad()

@@ -1,12 +1,6 @@
 """Command-line pieces for super-resolution: `sdlab upscale` and the hires-fix options of `sdlab generate`.
 
-cli.py hooks them in (inside build_parser, like the training commands):
-
-    from .pipelines.upscale_cli import add_hires_options, add_upscale_command
-    add_hires_options(generate)        # after add_generation_options(generate)
-    add_upscale_command(commands)
-
-and cmd_generate hands over when a hires scale is given: `if args.hires_scale: return cmd_hires(args)`.
+cli.py hooks them into its parser (build_parser) and hands `generate --hires-scale` to cmd_hires.
 """
 
 from __future__ import annotations
@@ -76,14 +70,14 @@ def cmd_upscale(args) -> int:
 
 
 def add_upscale_command(commands) -> None:
-    """`sdlab upscale PROMPT --image low.png --model x4-upscaler-ema.safetensors -o big.png`."""
+    """`sdlab upscale low.png PROMPT --model x4-upscaler-ema.safetensors -o big.png`."""
     from ..cli import add_generation_options
 
     parser = commands.add_parser("upscale", help="4x super-resolution with the SD x4 upscaler model",
                                  description="4x super-resolution with the SD x4 upscaler model; --cfg defaults "
                                              "to 9 here, diffusers' default for it")
+    parser.add_argument("image", help="the low-resolution image (PNG, JPEG, WebP)")
     add_generation_options(parser, default_size="4 times the image")
-    parser.add_argument("--image", required=True, help="the low-resolution image (PNG, JPEG, WebP)")
     parser.add_argument("--noise-level", type=int, default=20,
                         help="noise added to the image before upscaling, 0-350 (default 20): more repairs "
                              "artefacts and invents more detail")
