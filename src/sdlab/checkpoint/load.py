@@ -12,6 +12,7 @@ the tensors become the parameters, with no second copy unless a dtype cast or de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -108,7 +109,7 @@ def build_components(
     modules = {}
     for part, (builder, part_config, prefix) in builders.items():
         state_dict = getattr(checkpoint, part)
-        with torch.device("meta"):
+        with torch.device("meta"), _skip_init():
             module = builder(part_config)
         _check_keys(module, state_dict, prefix, config, checkpoint.source)
         for key, value in state_dict.items():
@@ -120,6 +121,25 @@ def build_components(
         modules[part] = module.eval()
     return Components(config, modules["unet"], modules["vae"], modules["text_encoder"],
                       checkpoint.schedule_buffers, checkpoint.ema, checkpoint.source)
+
+
+_INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_", "trunc_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """Build modules without running their random initialisers: the file supplies every value, and on
+    the meta device `normal_` and friends go through torch's reference decompositions, whose first use
+    imports torch._dynamo (about a second of start-up)."""
+    saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
+    for name in _INITIALISERS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 def _default_target(checkpoint: Checkpoint, device: torch.device) -> torch.dtype:
