@@ -126,3 +126,22 @@ def test_embeddings_loras_and_prompt_editing_from_the_command_line(tmp_path):
     code, _, stderr = run_cli("generate", "a cat", "--model", "demo", "--lora", str(tmp_path / "nope.safetensors:0.7"),
                               "-o", str(tmp_path / "y.png"))
     assert_one_line_error(code, stderr, "not found")
+
+
+def test_out_of_memory_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import sdlab.cli as cli
+
+    def exhausted(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 1099511627776 bytes")
+
+    monkeypatch.setattr(cli, "cmd_samplers", exhausted)
+    assert main(["samplers"]) == 1
+    assert capsys.readouterr().err.startswith("sdlab: error: out of memory; try a smaller --size")
+
+    def broken(args):
+        raise RuntimeError("a programming error, not the user's")
+
+    monkeypatch.setattr(cli, "cmd_samplers", broken)
+    with pytest.raises(RuntimeError, match="programming error"):
+        main(["samplers"])

@@ -302,9 +302,20 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("sdlab: interrupted", file=sys.stderr)
         return 130
-    except MemoryError:
-        print("sdlab: error: out of memory; try a smaller --size or --batch", file=sys.stderr)
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        print("sdlab: error: out of memory; try a smaller --size or --batch (training: a smaller --batch-size "
+              "with --grad-accum, or --grad-checkpointing)", file=sys.stderr)
         return 1
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, or torch's allocator failures (CUDA OOM and the CPU allocator's RuntimeError)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
 
 
 if __name__ == "__main__":
