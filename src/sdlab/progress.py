@@ -13,13 +13,14 @@ class ProgressBar:
         self.count = 0
         self.start = time.perf_counter()
         self.enabled = self.stream.isatty() if hasattr(self.stream, "isatty") else False
-        self._draw()
 
     def update(self, n: int = 1, **postfix) -> None:
         self.count = min(self.total, self.count + n)
         self._draw(postfix)
 
     def close(self) -> None:
+        if self.count == 0:  # nothing ran (e.g. the input was refused): leave no bar behind the error
+            return
         if self.enabled:
             self.stream.write("\n")
         else:  # logs and pipes get one summary line instead of carriage returns
