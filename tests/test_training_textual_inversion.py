@@ -1,4 +1,4 @@
-"""`sdlab train textual-inversion`: only the placeholder's vectors learn, the loss falls on a fixed batch,
+"""`sdlab train textual-inversion`: only the pseudo-word's vectors learn, the loss falls on a fixed batch,
 the frozen networks stay as they were, and the saved web UI files give the in-training conditioning
 through sdlab's embeddings adapter and through diffusers' load_textual_inversion."""
 

@@ -27,7 +27,7 @@ TRAINER_HELP = {
     "text": "the text encoder, contrastively against a small image tower (CLIP's loss)",
     "unet": "the denoising UNet on --base's frozen VAE and text encoder",
     "lora": "low-rank adapters on --base (kohya/web UI and diffusers LoRA files)",
-    "textual-inversion": "new token vectors for a placeholder word (web UI embedding file)",
+    "textual-inversion": "new token vectors for a new pseudo-word (web UI embedding file)",
     "dreambooth": "fine-tune --base on a few images of a subject, with prior preservation",
     "inpaint": "a 9-channel inpainting UNet grown from --base's UNet",
     "upscale": "an x4-upscaler-style UNet conditioned on the 4x smaller image",

@@ -88,12 +88,12 @@ class LoraOptions:
 
 @dataclass(frozen=True)
 class TextualInversionOptions:
-    """`sdlab train textual-inversion`: new token vectors for a placeholder word (Gal et al. 2022)."""
+    """`sdlab train textual-inversion`: new token vectors for a new pseudo-word (Gal et al. 2022)."""
 
-    token: str = "my-concept"  # the placeholder: the embedding's name, written in prompts
+    token: str = "my-concept"  # the pseudo-word: the embedding's name, written in prompts
     init_word: str = "object"  # the vectors start as this word's token embedding(s)
-    vectors: int = 1  # vectors per use of the placeholder
-    template: str = "a photo of {}"  # training prompt; {} is the placeholder ("{}" alone: the image's caption with the placeholder prepended)
+    vectors: int = 1  # vectors per use of the pseudo-word
+    template: str = "a photo of {}"  # training prompt; {} is the pseudo-word ("{}" alone: the image's caption with the pseudo-word prepended)
     validation_prompts: tuple[str, ...] = ()  # empty: the template
     validation_steps: int = 20
 

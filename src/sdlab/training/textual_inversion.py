@@ -1,14 +1,14 @@
 """`sdlab train textual-inversion`: a new word for a concept, learned as token vectors while every
 network stays frozen (Gal et al. 2022, "An Image is Worth One Word", section 3).
 
-The placeholder (`token`, e.g. "my-concept") stands for n vectors v_1..v_n in the text encoder's
+The pseudo-word (`token`, e.g. "my-concept") stands for n vectors v_1..v_n in the text encoder's
 token-embedding space, initialised from the embedding(s) of `init_word` (section 4.1: "a single-word
 coarse descriptor of the object"). Each training image is captioned by the template with the
-placeholder ("a photo of my-concept"); the loss is the UNet trainer's noise-prediction MSE, and its
+pseudo-word ("a photo of my-concept"); the loss is the UNet trainer's noise-prediction MSE, and its
 gradient reaches only the vectors, through the frozen UNet and text encoder.
 
 The vectors are registered with the embeddings adapter (adapters/embeddings.py) under the
-placeholder's name, so prompts are tokenized exactly as at generation time; the adapter's lookup
+pseudo-word's name, so prompts are tokenized exactly as at generation time; the adapter's lookup
 reads the trained parameter itself. Saved as web UI files: OUT/last.safetensors and
 OUT/<token>.safetensors ({"emb_params": (n, D)}; the web UI names an embedding by its file stem) and
 OUT/<token>.pt ({"string_to_param": {"*": (n, D)}, ...}, the original textual_inversion layout).
@@ -35,8 +35,8 @@ from .lora import encode_latents, load_base, noised_prediction_loss, validation_
 from .loop import atomic_write
 
 
-class PlaceholderVectors(nn.Module):
-    """The n learned vectors (n, D) of the placeholder: all that trains."""
+class PseudoWordVectors(nn.Module):
+    """The n learned vectors (n, D) of the pseudo-word: all that trains."""
 
     def __init__(self, vectors: torch.Tensor):
         super().__init__()
@@ -63,12 +63,12 @@ class TextualInversionTrainer(nn.Module):
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
-        self.model = PlaceholderVectors(initial_vectors(text_encoder, options.init_word, options.vectors))
+        self.model = PseudoWordVectors(initial_vectors(text_encoder, options.init_word, options.vectors))
         self.trained = nn.ModuleDict({"embedding": self.model})
         self.register_buffer("alphas_cumprod", alphas_cumprod(model.schedule), persistent=False)
 
     def attach(self) -> None:
-        """Register the placeholder with the adapter, its lookup reading the trained parameter (gradients
+        """Register the pseudo-word with the adapter, its lookup reading the trained parameter (gradients
         flow into it, and every optimizer step is seen at once)."""
         load_embeddings(self.text_encoder, Embedding(self.options.token, self.model.vectors.detach()))
         embedding_lookup(self.text_encoder).rows = self.model.vectors
@@ -84,13 +84,13 @@ class TextualInversionTrainer(nn.Module):
         return per_sample.mean(), {"norm": self.model.vectors.detach().norm(dim=-1).mean()}
 
     @torch.no_grad()
-    def validate(self, model: PlaceholderVectors, examples, step: int, out_dir: Path) -> None:
+    def validate(self, model: PseudoWordVectors, examples, step: int, out_dir: Path) -> None:
         prompts = list(self.options.validation_prompts) or self.prompts([caption for _, caption in examples[:2]])
         validation_grid(self.model_config, self.unet, self.vae, self.text_encoder, prompts,
                         self.config.resolution or self.resolution, self.options.validation_steps, self.config.seed,
                         Path(out_dir) / f"step-{step:06d}.png")
 
-    def save(self, out_dir: Path, model: PlaceholderVectors, data) -> Path:
+    def save(self, out_dir: Path, model: PseudoWordVectors, data) -> Path:
         token = self.options.token
         vectors = model.vectors.detach().float().cpu().contiguous()  # (n, D)
         metadata = {"sdlab_training": json.dumps(self.config.to_dict(), sort_keys=True, default=str)}
@@ -110,7 +110,7 @@ def build(config: TrainConfig, device: torch.device) -> TextualInversionTrainer:
     if options.vectors < 1:
         raise ConfigError(f"textual_inversion.vectors must be at least 1, got {options.vectors}")
     if "{}" not in options.template:
-        raise ConfigError(f"textual_inversion.template {options.template!r} must contain {{}} where the placeholder "
+        raise ConfigError(f"textual_inversion.template {options.template!r} must contain {{}} where the pseudo-word "
                           "goes, e.g. 'a photo of {}' or '{}, {caption}'")
     base = load_base(config, "textual-inversion")
     trainer = TextualInversionTrainer(config, base.config, base.unet, base.vae, base.text_encoder).to(device)
