@@ -293,14 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_reporting_errors(build_parser().parse_args(argv))
+
+
+def run_reporting_errors(args, interrupted: str = "sdlab: interrupted") -> int:
+    """Run a parsed command; user errors, Ctrl-C and running out of memory become one line and an exit code."""
     try:
         return args.run(args)
     except SdlabError as exc:
         print(f"sdlab: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("sdlab: interrupted", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as exc:
         if not is_out_of_memory(exc):

@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import SdlabError
 from .config import TRAINER_OPTIONS, load_config, parse_assignment
-
-EXIT_USER_ERROR = 2
 
 TRAINER_HELP = {
     "vae": "the KL autoencoder: reconstruction + KL (+ PatchGAN), then its latent scaling factor",
@@ -100,11 +97,6 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdlab.training", description="sdlab's training loop")
     add_train_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except SdlabError as exc:
-        print(f"sdlab: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("sdlab: interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)
-        return 130
+    from ..cli import run_reporting_errors
+
+    return run_reporting_errors(args, "sdlab: interrupted; the last checkpoint is intact, continue with --resume")
