@@ -25,12 +25,12 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..models import build_unet
-from ..schedules import alphas_cumprod
 from . import components
 from .config import InpaintOptions, TrainConfig
 from .data import Batch
 from .lora import drop_captions, encode_latents, encode_text, load_base, noised_prediction_loss
 from .plots import image_grid, tensor_to_image
+from .unet import hold_unet_training_parts
 
 EXTRA_CHANNELS = 5  # mask (1) + masked-image latents (4)
 
@@ -85,13 +85,7 @@ class InpaintTrainer(nn.Module):
 
     def __init__(self, config: TrainConfig, model: ModelConfig, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module):
         super().__init__()
-        self.config, self.options, self.model_config = config, config.options, model
-        self.resolution = model.resolution
-        self.model = unet
-        self.trained = nn.ModuleDict({"unet": unet})
-        self.vae = vae.eval().requires_grad_(False)
-        self.text_encoder = text_encoder.eval().requires_grad_(False)
-        self.register_buffer("alphas_cumprod", alphas_cumprod(model.schedule), persistent=False)
+        hold_unet_training_parts(self, config, model, unet, vae, text_encoder)
 
     def masks(self, batch: Batch) -> torch.Tensor:
         """(b, 1, H, W): sample n's mask from the generator (seed, n)."""

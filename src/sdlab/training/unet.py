@@ -29,19 +29,26 @@ from .data import Batch
 from .plots import image_grid
 
 
+def hold_unet_training_parts(trainer: nn.Module, config: TrainConfig, model: ModelConfig, unet: nn.Module,
+                             vae: nn.Module, text_encoder: nn.Module) -> None:
+    """What every UNet-training trainer holds: the UNet it trains (and EMA-tracks), the frozen VAE and
+    text encoder, and the schedule's alphas_cumprod."""
+    trainer.config, trainer.options, trainer.model_config = config, config.options, model
+    trainer.resolution = model.resolution
+    trainer.model = unet
+    trainer.trained = nn.ModuleDict({"unet": unet})
+    trainer.vae = vae.eval().requires_grad_(False)
+    trainer.text_encoder = text_encoder.eval().requires_grad_(False)
+    trainer.register_buffer("alphas_cumprod", alphas_cumprod(model.schedule), persistent=False)
+
+
 class UNetTrainer(nn.Module):
     default_ema_decay = 0.9999  # CompVis' LitEma for SD
 
     def __init__(self, config: TrainConfig, model: ModelConfig, unet: nn.Module, vae: nn.Module,
                  text_encoder: nn.Module):
         super().__init__()
-        self.config, self.options, self.model_config = config, config.options, model
-        self.resolution = model.resolution
-        self.model = unet
-        self.trained = nn.ModuleDict({"unet": unet})
-        self.vae = vae.eval().requires_grad_(False)
-        self.text_encoder = text_encoder.eval().requires_grad_(False)
-        self.register_buffer("alphas_cumprod", alphas_cumprod(model.schedule), persistent=False)
+        hold_unet_training_parts(self, config, model, unet, vae, text_encoder)
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], device: torch.device) -> torch.Tensor:

@@ -32,6 +32,7 @@ from .config import TrainConfig, UpscaleOptions
 from .data import Batch
 from .lora import drop_captions, encode_latents, encode_text, load_base, noised_prediction_loss
 from .plots import image_grid, tensor_to_image
+from .unet import hold_unet_training_parts
 
 IMAGE_CHANNELS = 3
 UPSCALE_FACTOR = 4  # pipelines/upscale.py's SCALE: output side / input side, which is the VAE's factor
@@ -68,13 +69,7 @@ class UpscaleTrainer(nn.Module):
 
     def __init__(self, config: TrainConfig, model: ModelConfig, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module):
         super().__init__()
-        self.config, self.options, self.model_config = config, config.options, model
-        self.resolution = model.resolution
-        self.model = unet
-        self.trained = nn.ModuleDict({"unet": unet})
-        self.vae = vae.eval().requires_grad_(False)
-        self.text_encoder = text_encoder.eval().requires_grad_(False)
-        self.register_buffer("alphas_cumprod", alphas_cumprod(model.schedule), persistent=False)
+        hold_unet_training_parts(self, config, model, unet, vae, text_encoder)
         self.register_buffer("low_res_alphas_cumprod", alphas_cumprod(LOW_RES_SCHEDULE), persistent=False)
 
     def conditioning(self, images: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
