@@ -473,6 +473,42 @@ def test_clip_text_encoder_with_a_projection_round_trips(tmp_path):
     assert_modules_hold(components, projected, *modules)
 
 
+def test_narrow_norm_groups_round_trip_through_a_single_file_and_a_diffusers_folder(tmp_path):
+    grouped = TINY_SD1.replace(name="grouped", unet=dataclasses.replace(TINY_SD1.unet, norm_groups=16),
+                               vae=dataclasses.replace(TINY_SD1.vae, norm_groups=8))
+    modules = random_modules(grouped, seed=7)
+    path = save_single_file(tmp_path / "grouped.safetensors", grouped, *modules, dtype=torch.float32)
+    components = load_components(path)
+    assert components.config == grouped
+    assert components.unet.out[0].num_groups == 16 and components.vae.decoder.norm_out.num_groups == 8
+    configs = convert.diffusers_configs(grouped)
+    assert configs["unet/config.json"]["norm_num_groups"] == 16 and configs["vae/config.json"]["norm_num_groups"] == 8
+    back = convert.config_from_diffusers(configs["unet/config.json"], configs["vae/config.json"],
+                                         configs["text_encoder/config.json"])
+    assert back.unet.norm_groups == 16 and back.vae.norm_groups == 8
+
+
+def test_a_unet_only_file_takes_vae_and_text_encoder_from_the_file_it_names(tmp_path, sd1):
+    """How the bundled inpainting and upscaling models share the base model's VAE and text encoder."""
+    unet, vae, text = sd1
+    base = save_single_file(tmp_path / "base.safetensors", TINY_SD1, *sd1, dtype=torch.float32)
+    inpainting = TINY_SD1.replace(name="inpainting", unet=dataclasses.replace(TINY_SD1.unet, in_channels=9))
+    inpaint_unet = random_modules(inpainting, seed=8)[0]
+    path = save_single_file(tmp_path / "inpainting.safetensors", inpainting, inpaint_unet, vae, text,
+                            dtype=torch.float32, shared_parts="base.safetensors")
+    tensors, metadata = read_state_dict(path)
+    assert tensors and all(key.startswith("model.diffusion_model.") for key in tensors)
+    assert metadata["sdlab_shared_parts"] == "base.safetensors"
+    components = load_components(path)
+    assert components.config == inpainting
+    assert_modules_hold(components, inpainting, inpaint_unet, vae, text)
+    base.unlink()
+    with pytest.raises(CheckpointError, match="takes its VAE and text encoder from base.safetensors"):
+        load_components(path)
+    with pytest.raises(CheckpointError, match="file name in the same folder"):
+        save_single_file(tmp_path / "x.safetensors", TINY_SD1, *sd1, shared_parts="../base.safetensors")
+
+
 def test_metadata_that_contradicts_the_tensors_is_refused(tmp_path, sd1):
     path = save_single_file(tmp_path / "x.safetensors", TINY_SD1, *sd1)
     tensors, metadata = read_state_dict(path)

@@ -82,6 +82,7 @@ def diffusers_twin(unet: UNetModel) -> UNet2DConditionModel:
     """diffusers' model holding the same tensors, through diffusers' conversion of the ldm keys."""
     checkpoint = {"model.diffusion_model." + key: value for key, value in unet.state_dict().items()}
     config = create_unet_diffusers_config_from_ldm(ldm_original_config(unet.config), checkpoint)
+    config["norm_num_groups"] = unet.config.norm_groups  # ldm's yaml cannot say it; diffusers' config can
     converted = convert_ldm_unet_checkpoint(checkpoint, config)
     # every one of our tensors lands on exactly one diffusers key (with strict loading: a bijection)
     assert len({id(tensor) for tensor in converted.values()}) == len(checkpoint)
@@ -110,6 +111,7 @@ CASES = {
     "non-square": (TINY_SD1, {"height": 8, "width": 16}),
     "inpainting": (replace(TINY_SD1, in_channels=9), {}),
     "upscaler": (TINY_UPSCALER, {"height": 16, "width": 8}),
+    "16-groups": (replace(TINY_SD1, norm_groups=16), {}),
 }
 
 

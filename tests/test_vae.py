@@ -17,6 +17,7 @@ SD_VAE = VAEConfig()  # ch 128, ch_mult (1, 2, 4, 4), 2 ResBlocks per level, 4 l
 TINY_CONFIGS = [
     VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
     VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2),
+    VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8),  # the bundled model's narrow norms
 ]
 TOLERANCE = 1e-4  # relative error, max|a - b| / max|b|, in float32
 
@@ -49,6 +50,7 @@ def diffusers_twin(vae: AutoencoderKL) -> DiffusersAutoencoderKL:
         }}},
     }}}
     config = create_vae_diffusers_config_from_ldm(ldm_config, checkpoint)
+    config["norm_num_groups"] = c.norm_groups  # ldm's yaml cannot say it; diffusers' config can
     reference = DiffusersAutoencoderKL(**config).eval()
     reference.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, config), strict=True)
     return reference
@@ -73,7 +75,7 @@ def compare_with_diffusers(config: VAEConfig, height: int, width: int) -> None:
     assert relative_error(decoded, expected_decoded) <= TOLERANCE
 
 
-@pytest.mark.parametrize("config", TINY_CONFIGS, ids=["2-levels", "3-levels"])
+@pytest.mark.parametrize("config", TINY_CONFIGS, ids=["2-levels", "3-levels", "8-groups"])
 def test_tiny_vae_matches_diffusers_on_a_non_square_image(config):
     compare_with_diffusers(config, height=24, width=40)
 

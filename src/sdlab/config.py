@@ -31,6 +31,7 @@ class UNetConfig:
     use_linear_projection: bool = False  # SD2: proj_in/proj_out are Linear, SD1: 1x1 Conv2d
     num_classes: Optional[int] = None  # x4 upscaler: noise-level class embedding (label_emb)
     disable_self_attention: tuple[bool, ...] = ()  # per level; x4 upscaler: cross-attention only at levels 0-2
+    norm_groups: int = 32  # GroupNorm groups of every norm (SD: 32); each level's width must be a multiple
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(heads, head_dim) for a transformer of the given width, by SD's rules."""
@@ -48,6 +49,7 @@ class VAEConfig:
     num_res_blocks: int = 2
     z_channels: int = 4  # latent channels
     scaling_factor: float = 0.18215  # latents are multiplied by this before the UNet sees them
+    norm_groups: int = 32  # GroupNorm groups of every norm (SD: 32); ch * each ch_mult must be a multiple
 
     @property
     def downsample_factor(self) -> int:

@@ -400,7 +400,7 @@ def diffusers_configs(config: ModelConfig) -> dict[str, dict]:
             # SD 2.x v-models were trained with attention softmax in fp32 (diffusers' stable-diffusion-2)
             "upcast_attention": config.text.kind == "open_clip" and config.prediction == "v",
             "act_fn": "silu",
-            "norm_num_groups": 32,
+            "norm_num_groups": unet.norm_groups,
             "norm_eps": 1e-5,
             "flip_sin_to_cos": True,
             "freq_shift": 0,
@@ -415,7 +415,7 @@ def diffusers_configs(config: ModelConfig) -> dict[str, dict]:
             "layers_per_block": vae.num_res_blocks,
             "latent_channels": vae.z_channels,
             "act_fn": "silu",
-            "norm_num_groups": 32,
+            "norm_num_groups": vae.norm_groups,
             "sample_size": config.resolution,
             "scaling_factor": vae.scaling_factor,
         },
@@ -499,6 +499,7 @@ def config_from_diffusers(
         use_linear_projection=bool(unet.get("use_linear_projection", False)),
         num_classes=unet.get("num_class_embeds"),
         disable_self_attention=disable_self,
+        norm_groups=unet.get("norm_num_groups", 32),
     )
     vae_widths = list(vae["block_out_channels"])
     vae_config = VAEConfig(
@@ -509,6 +510,7 @@ def config_from_diffusers(
         num_res_blocks=vae.get("layers_per_block", 2),
         z_channels=vae.get("latent_channels", 4),
         scaling_factor=vae.get("scaling_factor", VAEConfig.scaling_factor),
+        norm_groups=vae.get("norm_num_groups", 32),
     )
     # OpenCLIP ViT-H (SD2) uses exact GELU; OpenAI CLIP ViT-L (SD1) quick_gelu.
     open_clip = text.get("hidden_act") == "gelu"

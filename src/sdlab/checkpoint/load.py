@@ -32,6 +32,7 @@ from ..models import build_text_encoder, build_unet, build_vae
 from . import convert
 from .detect import X4_SCALING_FACTOR, check_prediction, describe, detect_config, is_x4_upscaler, with_family_defaults
 from .io import read_state_dict
+from .save import SHARED_PARTS_KEY
 
 StateDict = dict[str, torch.Tensor]
 
@@ -88,10 +89,29 @@ def read_checkpoint(path: str | os.PathLike, prediction: Optional[str] = None) -
     if path.is_dir():
         return _read_diffusers_folder(path, prediction)
     state_dict, metadata = read_state_dict(path)
+    state_dict = _with_shared_parts(path, state_dict, metadata)
     state_dict, buffers, ema = clean_state_dict(state_dict)
     config = detect_config(state_dict, metadata, prediction, buffers)
     parts = convert.split_original(state_dict, config)
     return Checkpoint(config, parts["unet"], parts["vae"], parts["text_encoder"], buffers, ema, str(path))
+
+
+def _with_shared_parts(path: Path, state_dict: dict, metadata: Optional[Mapping[str, str]]) -> dict:
+    """A file written with `save_single_file(shared_parts=NAME)` holds only its UNet: its VAE and text
+    encoder are those of the single file NAME beside it, added here under their original keys."""
+    name = (metadata or {}).get(SHARED_PARTS_KEY)
+    if name is None:
+        return state_dict
+    if os.path.basename(name) != name:
+        raise CheckpointError(f"{path}: its {SHARED_PARTS_KEY} metadata must name a file in the same folder, got {name!r}")
+    other = path.parent / name
+    if not other.is_file():
+        raise CheckpointError(f"{path.name} takes its VAE and text encoder from {name}, which is not in {path.parent}")
+    shared, _ = read_state_dict(other)
+    prefixes = (convert.VAE_PREFIX, *convert.TEXT_PREFIXES.values())
+    merged = {key: value for key, value in shared.items() if key.startswith(prefixes)}
+    merged.update(state_dict)
+    return merged
 
 
 def build_components(

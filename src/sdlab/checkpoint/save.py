@@ -19,10 +19,11 @@ from torch import nn
 
 from ..config import ModelConfig, to_json
 from ..errors import CheckpointError
-from .convert import join_original
+from .convert import UNET_PREFIX, join_original
 from .detect import METADATA_KEY
 
-RESERVED_METADATA = ("format", METADATA_KEY)
+SHARED_PARTS_KEY = "sdlab_shared_parts"
+RESERVED_METADATA = ("format", METADATA_KEY, SHARED_PARTS_KEY)
 
 
 def save_single_file(
@@ -33,8 +34,14 @@ def save_single_file(
     text_encoder: nn.Module,
     dtype: Optional[torch.dtype] = None,
     extra_metadata: Optional[Mapping[str, str]] = None,
+    shared_parts: Optional[str] = None,
 ) -> Path:
     """Write the three networks to `path` (.safetensors), floating-point weights cast to `dtype` if given.
+
+    `shared_parts`: the name of a single file in the same folder whose VAE and text encoder this model
+    uses as they are (as an inpainting or upscaling model of one family shares them, like the
+    components of a diffusers folder): only the UNet is written, and the loader takes the other two
+    parts from that file. `vae` and `text_encoder` must then be that file's.
 
     The file appears complete or not at all: it is written to `path + ".tmp"` beside it and renamed
     over `path` (atomic on POSIX and Windows), and the temporary file is removed on any error.
@@ -45,6 +52,10 @@ def save_single_file(
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot save {path}: the folder {path.parent} does not exist")
     metadata = {"format": "pt", METADATA_KEY: to_json(config)}
+    if shared_parts is not None:
+        if os.path.basename(shared_parts) != shared_parts or not shared_parts.endswith(".safetensors"):
+            raise CheckpointError(f"shared_parts must be a .safetensors file name in the same folder, got {shared_parts!r}")
+        metadata[SHARED_PARTS_KEY] = shared_parts
     for key, value in (extra_metadata or {}).items():
         if key in RESERVED_METADATA or not isinstance(key, str) or not isinstance(value, str):
             raise CheckpointError(
@@ -52,6 +63,8 @@ def save_single_file(
             )
         metadata[key] = value
     state = join_original(config, unet.state_dict(), vae.state_dict(), text_encoder.state_dict())
+    if shared_parts is not None:
+        state = {key: tensor for key, tensor in state.items() if key.startswith(UNET_PREFIX)}
     for key, tensor in state.items():
         if tensor.is_meta:
             raise CheckpointError(f"cannot save {path}: {key} has no data (a module left on the meta device)")

@@ -107,12 +107,12 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int,
-                 use_linear_projection: bool = False, disable_self_attention: bool = False):
+                 use_linear_projection: bool = False, disable_self_attention: bool = False, groups: int = 32):
         super().__init__()
         inner = heads * head_dim
         self.use_linear_projection = use_linear_projection
         # eps 1e-6 here (ldm attention.Normalize), unlike the ResBlocks' 1e-5
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         if use_linear_projection:
             self.proj_in = nn.Linear(channels, inner)
             self.proj_out = nn.Linear(inner, channels)

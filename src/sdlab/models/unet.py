@@ -43,20 +43,20 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-5)
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-5)
 
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, the timestep embedding added in between (Ho et al. 2020, app. B)."""
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int = 32):
         super().__init__()
-        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(channels, groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         # slot 2 is ldm's dropout (p = 0 for SD)
         self.out_layers = nn.Sequential(
-            group_norm(out_channels), nn.SiLU(), nn.Identity(), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            group_norm(out_channels, groups), nn.SiLU(), nn.Identity(), nn.Conv2d(out_channels, out_channels, 3, padding=1)
         )
         # ldm starts every residual branch at zero so a fresh block is the identity
         nn.init.zeros_(self.out_layers[3].weight)
@@ -102,8 +102,9 @@ def _check_config(config: UNetConfig) -> None:
         raise ConfigError("UNetConfig needs num_res_blocks >= 1 and at least one channel_mult entry")
     for level, mult in enumerate(config.channel_mult):
         width = config.model_channels * mult
-        if width % 32:
-            raise ConfigError(f"UNet level {level} is {width} channels wide; GroupNorm(32) needs a multiple of 32")
+        if width % config.norm_groups:
+            raise ConfigError(f"UNet level {level} is {width} channels wide; GroupNorm({config.norm_groups}) "
+                              f"needs a multiple of {config.norm_groups}")
         heads, head_dim = config.heads_at(width)
         if heads * head_dim != width:
             raise ConfigError(
@@ -130,12 +131,13 @@ class UNetModel(nn.Module):
         self.gradient_checkpointing = False
         mc = config.model_channels
         emb_channels = mc * 4
+        groups = config.norm_groups
         self_attention_off = config.disable_self_attention or (False,) * len(config.channel_mult)
 
         def transformer(channels: int, disable_self_attention: bool = False) -> SpatialTransformer:
             heads, head_dim = config.heads_at(channels)
             return SpatialTransformer(channels, heads, head_dim, config.transformer_depth, config.context_dim,
-                                      config.use_linear_projection, disable_self_attention)
+                                      config.use_linear_projection, disable_self_attention, config.norm_groups)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
         if config.num_classes is not None:
@@ -147,7 +149,7 @@ class UNetModel(nn.Module):
         last = len(config.channel_mult) - 1
         for level, mult in enumerate(config.channel_mult):
             for _ in range(config.num_res_blocks):
-                layers = [ResBlock(ch, emb_channels, mc * mult)]
+                layers = [ResBlock(ch, emb_channels, mc * mult, groups)]
                 ch = mc * mult
                 if level in config.attention_levels:
                     layers.append(transformer(ch, self_attention_off[level]))
@@ -158,13 +160,13 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
 
         self.middle_block = nn.ModuleList(
-            [ResBlock(ch, emb_channels, ch), transformer(ch), ResBlock(ch, emb_channels, ch)]
+            [ResBlock(ch, emb_channels, ch, groups), transformer(ch), ResBlock(ch, emb_channels, ch, groups)]
         )
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.channel_mult))):
             for i in range(config.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_channels, mc * mult)]
+                layers = [ResBlock(ch + skip_channels.pop(), emb_channels, mc * mult, groups)]
                 ch = mc * mult
                 if level in config.attention_levels:
                     layers.append(transformer(ch, self_attention_off[level]))
@@ -172,7 +174,7 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(nn.ModuleList(layers))
 
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
 

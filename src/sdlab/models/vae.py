@@ -18,26 +18,28 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import VAEConfig
+from ..errors import ConfigError
 
-# ldm: every norm in the autoencoder is GroupNorm(32 groups, eps 1e-6, affine).
-GROUPS = 32
+# ldm: every norm in the autoencoder is GroupNorm(32 groups, eps 1e-6, affine); VAEConfig.norm_groups
+# lets a narrow autoencoder keep several channels per group (with one, GroupNorm is InstanceNorm and
+# every layer forgets each channel's image-wide level: the colour of a flat background).
 EPS = 1e-6
 # ldm's DiagonalGaussianDistribution clamps log-variances to keep exp() finite.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(GROUPS, channels, eps=EPS, affine=True)
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=EPS, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """norm-swish-conv twice plus a skip; a 1x1 `nin_shortcut` when the width changes."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # Identity has no parameters, so it adds no checkpoint keys.
         if in_channels != out_channels:
@@ -54,9 +56,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all h*w positions, projections as 1x1 convs (ldm layout)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -98,17 +100,17 @@ def _run(module: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tens
     return module(x)
 
 
-def _res_blocks(in_channels: int, out_channels: int, count: int) -> nn.ModuleList:
+def _res_blocks(in_channels: int, out_channels: int, count: int, groups: int) -> nn.ModuleList:
     widths = [in_channels] + [out_channels] * count
-    return nn.ModuleList(ResnetBlock(widths[j], widths[j + 1]) for j in range(count))
+    return nn.ModuleList(ResnetBlock(widths[j], widths[j + 1], groups) for j in range(count))
 
 
 class DownLevel(nn.Module):
     """`encoder.down.I`: ResBlocks at one resolution, then a stride-2 conv (not after the last)."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, downsample: bool):
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, downsample: bool, groups: int):
         super().__init__()
-        self.block = _res_blocks(in_channels, out_channels, num_blocks)
+        self.block = _res_blocks(in_channels, out_channels, num_blocks, groups)
         self.downsample = Downsample(out_channels) if downsample else nn.Identity()
 
     def forward(self, h: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
@@ -120,9 +122,9 @@ class DownLevel(nn.Module):
 class UpLevel(nn.Module):
     """`decoder.up.I`: ResBlocks at one resolution, then 2x upsampling (not after level 0)."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, upsample: bool):
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, upsample: bool, groups: int):
         super().__init__()
-        self.block = _res_blocks(in_channels, out_channels, num_blocks)
+        self.block = _res_blocks(in_channels, out_channels, num_blocks, groups)
         self.upsample = Upsample(out_channels) if upsample else nn.Identity()
 
     def forward(self, h: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
@@ -132,11 +134,11 @@ class UpLevel(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, h: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
         for module in (self.block_1, self.attn_1, self.block_2):
@@ -153,12 +155,12 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
         in_mult = (1,) + tuple(mult)
         self.down = nn.ModuleList(
-            DownLevel(ch * in_mult[i], ch * mult[i], config.num_res_blocks, downsample=i != levels - 1)
+            DownLevel(ch * in_mult[i], ch * mult[i], config.num_res_blocks, i != levels - 1, config.norm_groups)
             for i in range(levels)
         )
         width = ch * mult[-1]
-        self.mid = MidBlock(width)
-        self.norm_out = group_norm(width)
+        self.mid = MidBlock(width, config.norm_groups)
+        self.norm_out = group_norm(width, config.norm_groups)
         self.conv_out = nn.Conv2d(width, 2 * config.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
@@ -181,13 +183,13 @@ class Decoder(nn.Module):
         ch, mult, levels = config.ch, config.ch_mult, len(config.ch_mult)
         width = ch * mult[-1]
         self.conv_in = nn.Conv2d(config.z_channels, width, 3, padding=1)
-        self.mid = MidBlock(width)
+        self.mid = MidBlock(width, config.norm_groups)
         in_widths = [ch * mult[i + 1] if i < levels - 1 else width for i in range(levels)]
         self.up = nn.ModuleList(
-            UpLevel(in_widths[i], ch * mult[i], config.num_res_blocks + 1, upsample=i != 0)
+            UpLevel(in_widths[i], ch * mult[i], config.num_res_blocks + 1, i != 0, config.norm_groups)
             for i in range(levels)
         )
-        self.norm_out = group_norm(ch * mult[0])
+        self.norm_out = group_norm(ch * mult[0], config.norm_groups)
         self.conv_out = nn.Conv2d(ch * mult[0], config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
@@ -227,6 +229,9 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, config: VAEConfig):
         super().__init__()
+        for width in sorted({config.ch * m for m in config.ch_mult}):
+            if width % config.norm_groups:
+                raise ConfigError(f"VAE width {width} is not a multiple of norm_groups {config.norm_groups}")
         self.config = config
         self.gradient_checkpointing = False  # recompute ResBlocks/attention in backward (training)
         self.encoder = Encoder(config)
