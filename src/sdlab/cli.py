@@ -282,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     samplers = commands.add_parser("samplers", help="list sampler names and aliases")
     samplers.set_defaults(run=cmd_samplers)
 
+    from .eval.cli import add_eval_command
     from .pipelines.upscale_cli import add_hires_options, add_upscale_command
     from .training.cli import add_train_command
 
@@ -289,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_upscale_command(commands)
 
     add_train_command(commands)
+    add_eval_command(commands)
     return parser
 
 

@@ -1,0 +1,121 @@
+"""`sdlab eval shapes`: generate a fixed, seeded set of `shapes` captions and judge the images from pixels.
+
+Each caption is tagged single / relation / held_out (sdlab.data.shapes.evaluation_captions); with
+`paraphrase` every caption is also asked a second time in other words (synonyms, reordered phrases,
+relations stated the other way round) and scored as its own group. The images are checked by
+sdlab.eval.shapes_check, which reads only pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..data.shapes import evaluation_captions, paraphrase, parse_caption, scene_from_caption
+from .shapes_check import check, summarize
+
+GROUPS = ("single", "relation", "held_out", "paraphrased")
+ATTRIBUTES = ("count", "colour", "shape", "size", "position", "relation", "background", "all")
+
+
+@dataclass
+class Judged:
+    group: str
+    caption: str
+    seed: int
+    result: dict[str, bool]
+    image: Image.Image = field(repr=False)
+
+
+def paraphrased(captions: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
+    """The same meanings in other words, one paraphrase per caption, deterministic per seed."""
+    rng = np.random.default_rng(seed + 10_000)
+    out = []
+    for _, caption in captions:
+        scene = scene_from_caption(caption, rng)
+        out.append(("paraphrased", paraphrase(scene, rng, with_background=parse_caption(caption).background is not None)))
+    return out
+
+
+def evaluate(pipe, n: int = 100, seed: int = 0, *, steps: int = 20, guidance_scale: float = 5.0,
+             sampler: str = "DPM++ 2M", batch_size: int = 16, with_paraphrases: bool = True,
+             progress: Optional[Callable[[int], None]] = None) -> list[Judged]:
+    """Generate one image per evaluation caption and check it. Image i gets seed `seed + i` with the
+    web UI's per-image noise, so any one of them is reproduced alone by
+    `sdlab generate CAPTION --seed S --noise a1111-cpu` with the same steps, sampler and CFG."""
+    tagged = evaluation_captions(n, seed)
+    if with_paraphrases:
+        tagged = tagged + paraphrased(tagged, seed)
+    judged = []
+    for start in range(0, len(tagged), batch_size):
+        chunk = tagged[start:start + batch_size]
+        prompts = [caption for _, caption in chunk]
+        result = pipe.txt2img(prompts, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                              seed=seed + start, batch_size=len(chunk), noise="a1111-cpu")
+        for i, ((group, caption), image) in enumerate(zip(chunk, result.images)):
+            judged.append(Judged(group, caption, result.seeds[i], check(image, caption), image))
+        if progress is not None:
+            progress(len(chunk))
+    return judged
+
+
+def table(judged: list[Judged]) -> dict[str, dict[str, float]]:
+    """{group: {attribute: pass rate}} over the captions of each group that ask for the attribute."""
+    return {group: summarize([j.result for j in judged if j.group == group])
+            for group in GROUPS if any(j.group == group for j in judged)}
+
+
+def format_table(rates: dict[str, dict[str, float]], counts: dict[str, int]) -> str:
+    groups = list(rates)
+    header = f"{'attribute':<12}" + "".join(f"{g + f' ({counts[g]})':>18}" for g in groups)
+    lines = [header, "-" * len(header)]
+    for attribute in ATTRIBUTES:
+        if not any(attribute in rates[g] for g in groups):
+            continue
+        cells = "".join(f"{rates[g][attribute] * 100:>17.1f}%" if attribute in rates[g] else f"{'-':>18}"
+                        for g in groups)
+        lines.append(f"{attribute:<12}{cells}")
+    return "\n".join(lines)
+
+
+def contact_sheet(judged: list[Judged], columns: int = 10, zoom: int = 2) -> Image.Image:
+    """Every image with its caption, a green frame when all attributes pass, red otherwise."""
+    tile = judged[0].image.width * zoom
+    label = 48
+    rows = math.ceil(len(judged) / columns)
+    sheet = Image.new("RGB", (columns * (tile + 8), rows * (tile + label + 8)), (235, 235, 235))
+    draw = ImageDraw.Draw(sheet)
+    for i, j in enumerate(judged):
+        x, y = (i % columns) * (tile + 8) + 4, (i // columns) * (tile + label + 8) + 4
+        draw.rectangle((x - 3, y - 3, x + tile + 2, y + tile + 2), fill=(40, 160, 60) if j.result["all"] else (200, 40, 40))
+        sheet.paste(j.image.resize((tile, tile), Image.NEAREST), (x, y))
+        words, lines, line = j.caption.split(), [], ""
+        for word in words:
+            if len(line) + len(word) + 1 > tile // 6:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        lines.append(line)
+        draw.multiline_text((x, y + tile + 3), "\n".join(lines[:4]), fill=(0, 0, 0), spacing=1)
+    return sheet
+
+
+def write_report(judged: list[Judged], out_dir: str, settings: dict) -> None:
+    """results.json (every caption, seed and verdict, plus the table) and sheet.png, written atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    report = {"settings": settings, "table": table(judged),
+              "images": [{"group": j.group, "caption": j.caption, "seed": j.seed, "result": j.result} for j in judged]}
+    path = os.path.join(out_dir, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(path + ".tmp", path)
+    sheet = os.path.join(out_dir, "sheet.png")
+    contact_sheet(judged).save(sheet + ".tmp.png")
+    os.replace(sheet + ".tmp.png", sheet)

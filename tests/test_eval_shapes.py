@@ -1,0 +1,102 @@
+"""`sdlab eval shapes`: the seeded caption set, the per-group table, and the command."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from sdlab.cli import main
+from sdlab.data.shapes import parse_caption, render, scene_from_caption
+from sdlab.eval.shapes_eval import evaluate, format_table, paraphrased, table
+
+
+class RenderingPipe:
+    """Stands in for a model: draws each prompt with the dataset's renderer (optionally the wrong one)."""
+
+    def __init__(self, wrong: bool = False):
+        self.wrong, self.calls = wrong, []
+
+    def txt2img(self, prompts, **kwargs):
+        self.calls.append(kwargs)
+        rng = np.random.default_rng(kwargs["seed"])
+        images = []
+        for prompt in prompts:
+            if self.wrong:  # same layout, every colour swapped for another
+                meaning = parse_caption(prompt)
+                swap = {"red": "green", "green": "blue", "blue": "red", "yellow": "purple", "purple": "orange",
+                        "orange": "yellow"}
+                objects = tuple((swap.get(c, "red"), s, z) for c, s, z in meaning.objects)
+                prompt_scene = scene_from_caption(prompt, rng)
+                prompt_scene = prompt_scene.__class__(prompt_scene.background, tuple(
+                    o.__class__(objects[i][0], o.shape, o.size, o.side, o.center)
+                    for i, o in enumerate(prompt_scene.objects)), prompt_scene.position, prompt_scene.relation)
+                images.append(render(prompt_scene))
+            else:
+                images.append(render(scene_from_caption(prompt, rng)))
+        seed = kwargs["seed"]
+        return SimpleNamespace(images=images, seeds=[seed + i for i in range(len(prompts))])
+
+
+def test_ground_truth_images_pass_and_wrong_colours_fail():
+    judged = evaluate(RenderingPipe(), n=20, seed=3, batch_size=8)
+    rates = table(judged)
+    assert set(rates) == {"single", "relation", "held_out", "paraphrased"}
+    assert len(judged) == 40 and [j.seed for j in judged[:20]] == list(range(3, 23))
+    for group in rates.values():
+        assert group["all"] >= 0.9
+    wrong = table(evaluate(RenderingPipe(wrong=True), n=20, seed=3, batch_size=8, with_paraphrases=False))
+    assert all(group["colour"] == 0.0 for group in wrong.values())
+    assert all(group["shape"] >= 0.9 for group in wrong.values())
+
+
+def test_each_image_is_reproducible_alone_with_the_web_ui_noise():
+    pipe = RenderingPipe()
+    evaluate(pipe, n=5, seed=0, batch_size=2, with_paraphrases=False, steps=7, guidance_scale=3.0, sampler="Euler")
+    assert [call["seed"] for call in pipe.calls] == [0, 2, 4]
+    assert all(call["noise"] == "a1111-cpu" and call["steps"] == 7 and call["guidance_scale"] == 3.0
+               and call["sampler"] == "Euler" for call in pipe.calls)
+
+
+def test_paraphrases_keep_the_meaning_in_other_words():
+    captions = [("single", "a large red circle on the left"), ("relation", "a blue square above a yellow triangle"),
+                ("single", "a small green triangle at the bottom on a black background")]
+    out = paraphrased(captions, seed=0)
+    assert out == paraphrased(captions, seed=0)
+    for (_, caption), (group, other) in zip(captions, out):
+        assert group == "paraphrased"
+        a, b = parse_caption(caption), parse_caption(other)
+        assert a.background == b.background
+        if a.relation is None:
+            assert (a.objects, a.position) == (b.objects, b.position)
+        else:  # "A above B" may come back as "B below A"
+            assert {a.objects, b.objects} in ({a.objects}, {a.objects, tuple(reversed(a.objects))})
+
+
+def test_table_lists_each_attribute_per_group():
+    rates = {"single": {"all": 0.5, "colour": 1.0, "size": 0.75}, "relation": {"all": 0.25, "colour": 1.0, "relation": 0.5}}
+    text = format_table(rates, {"single": 4, "relation": 4})
+    lines = text.splitlines()
+    assert "single (4)" in lines[0] and "relation (4)" in lines[0]
+    assert any(line.startswith("size") and "75.0%" in line and line.rstrip().endswith("-") for line in lines)
+    assert lines[-1].startswith("all")
+
+
+def test_eval_command_writes_its_table_report_and_sheet(tmp_path, capsys):
+    code = main(["eval", "shapes", "--model", "demo", "-n", "3", "--steps", "2", "--no-paraphrases",
+                 "--out", str(tmp_path), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "attribute" in out and "colour" in out and "single (" in out
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert len(report["images"]) == 3 and report["settings"]["steps"] == 2
+    assert (tmp_path / "sheet.png").is_file()
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("flags, message", [(["-n", "0"], "--captions must be at least 1"),
+                                            (["--batch", "0"], "--batch must be at least 1")])
+def test_eval_command_refuses_bad_numbers_in_one_line(flags, message, capsys):
+    assert main(["eval", "shapes", "--model", "demo", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
