@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# Trains sdlab's bundled shapes model from nothing: VAE, then text encoder, then UNet (recipes/shapes-*.toml).
-# Each stage resumes from its last checkpoint when run again; finished stages are skipped.
+# Trains sdlab's bundled shapes models from nothing and installs them in src/sdlab/weights/:
+# VAE, text encoder, UNet, then the inpainting and x4-upscaling UNets grown from that UNet
+# (recipes/shapes-*.toml). Each stage resumes from its last checkpoint when run again; finished stages
+# are skipped.
 #   ./scripts/train_bundled.sh [RUNS_DIR]          (default: runs/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-runs}
-sdlab=".venv/bin/python -m sdlab"
-stage() {  # stage NAME RECIPE [--base FILE]
-  local name=$1 recipe=$2; shift 2
+python=${PYTHON:-.venv/bin/python}
+stage() {  # stage NAME TRAINER RECIPE [--base FILE]
+  local name=$1 trainer=$2 recipe=$3; shift 3
   local out="$runs/shapes-$name"
   if [ -f "$out/last.safetensors" ]; then echo "shapes-$name: done"; return; fi
   local resume=""; [ -f "$out/train_state.pt" ] && resume="--resume"
-  $sdlab train "$name" --config "$recipe" --out "$out" $resume "$@"
+  $python -m sdlab train "$trainer" --config "$recipe" --out "$out" $resume "$@"
 }
-stage vae recipes/shapes-vae.toml
-stage text recipes/shapes-text.toml --base "$runs/shapes-vae/last.safetensors"
-stage unet recipes/shapes-unet.toml --base "$runs/shapes-text/last.safetensors"
-echo "model: $runs/shapes-unet/last.safetensors"
+stage vae vae recipes/shapes-vae.toml
+stage text text recipes/shapes-text.toml --base "$runs/shapes-vae/last.safetensors"
+stage unet unet recipes/shapes-unet.toml --base "$runs/shapes-text/last.safetensors"
+stage inpaint inpaint recipes/shapes-inpaint.toml --base "$runs/shapes-unet/last.safetensors"
+stage upscale upscale recipes/shapes-upscale.toml --base "$runs/shapes-unet/last.safetensors"
+$python -c "import sys, sdlab.bundled as b; print(*b.package(*sys.argv[1:]), sep='\n')" \
+  "$runs/shapes-unet/last.safetensors" "$runs/shapes-inpaint/last.safetensors" "$runs/shapes-upscale/last.safetensors"

@@ -100,3 +100,60 @@ def test_eval_command_refuses_bad_numbers_in_one_line(flags, message, capsys):
     assert main(["eval", "shapes", "--model", "demo", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# -- inpainting and upscaling -------------------------------------------------------------------------
+
+
+class EditingPipe:
+    """Answers each inpainting case with the intended picture, or (`lazy`) with its input unchanged."""
+
+    def __init__(self, n, seed, lazy=False):
+        from sdlab.eval.edit_eval import edit_cases
+
+        self.lazy = lazy
+        self.answers = {}
+        for case in edit_cases(n, seed):
+            scene = case.scene
+            if case.task == "erase":
+                kept = next(o for o in scene.objects if (o.colour, o.shape) == case.kept)
+                scene = scene.__class__(scene.background, (kept,), None, None)
+            self.answers[(case.prompt, case.image.tobytes())] = render(scene)
+
+    def inpaint(self, prompt, image, mask, **kwargs):
+        assert kwargs["strength"] == 1.0 and kwargs["noise"] == "a1111-cpu"
+        answer = image if self.lazy else self.answers[(prompt, image.tobytes())]
+        return SimpleNamespace(images=[answer])
+
+
+def test_inpainting_cases_pass_when_the_edit_is_made_and_fail_when_it_is_not():
+    from sdlab.eval.edit_eval import edit_cases, evaluate_inpainting
+
+    cases = edit_cases(6, seed=1)
+    assert [c.task for c in cases[:2]] == ["erase", "insert"] and len(cases) == 12
+    for case in cases:
+        inside = np.asarray(case.mask) > 127
+        assert 0.02 < inside.mean() < 0.5  # the mask covers one object, not the scene
+    assert evaluate_inpainting(EditingPipe(6, 1), n=6, seed=1) == {"erase": 1.0, "insert": 1.0}
+    assert evaluate_inpainting(EditingPipe(6, 1, lazy=True), n=6, seed=1) == {"erase": 0.0, "insert": 0.0}
+
+
+def test_upscaling_psnr_compares_with_bicubic_on_the_same_scenes():
+    from PIL import Image
+
+    from sdlab.eval.edit_eval import evaluate_upscaling, psnr
+
+    black, grey = Image.new("RGB", (4, 4)), Image.new("RGB", (4, 4), (255, 255, 255))
+    assert psnr(black, grey) == 0.0 and psnr(black, black) == float("inf")
+
+    class Bicubic:
+        def upscale(self, image, prompt, **kwargs):
+            return SimpleNamespace(images=[image.resize((image.width * 4, image.height * 4), Image.BICUBIC)])
+
+    class Nearest:
+        def upscale(self, image, prompt, **kwargs):
+            return SimpleNamespace(images=[image.resize((image.width * 4, image.height * 4), Image.NEAREST)])
+
+    same = evaluate_upscaling(Bicubic(), n=3, seed=0)
+    assert same["model"] == same["bicubic"] and 15 < same["bicubic"] < 40
+    assert evaluate_upscaling(Nearest(), n=3, seed=0)["model"] < same["bicubic"]

@@ -13,10 +13,15 @@ import sys
 import torch
 
 from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+from .errors import InputError
 from .models import build_text_encoder, build_unet, build_vae
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 BUNDLED_MODEL = os.path.join(WEIGHTS_DIR, "sdlab-shapes.safetensors")
+# the inpainting and x4-upscaling models hold only their UNet; the VAE and text encoder are BUNDLED_MODEL's
+BUNDLED_INPAINTING = os.path.join(WEIGHTS_DIR, "sdlab-shapes-inpainting.safetensors")
+BUNDLED_UPSCALER = os.path.join(WEIGHTS_DIR, "sdlab-shapes-upscaler.safetensors")
+TASKS = ("txt2img", "inpaint", "upscale")
 
 DEMO = ModelConfig(
     name="sdlab-demo-random",
@@ -28,8 +33,20 @@ DEMO = ModelConfig(
 )
 
 
-def default_model_path() -> str:
-    """The trained bundled model when it is installed, else the random-weight demo (with a warning)."""
+def default_model_path(task: str = "txt2img") -> str:
+    """The bundled model for `task` when it is installed, else the random-weight demo (with a warning).
+
+    inpaint: the inpainting model, else the text-to-image one (which inpaints by latent blending);
+    upscale: the x4 upscaler, which nothing else can stand in for.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "inpaint" and os.path.isfile(BUNDLED_INPAINTING):
+        return BUNDLED_INPAINTING
+    if task == "upscale":
+        if os.path.isfile(BUNDLED_UPSCALER):
+            return BUNDLED_UPSCALER
+        raise InputError("no bundled upscaler is installed; pass --model with an x4 upscaler checkpoint")
     if os.path.isfile(BUNDLED_MODEL):
         return BUNDLED_MODEL
     print("sdlab: no bundled model installed; using the random-weight demo model (it draws noise). "
@@ -46,3 +63,26 @@ def demo_components(seed: int = 0):
     finally:
         torch.random.set_rng_state(state)
     return DEMO, unet, vae, text
+
+
+def package(model: str, inpainting: str, upscaler: str, out_dir: str = WEIGHTS_DIR) -> list[str]:
+    """Write the three trained shapes models as the bundled files, in fp16: `model` whole, the inpainting
+    and upscaling models as their UNets only, sharing `model`'s VAE and text encoder (they were trained
+    on them, with `model` as --base; this is checked)."""
+    from .checkpoint.load import load_components
+    from .checkpoint.save import save_single_file
+    from .errors import CheckpointError
+
+    base = load_components(model, dtype=torch.float32)
+    names = [os.path.basename(p) for p in (BUNDLED_MODEL, BUNDLED_INPAINTING, BUNDLED_UPSCALER)]
+    written = [str(save_single_file(os.path.join(out_dir, names[0]), base.config, base.unet, base.vae,
+                                    base.text_encoder, dtype=torch.float16))]
+    for source, name in ((inpainting, names[1]), (upscaler, names[2])):
+        other = load_components(source, dtype=torch.float32)
+        for part in ("vae", "text_encoder"):
+            ours, theirs = getattr(base, part).state_dict(), getattr(other, part).state_dict()
+            if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
+                raise CheckpointError(f"{source}: its {part} is not {model}'s; train it with --base {model}")
+        written.append(str(save_single_file(os.path.join(out_dir, name), other.config, other.unet, base.vae,
+                                            base.text_encoder, dtype=torch.float16, shared_parts=names[0])))
+    return written

@@ -103,11 +103,11 @@ def _lora_option(text: str):
     return parse_lora_option(text)
 
 
-def load_for(args):
+def load_for(args, task: str = "txt2img"):
     from . import load
     from .adapters import load_embeddings
 
-    pipe = load(args.model, prediction=args.prediction, device=args.device, dtype=args.dtype)
+    pipe = load(args.model, prediction=args.prediction, device=args.device, dtype=args.dtype, task=task)
     if args.embedding:
         load_embeddings(pipe.text_encoder, args.embedding)
     return pipe
@@ -186,7 +186,7 @@ def cmd_inpaint(args) -> int:
         print(f"sdlab: warning: {warning.message}", file=sys.stderr)
     resize_mode_key(args.resize_mode)
     steps = denoising_steps(args)
-    pipe = load_for(args)
+    pipe = load_for(args, "inpaint")
     return run_and_save(args, started, lambda step: pipe.inpaint(
         args.prompt, image, mask, args.negative, strength=args.strength, mask_blur=args.mask_blur,
         only_masked=args.only_masked, padding=args.padding, fill=args.fill, invert_mask=args.invert_mask,

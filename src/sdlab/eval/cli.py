@@ -29,6 +29,25 @@ def add_eval_command(commands) -> None:
     shapes.add_argument("--quiet", action="store_true", help="no progress bar")
     shapes.set_defaults(run=cmd_eval_shapes)
 
+    inpaint = kinds.add_parser("inpaint", help="erase a shape / paint one where the mask is, judged from pixels",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    inpaint.add_argument("--model", default=None, help="checkpoint (default: the bundled inpainting model)")
+    inpaint.add_argument("-n", "--cases", type=int, default=20, help="scenes; each gives one erase and one insert case")
+    upscale = kinds.add_parser("upscale", help="32 -> 128 px: PSNR against the 128 px render, and bicubic's",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    upscale.add_argument("--model", default=None, help="checkpoint (default: the bundled upscaler)")
+    upscale.add_argument("-n", "--cases", type=int, default=10, help="scenes")
+    upscale.add_argument("--noise-level", type=int, default=20, help="noise added to the small image, 0-350")
+    for parser, run in ((inpaint, cmd_eval_inpaint), (upscale, cmd_eval_upscale)):
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--steps", type=int, default=20)
+        parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+        parser.add_argument("--sampler", default="DPM++ 2M")
+        parser.add_argument("--device", default=None)
+        parser.add_argument("--dtype", default=None)
+        parser.add_argument("--quiet", action="store_true", help="no progress bar")
+        parser.set_defaults(run=run)
+
 
 def cmd_eval_shapes(args) -> int:
     from .. import load
@@ -51,11 +70,50 @@ def cmd_eval_shapes(args) -> int:
         if bar is not None:
             bar.close()
     counts = {g: sum(j.group == g for j in judged) for g in GROUPS}
-    print(f"{pipe.config.name}: {len(judged)} images, {args.steps} steps {args.sampler}, CFG {args.cfg}, seed {args.seed}")
+    print(f"{pipe.model_name}: {len(judged)} images, {args.steps} steps {args.sampler}, CFG {args.cfg}, seed {args.seed}")
     print(format_table(table(judged), counts))
     if args.out:
         write_report(judged, args.out, {key: getattr(args, key) for key in
                                         ("model", "captions", "seed", "steps", "cfg", "sampler", "batch")})
         print(f"wrote {args.out}/results.json and {args.out}/sheet.png")
     print(f"{time.perf_counter() - started:.1f}s", file=sys.stderr)
+    return 0
+
+
+def _run_edit_eval(args, task: str, total: int, evaluate):
+    from .. import load
+    from ..progress import ProgressBar
+
+    if args.cases < 1:
+        raise InputError(f"--cases must be at least 1, got {args.cases}")
+    started = time.perf_counter()
+    pipe = load(args.model, device=args.device, dtype=args.dtype, task=task)
+    bar = None if args.quiet else ProgressBar(total, "evaluating ")
+    try:
+        result = evaluate(pipe, progress=None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"{pipe.model_name}: {args.cases} scenes, {args.steps} steps {args.sampler}, CFG {args.cfg}, seed {args.seed}")
+    print(f"{time.perf_counter() - started:.1f}s", file=sys.stderr)
+    return result
+
+
+def cmd_eval_inpaint(args) -> int:
+    from .edit_eval import evaluate_inpainting
+
+    rates = _run_edit_eval(args, "inpaint", 2 * args.cases, lambda pipe, progress: evaluate_inpainting(
+        pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, progress=progress))
+    print(f"erase (masked shape becomes background): {rates['erase'] * 100:.1f}%")
+    print(f"insert (the prompt's shape appears in the mask): {rates['insert'] * 100:.1f}%")
+    return 0
+
+
+def cmd_eval_upscale(args) -> int:
+    from .edit_eval import evaluate_upscaling
+
+    psnr = _run_edit_eval(args, "upscale", args.cases, lambda pipe, progress: evaluate_upscaling(
+        pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler,
+        noise_level=args.noise_level, progress=progress))
+    print(f"PSNR against the 128 px render: model {psnr['model']:.2f} dB, bicubic {psnr['bicubic']:.2f} dB")
     return 0

@@ -91,15 +91,16 @@ class Pipeline:
         return model_hash(self.model_path) if self.model_path else None
 
 
-def load_pipeline(path=None, prediction=None, device=None, dtype=None) -> Pipeline:
-    """A pipeline from a single-file checkpoint, a diffusers folder, 'demo', or the bundled model."""
+def load_pipeline(path=None, prediction=None, device=None, dtype=None, task: str = "txt2img") -> Pipeline:
+    """A pipeline from a single-file checkpoint, a diffusers folder, 'demo', or (path None) the bundled
+    model for `task` ("txt2img", "inpaint", "upscale")."""
     from .. import devices
     from ..checkpoint.load import load_components
     from .. import bundled
 
     dev, dt = devices.resolve(device, dtype)
     if path is None:
-        path = bundled.default_model_path()
+        path = bundled.default_model_path(task)
     if path == "demo":
         config, unet, vae, text_encoder = bundled.demo_components()
         name = "sdlab-demo-random"

@@ -63,7 +63,7 @@ def cmd_upscale(args) -> int:
                          "leave out --size and --batch")
     started = time.perf_counter()
     image = load_image(args.image, "image to upscale")  # bad input fails before the model loads
-    pipe = load_for(args)
+    pipe = load_for(args, "upscale")
     return run_and_save(args, started, lambda step: upscale(
         pipe, image, args.prompt, args.negative, noise_level=args.noise_level, tiled_vae=args.tiled_vae,
         callback=step, **_common_kwargs(args)), args.steps)

@@ -45,6 +45,10 @@ class VAEOptions:
     # ldm's kl-f8 weight 1e-6 is on per-sample *sums*; our losses are per-pixel means, so the KL sum is
     # divided by the pixel count to keep the same balance.
     kl_weight: float = 1e-6
+    # Start log-variance of a fresh encoder (the bias of quant_conv's log-variance half); unset: PyTorch's
+    # default init, posterior std ~1. With kl_weight 1e-6 the posterior ends nearly deterministic anyway;
+    # starting there keeps early posterior noise from drowning what the decoder must learn (e.g. colours).
+    initial_logvar: Optional[float] = None
     disc_start: Optional[int] = None  # step from which the PatchGAN loss is on (ldm kl-f8: 50001); unset: never
     disc_weight: float = 0.5  # ldm's disc_weight, times the adaptive weight
     disc_channels: int = 64  # width of the PatchGAN's first layer

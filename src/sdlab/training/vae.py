@@ -116,4 +116,7 @@ def build(config: TrainConfig, device: torch.device) -> VAETrainer:
         raise ConfigError("the VAE needs a reconstruction loss: set vae.l1_weight or vae.l2_weight above 0")
     model = components.model_config(config, "vae", components.base_config(config))
     vae = components.starting_part(config, "vae", model)
+    if config.options.initial_logvar is not None and not config.init_from_base:
+        with torch.no_grad():  # quant_conv's output is (means, log-variances), z_channels each
+            vae.quant_conv.bias[model.vae.z_channels:] = config.options.initial_logvar
     return VAETrainer(config, model, vae).to(device)

@@ -1,0 +1,126 @@
+"""How well a model inpaints and upscales `shapes` scenes, judged from pixels (`sdlab eval inpaint|upscale`).
+
+- erase: a two-object scene, one object under the mask, the prompt names only the other. Pass when
+  exactly that other object is found afterwards and the masked area is background.
+- insert: the same scene drawn without that object, the mask where it belongs, the prompt the full
+  two-object caption. Pass when the checker finds both objects with the caption's relation.
+- upscale: a scene rendered at 128 px, shrunk to 32 px by area averaging, enlarged 4x by the model and
+  by bicubic interpolation; PSNR of both against the 128 px render.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ..data.shapes import BACKGROUNDS, POSITIONS, Meaning, Scene, canonical_caption, format_caption, render, sample_scene
+from .shapes_check import analyse, check
+
+MASK_MARGIN = 0.06  # of the side, around the object's bounding box
+BACKGROUND_TOLERANCE = 40  # mean |RGB difference| to the background colour inside the mask, 0-255
+
+
+@dataclass
+class EditCase:
+    task: str  # "erase" | "insert"
+    prompt: str
+    image: Image.Image  # the input
+    mask: Image.Image  # white = repaint
+    kept: tuple[str, str]  # (colour, shape) of the object that stays
+    scene: Scene  # the two-object scene
+
+
+def two_object_scene(rng: np.random.Generator) -> Scene:
+    while True:
+        scene = sample_scene(rng)
+        if len(scene.objects) == 2:
+            return scene
+
+
+def object_mask(obj, size: int) -> Image.Image:
+    """White over the object's bounding box grown by MASK_MARGIN."""
+    half = obj.side / 2 + MASK_MARGIN
+    x0, y0 = (obj.center[0] - half) * size, (obj.center[1] - half) * size
+    x1, y1 = (obj.center[0] + half) * size, (obj.center[1] + half) * size
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    inside = (xx >= x0) & (xx <= x1) & (yy >= y0) & (yy <= y1)
+    return Image.fromarray((inside * 255).astype(np.uint8), "L")
+
+
+def single_object_caption(obj, background: str) -> str:
+    """The canonical caption of `obj` alone: the nearest named position; objects of pairs are small."""
+    position = min(POSITIONS, key=lambda p: math.dist(POSITIONS[p], obj.center))
+    return format_caption(Meaning(((obj.colour, obj.shape, "small"),), position=position, background=background))
+
+
+def edit_cases(n: int, seed: int = 0, size: int = 64) -> list[EditCase]:
+    """n erase and n insert cases, deterministic per seed; which object is edited alternates."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(n):
+        scene = two_object_scene(rng)
+        edited, kept = (1, 0) if i % 2 == 0 else (0, 1)
+        other = scene.objects[kept]
+        mask = object_mask(scene.objects[edited], size)
+        alone = dataclasses.replace(scene, objects=(other,), relation=None)
+        cases.append(EditCase("erase", single_object_caption(other, scene.background), render(scene, size), mask,
+                              (other.colour, other.shape), scene))
+        cases.append(EditCase("insert", canonical_caption(scene, with_background=True), render(alone, size), mask,
+                              (other.colour, other.shape), scene))
+    return cases
+
+
+def judge_edit(case: EditCase, result: Image.Image) -> bool:
+    if case.task == "insert":
+        return check(result, case.prompt)["all"]
+    found = analyse(result).objects
+    if len(found) != 1 or (found[0].colour, found[0].shape) != case.kept:
+        return False
+    pixels = np.asarray(result.convert("RGB"), dtype=np.float64)
+    inside = np.asarray(case.mask) > 127
+    background = np.array(BACKGROUNDS[case.scene.background], dtype=np.float64)
+    return float(np.abs(pixels[inside] - background).mean()) <= BACKGROUND_TOLERANCE
+
+
+def evaluate_inpainting(pipe, n: int = 20, seed: int = 0, *, steps: int = 20, guidance_scale: float = 5.0,
+                        sampler: str = "DPM++ 2M", progress=None) -> dict[str, float]:
+    """Pass rates of the erase and insert cases (strength 1: the masked area is fully repainted)."""
+    passed = {"erase": [], "insert": []}
+    for i, case in enumerate(edit_cases(n, seed)):
+        result = pipe.inpaint(case.prompt, case.image, case.mask, strength=1.0, mask_blur=0, steps=steps,
+                              guidance_scale=guidance_scale, sampler=sampler, seed=seed + i, noise="a1111-cpu")
+        passed[case.task].append(judge_edit(case, result.images[0]))
+        if progress is not None:
+            progress(1)
+    return {task: float(np.mean(values)) for task, values in passed.items()}
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    x = np.asarray(a.convert("RGB"), dtype=np.float64)
+    y = np.asarray(b.convert("RGB"), dtype=np.float64)
+    mse = float(np.mean((x - y) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def evaluate_upscaling(pipe, n: int = 10, seed: int = 0, *, low: int = 32, steps: int = 20,
+                       guidance_scale: float = 5.0, sampler: str = "DPM++ 2M", noise_level: int = 20,
+                       progress=None) -> dict[str, float]:
+    """Mean PSNR (dB) against the 4x render: the model's upscale and bicubic interpolation."""
+    rng = np.random.default_rng(seed)
+    model_psnr, bicubic_psnr = [], []
+    for i in range(n):
+        scene = sample_scene(rng)
+        truth = render(scene, 4 * low)
+        small = truth.resize((low, low), Image.BOX)  # area averaging, as the trainer's low_resolution
+        result = pipe.upscale(small, canonical_caption(scene, with_background=True), steps=steps,
+                              guidance_scale=guidance_scale, sampler=sampler, seed=seed + i,
+                              noise_level=noise_level, noise="a1111-cpu")
+        model_psnr.append(psnr(result.images[0], truth))
+        bicubic_psnr.append(psnr(small.resize(truth.size, Image.BICUBIC), truth))
+        if progress is not None:
+            progress(1)
+    return {"model": float(np.mean(model_psnr)), "bicubic": float(np.mean(bicubic_psnr))}
