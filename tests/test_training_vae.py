@@ -38,6 +38,18 @@ def test_the_loss_is_reconstruction_plus_a_small_kl_per_pixel(tmp_path):
     torch.testing.assert_close(logs["kl"], kl, rtol=1e-5, atol=1e-7)
 
 
+def test_initial_logvar_starts_a_fresh_encoder_nearly_deterministic(tmp_path):
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    plain = vae_trainer.build(tiny_config("vae", tmp_path), torch.device("cpu"))
+    narrow = vae_trainer.build(tiny_config("vae", tmp_path, **{"vae.initial_logvar": -10.0}), torch.device("cpu"))
+    with torch.no_grad():
+        assert plain.model.encode(images).std.mean() > 0.3
+        std = narrow.model.encode(images).std
+    assert std.max() < 0.02  # exp(-10 / 2) = 0.0067, moved a little by the weights' own contribution
+    means = {k: v for k, v in narrow.model.state_dict().items() if k != "quant_conv.bias"}
+    assert all(torch.equal(v, plain.model.state_dict()[k]) for k, v in means.items())  # only that bias changes
+
+
 def test_the_critic_joins_at_disc_start_and_learns_only_from_its_hinge_loss(tmp_path):
     config = tiny_config("vae", tmp_path, **{"vae.disc_start": 5})
     torch.manual_seed(0)
