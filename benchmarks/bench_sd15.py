@@ -35,8 +35,6 @@ def build_checkpoint(folder: Path) -> Path:
     from sdlab.checkpoint.save import save_single_file
     from sdlab.config import SD1
     from sdlab.models import build_text_encoder, build_unet, build_vae
-    from sdlab.tokenizer import NUM_MERGES, VOCAB_PATH, Tokenizer
-    import gzip
 
     path = folder / "sd15-random.safetensors"
     torch.manual_seed(0)
@@ -48,18 +46,7 @@ def build_checkpoint(folder: Path) -> Path:
         target = folder / "configs" / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(document, indent=2))
-    tokenizer_dir = folder / "configs" / "tokenizer"
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {renamed.get(token, token): index for token, index in Tokenizer().vocab.items()}
-    with gzip.open(VOCAB_PATH, "rt", encoding="utf-8") as file:
-        merges = file.read().split("\n")[1:NUM_MERGES + 1]
-    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>"}
-    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(
-        {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77}))
+    write_tokenizer(folder / "configs" / "tokenizer")
     # v1-inference.yaml's numbers; YAML is a superset of JSON, so JSON text is a valid original config
     original = {"model": {"params": {
         "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "scale_factor": 0.18215,
@@ -75,6 +62,24 @@ def build_checkpoint(folder: Path) -> Path:
     }}}
     (folder / "v1-inference.yaml").write_text(json.dumps(original))
     return path
+
+
+def write_tokenizer(tokenizer_dir: Path) -> None:
+    """sdlab's CLIP vocabulary as the files transformers' CLIPTokenizer reads."""
+    from sdlab.tokenizer import NUM_MERGES, VOCAB_PATH, Tokenizer
+    import gzip
+
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {renamed.get(token, token): index for token, index in Tokenizer().vocab.items()}
+    with gzip.open(VOCAB_PATH, "rt", encoding="utf-8") as file:
+        merges = file.read().split("\n")[1:NUM_MERGES + 1]
+    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(
+        {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77}))
 
 
 def peak_rss_mb() -> float:
