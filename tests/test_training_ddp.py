@@ -42,3 +42,29 @@ def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_p
     history = [torch.load(tmp_path / out / "train_state.pt", weights_only=True)["history"]["loss"] for out in ("one", "two")]
     assert [step for step, _ in history[0]] == [step for step, _ in history[1]] == [1, 2, 3]
     assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(*history))
+
+
+def test_sharded_optimizer_state_trains_the_same_weights_and_resumes(tmp_path):
+    """ZeRO-1: each of 2 processes keeps half of AdamW's moments; the weights are those of 1 process, and
+    the checkpoint (gathered on rank 0) resumes, sharded or not, into the uninterrupted run."""
+    data = str(shapes_folder(tmp_path / "data", count=8))
+    common = dict(data=data, batch_size=4, adam_eps=ADAM_EPS, warmup_steps=2)
+    run(tiny_config("vae", tmp_path / "one", steps=4, **common))
+
+    def two(out, steps, *extra):
+        return torchrun(["vae", "--config", RECIPE, "--data", data, "--out", str(tmp_path / out), "--steps", str(steps),
+                         "--batch-size", "4", "--validate-every", "0", "--checkpoint-every", "2", "--quiet",
+                         "--set", f"adam_eps={ADAM_EPS}", "--set", "warmup_steps=2", *extra])
+
+    assert "AdamW state sharded over 2 processes" in two("sharded", 4, "--shard-optimizer")
+    two("resumed", 2, "--shard-optimizer")
+    run(tiny_config("vae", tmp_path / "resumed", steps=4, **common), resume=True)  # one process, unsharded
+
+    one = trained_state(tmp_path / "one")
+    for out in ("sharded", "resumed"):
+        other = trained_state(tmp_path / out)
+        worst = max((one[k] - other[k]).abs().max().item() for k in one)
+        assert worst < TOLERANCE, f"{out}: largest weight difference {worst:.3g}"
+    state = torch.load(tmp_path / "sharded" / "train_state.pt", weights_only=True)
+    moments = state["optimizer"]["state"]
+    assert len(moments) == len(one) and all("exp_avg" in m for m in moments.values())  # every share gathered

@@ -173,6 +173,10 @@ class TrainConfig:
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPUs, fp32 on CPUs
     gradient_checkpointing: bool = False
+    # ZeRO stage 1 (Rajbhandari et al. 2020): under torchrun each rank keeps the AdamW moments of only
+    # 1/N of the weights and updates those, then broadcasts them; the optimizer state, twice the
+    # weights' size in fp32, is split N ways. The same steps as unsharded training.
+    shard_optimizer: bool = False
     device: Optional[str] = None  # unset: cuda if present (cuda:LOCAL_RANK under torchrun), else cpu
     seed: int = 0
 
@@ -196,7 +200,7 @@ class TrainConfig:
 
 # Keys a resumed run may change: they steer where and how often, not what is learned.
 RESUMABLE_CHANGES = frozenset({"steps", "out", "checkpoint_every", "validate_every", "validation_images",
-                               "log_every", "num_workers", "device", "data"})
+                               "log_every", "num_workers", "device", "data", "shard_optimizer"})
 
 
 # -- checking ----------------------------------------------------------------------------------------

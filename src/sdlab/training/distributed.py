@@ -9,7 +9,8 @@ sdlab calls the all-reduce itself, once per optimizer step after the last accumu
 adaptive weight and the contrastive loss then need no special cases. Gradients travel in flat
 buckets of about 25 MB, DDP's default bucket size.
 
-Backends: NCCL between GPUs, gloo between CPU processes. Sharding (FSDP) is not done here.
+Backends: NCCL between GPUs, gloo between CPU processes. `shard_optimizer` splits the AdamW state over
+the ranks (ZeRO stage 1, loop.make_optimizer); the weights and gradients are not sharded (no FSDP).
 """
 
 from __future__ import annotations

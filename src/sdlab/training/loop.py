@@ -31,6 +31,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from ..errors import ConfigError
 from ..progress import ProgressBar
@@ -118,6 +119,21 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def make_optimizer(params: list, config: TrainConfig, ctx: distributed.Context) -> torch.optim.Optimizer:
+    """AdamW; with `shard_optimizer` under torchrun, wrapped in ZeRO-1 (each rank steps its share).
+
+    The gradients are averaged before the step either way (distributed.average_gradients), so every rank
+    can update any share; ZeroRedundancyOptimizer then broadcasts each share from its owner."""
+    options = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+                   weight_decay=config.weight_decay)
+    if config.shard_optimizer and ctx.world_size > 1:
+        distributed.note(f"AdamW state sharded over {ctx.world_size} processes (ZeRO stage 1)")
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **options)
+    if config.shard_optimizer:
+        distributed.note("shard_optimizer has nothing to split in a single process; training unsharded")
+    return torch.optim.AdamW(params, **options)
+
+
 def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
     current = config.to_dict()
     changed = sorted(k for k in current.keys() | saved.keys()
@@ -161,8 +177,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = config.gradient_checkpointing
     params = [p for p in trainer.trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                  eps=config.adam_eps, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, config, ctx)
     amp_dtype = autocast_dtype(config.precision, device)
     # fp16 gradients underflow without loss scaling (Micikevicius et al. 2018); bf16 has fp32's range
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -189,6 +204,10 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
                             ctx.world_size, config.num_workers, config.seed, device)
 
     def save_checkpoint(step: int) -> None:
+        if isinstance(optimizer, ZeroRedundancyOptimizer):
+            optimizer.consolidate_state_dict(to=0)  # collective: every rank sends its shard to rank 0
+        if not main:
+            return
         state = {
             "step": step,
             "trained": trainer.trained.state_dict(),
@@ -251,7 +270,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
                 print(f"sdlab: step {done}/{config.steps}: {values_text}, {rate:.2f} steps/s", file=sys.stderr, flush=True)
         if main and (done == config.steps or (config.validate_every and done % config.validate_every == 0)):
             validate(done)
-        if main and (done == config.steps or done % config.checkpoint_every == 0):
+        if done == config.steps or done % config.checkpoint_every == 0:
             save_checkpoint(done)
         if callback is not None:
             callback({"step": done, "steps": config.steps, "logs": logs_now, "lr": lr})
