@@ -73,6 +73,7 @@ def package(model: str, inpainting: str, upscaler: str, out_dir: str = WEIGHTS_D
     from .checkpoint.save import save_single_file
     from .errors import CheckpointError
 
+    os.makedirs(out_dir, exist_ok=True)
     base = load_components(model, dtype=torch.float32)
     names = [os.path.basename(p) for p in (BUNDLED_MODEL, BUNDLED_INPAINTING, BUNDLED_UPSCALER)]
     written = [str(save_single_file(os.path.join(out_dir, names[0]), base.config, base.unet, base.vae,
