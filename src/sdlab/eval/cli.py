@@ -17,17 +17,10 @@ def add_eval_command(commands) -> None:
     shapes.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
     shapes.add_argument("-n", "--captions", type=int, default=100, help="canonical captions (about 50%% single objects, "
                         "30%% relations, 20%% held-out colour-shape pairs)")
-    shapes.add_argument("--seed", type=int, default=0, help="seed of the captions and of image 0 (image i: seed + i)")
-    shapes.add_argument("--steps", type=int, default=20)
-    shapes.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
-    shapes.add_argument("--sampler", default="DPM++ 2M")
+    add_run_options(shapes, cmd_eval_shapes, seed_help="seed of the captions and of image 0 (image i: seed + i)")
     shapes.add_argument("--batch", type=int, default=16, help="images per sampling run")
     shapes.add_argument("--no-paraphrases", action="store_true", help="skip the paraphrased second pass")
     shapes.add_argument("--out", default=None, help="folder for results.json and sheet.png (every image with its verdict)")
-    shapes.add_argument("--device", default=None)
-    shapes.add_argument("--dtype", default=None)
-    shapes.add_argument("--quiet", action="store_true", help="no progress bar")
-    shapes.set_defaults(run=cmd_eval_shapes)
 
     inpaint = kinds.add_parser("inpaint", help="erase a shape / paint one where the mask is, judged from pixels",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -38,20 +31,38 @@ def add_eval_command(commands) -> None:
     upscale.add_argument("--model", default=None, help="checkpoint (default: the bundled upscaler)")
     upscale.add_argument("-n", "--cases", type=int, default=10, help="scenes")
     upscale.add_argument("--noise-level", type=int, default=20, help="noise added to the small image, 0-350")
-    for parser, run in ((inpaint, cmd_eval_inpaint), (upscale, cmd_eval_upscale)):
-        parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--steps", type=int, default=20)
-        parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
-        parser.add_argument("--sampler", default="DPM++ 2M")
-        parser.add_argument("--device", default=None)
-        parser.add_argument("--dtype", default=None)
-        parser.add_argument("--quiet", action="store_true", help="no progress bar")
-        parser.set_defaults(run=run)
+    add_run_options(inpaint, cmd_eval_inpaint)
+    add_run_options(upscale, cmd_eval_upscale)
+
+
+def add_run_options(parser, run, seed_help: str = "seed of the scenes and of case 0 (case i: seed + i)") -> None:
+    """The sampling and device options every `sdlab eval` kind shares."""
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--sampler", default="DPM++ 2M")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def _load_and_evaluate(args, task: str, total: int, evaluate):
+    """Load `args.model` (the bundled model for `task` by default), run evaluate(pipe, progress) under a
+    progress bar of `total` images; (pipe, its result)."""
+    from .. import load
+    from ..progress import ProgressBar
+
+    pipe = load(args.model, device=args.device, dtype=args.dtype, task=task)
+    bar = None if args.quiet else ProgressBar(total, "evaluating ")
+    try:
+        return pipe, evaluate(pipe, None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def cmd_eval_shapes(args) -> int:
-    from .. import load
-    from ..progress import ProgressBar
     from .shapes_eval import GROUPS, evaluate, format_table, table, write_report
 
     if args.captions < 1:
@@ -59,16 +70,10 @@ def cmd_eval_shapes(args) -> int:
     if args.batch < 1:
         raise InputError(f"--batch must be at least 1, got {args.batch}")
     started = time.perf_counter()
-    pipe = load(args.model, device=args.device, dtype=args.dtype)
     total = args.captions * (1 if args.no_paraphrases else 2)
-    bar = None if args.quiet else ProgressBar(total, "evaluating ")
-    try:
-        judged = evaluate(pipe, args.captions, args.seed, steps=args.steps, guidance_scale=args.cfg,
-                          sampler=args.sampler, batch_size=args.batch, with_paraphrases=not args.no_paraphrases,
-                          progress=None if bar is None else bar.update)
-    finally:
-        if bar is not None:
-            bar.close()
+    pipe, judged = _load_and_evaluate(args, "txt2img", total, lambda pipe, progress: evaluate(
+        pipe, args.captions, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler,
+        batch_size=args.batch, with_paraphrases=not args.no_paraphrases, progress=progress))
     counts = {g: sum(j.group == g for j in judged) for g in GROUPS}
     print(f"{pipe.model_name}: {len(judged)} images, {args.steps} steps {args.sampler}, CFG {args.cfg}, seed {args.seed}")
     print(format_table(table(judged), counts))
@@ -81,19 +86,10 @@ def cmd_eval_shapes(args) -> int:
 
 
 def _run_edit_eval(args, task: str, total: int, evaluate):
-    from .. import load
-    from ..progress import ProgressBar
-
     if args.cases < 1:
         raise InputError(f"--cases must be at least 1, got {args.cases}")
     started = time.perf_counter()
-    pipe = load(args.model, device=args.device, dtype=args.dtype, task=task)
-    bar = None if args.quiet else ProgressBar(total, "evaluating ")
-    try:
-        result = evaluate(pipe, progress=None if bar is None else bar.update)
-    finally:
-        if bar is not None:
-            bar.close()
+    pipe, result = _load_and_evaluate(args, task, total, evaluate)
     print(f"{pipe.model_name}: {args.cases} scenes, {args.steps} steps {args.sampler}, CFG {args.cfg}, seed {args.seed}")
     print(f"{time.perf_counter() - started:.1f}s", file=sys.stderr)
     return result
