@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import sdlab
+from sdlab.errors import ConfigError
 from sdlab.checkpoint.load import load_components
 from sdlab.checkpoint.save import save_single_file
 from sdlab.models import build_text_encoder, build_unet, build_vae
@@ -67,6 +68,34 @@ def test_the_unet_sees_the_quarter_size_image_noised_to_its_label(tmp_path, base
     a = alphas_cumprod(LOW_RES_SCHEDULE)[levels].view(-1, 1, 1, 1)
     assert torch.equal(seen["y"], levels)
     torch.testing.assert_close(seen["concat"], a.sqrt() * low + (1 - a).sqrt() * eps)
+
+
+def test_crop_trains_on_a_random_window_of_each_image(tmp_path, base, monkeypatch):
+    trainer = upscale_trainer.build(tiny_config("upscale", tmp_path, base=base, upscale={"crop": 16}),
+                                    torch.device("cpu"))
+    seen = {}
+    forward = trainer.model.forward
+    monkeypatch.setattr(trainer.model, "forward", lambda x, t, c, **k: seen.update(x=x, **k) or forward(x, t, c, **k))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    trainer.loss(Batch(images, ["a", "b"], 0, 0, 2, 0, 2, 0, 1, torch.Generator().manual_seed(1)))
+
+    generator = torch.Generator().manual_seed(1)
+    tops, lefts = torch.randint(0, 17, (2,), generator=generator), torch.randint(0, 17, (2,), generator=generator)
+    assert (tops != lefts).any()  # distinct offsets, or the test could not tell rows from columns
+    windows = torch.stack([images[i, :, tops[i]:tops[i] + 16, lefts[i]:lefts[i] + 16] for i in range(2)])
+    torch.randn(2, 4, 4, 4, generator=generator)  # the posterior draw, then the low-res levels and noise
+    levels = torch.randint(0, 351, (2,), generator=generator)
+    eps = torch.randn(2, 3, 4, 4, generator=generator)
+    a = alphas_cumprod(LOW_RES_SCHEDULE)[levels].view(-1, 1, 1, 1)
+    low = windows.reshape(2, 3, 4, 4, 4, 4).mean(dim=(3, 5))
+    assert seen["x"].shape == (2, 4, 4, 4)
+    torch.testing.assert_close(seen["concat"], a.sqrt() * low + (1 - a).sqrt() * eps)
+
+
+@pytest.mark.parametrize("crop", [6, 0, 64])
+def test_a_crop_off_the_vae_grid_or_beyond_the_image_is_refused(tmp_path, base, crop):
+    with pytest.raises(ConfigError, match="upscale.crop must be a multiple of the VAE's factor 4"):
+        upscale_trainer.build(tiny_config("upscale", tmp_path, base=base, upscale={"crop": crop}), torch.device("cpu"))
 
 
 def test_the_loss_falls_and_the_file_is_an_upscaler_the_pipeline_runs(tmp_path, base, data):

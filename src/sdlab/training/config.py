@@ -135,6 +135,7 @@ class UpscaleOptions:
     noise_levels: int = 1000  # classes of the noise-level embedding (x4-upscaling.yaml: num_classes 1000)
     max_noise_level: int = 350  # training draws levels in [0, max_noise_level] (x4-upscaling.yaml: 350)
     caption_dropout: float = 0.1
+    crop: Optional[int] = None  # train on random crop x crop windows of each full-size image (SD's x4: 512 px)
 
 
 TRAINER_OPTIONS = {"vae": VAEOptions, "text": TextOptions, "unet": UNetOptions, "lora": LoraOptions,

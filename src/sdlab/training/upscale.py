@@ -9,6 +9,10 @@ augmentation: it is noised to a random level t in [0, max_noise_level] of its ow
 (Ho et al. 2022, "Cascaded Diffusion Models", section 3.2: the model learns to repair, not copy, its
 input). The loss is the noise-prediction MSE of the full-size latents.
 
+With `upscale.crop` the trainer cuts a random window of each full-size image first, as Stability
+trained the x4 upscaler on 512 px crops: the model learns the scale of large images at the cost of
+small ones, and, being convolutional, runs on the whole image afterwards.
+
 The UNet grows from --base's: its first convolution gets 3 more input channels and the label
 embedding is added, both zero-initialised, so training starts from the text-to-image model.
 """
@@ -64,6 +68,14 @@ def low_resolution(images: torch.Tensor, factor: int) -> torch.Tensor:
     return F.avg_pool2d(images, factor)
 
 
+def random_crops(images: torch.Tensor, size: int, batch: Batch) -> torch.Tensor:
+    """(b, 3, size, size): a window of each image at an offset drawn from the batch (2 randint draws)."""
+    height, width = images.shape[-2:]
+    tops, lefts = batch.randint(height - size + 1), batch.randint(width - size + 1)
+    return torch.stack([image[:, top:top + size, left:left + size]
+                        for image, top, left in zip(images, tops.tolist(), lefts.tolist())])
+
+
 class UpscaleTrainer(nn.Module):
     default_ema_decay = 0.0
 
@@ -81,6 +93,8 @@ class UpscaleTrainer(nn.Module):
         return a.sqrt() * low + (1 - a).sqrt() * eps, levels
 
     def loss(self, batch: Batch):
+        if self.options.crop is not None:
+            batch = dataclasses.replace(batch, images=random_crops(batch.images, self.options.crop, batch))
         latents = encode_latents(self.vae, batch.images, batch, self.model_config.vae.scaling_factor)
         concat, levels = self.conditioning(batch.images, batch)
         captions = drop_captions(batch.captions, batch, self.options.caption_dropout)
@@ -120,6 +134,10 @@ def build(config: TrainConfig, device: torch.device) -> UpscaleTrainer:
         raise ConfigError(f"upscale.caption_dropout must be in [0, 1], got {options.caption_dropout}")
     base = load_base(config, "upscale")
     factor = base.config.vae.downsample_factor
+    resolution = config.resolution or base.config.resolution
+    if options.crop is not None and not (factor <= options.crop <= resolution and options.crop % factor == 0):
+        raise ConfigError(f"upscale.crop must be a multiple of the VAE's factor {factor} between {factor} and the "
+                          f"training resolution {resolution}, got {options.crop}")
     if factor != UPSCALE_FACTOR:
         raise ConfigError(f"--base's VAE shrinks images {factor}x; the x4 upscaler's latents have the size of the 4x "
                           "smaller input, so it needs a VAE with a factor of 4 (3 levels, like the SD x4 upscaler's)")
