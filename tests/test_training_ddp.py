@@ -68,3 +68,59 @@ def test_sharded_optimizer_state_trains_the_same_weights_and_resumes(tmp_path):
     state = torch.load(tmp_path / "sharded" / "train_state.pt", weights_only=True)
     moments = state["optimizer"]["state"]
     assert len(moments) == len(one) and all("exp_avg" in m for m in moments.values())  # every share gathered
+
+
+def test_fully_sharded_unet_trains_the_same_weights_and_resumes_either_way(tmp_path):
+    """FSDP (shard_model): each of 2 processes holds half of the UNet's weights, gradients, AdamW moments
+    and EMA. The steps are those of 1 process; checkpoints and the final file are whole, so a sharded
+    run resumes unsharded and an unsharded one resumes sharded, into the uninterrupted run."""
+    data = str(shapes_folder(tmp_path / "data", count=8))
+    base = str(tiny_base(tmp_path / "base.safetensors"))
+    common = dict(data=data, base=base, batch_size=4, adam_eps=ADAM_EPS, warmup_steps=2, ema_decay=0.5,
+                  checkpoint_every=2)
+    run(tiny_config("unet", tmp_path / "one", steps=4, **common))
+    run(tiny_config("unet", tmp_path / "half", steps=2, **common))
+
+    def two(out, steps, *extra):
+        return torchrun(["unet", "--config", RECIPE, "--data", data, "--base", base, "--out", str(tmp_path / out),
+                         "--steps", str(steps), "--batch-size", "4", "--checkpoint-every", "2", "--quiet",
+                         "--ema-decay", "0.5", "--set", f"adam_eps={ADAM_EPS}", "--set", "warmup_steps=2",
+                         "--shard-model", *extra])
+
+    log = two("sharded", 4, "--validate-every", "2")
+    assert "sharded over 2 processes (FSDP)" in log
+    two("resumed", 2, "--validate-every", "0")
+    run(tiny_config("unet", tmp_path / "resumed", steps=4, **common), resume=True)  # one process, unsharded
+    two("half", 4, "--validate-every", "0", "--resume")  # an unsharded checkpoint, continued sharded
+
+    expected = torch.load(tmp_path / "one" / "train_state.pt", weights_only=True)
+    for out in ("sharded", "resumed", "half"):
+        state = torch.load(tmp_path / out / "train_state.pt", weights_only=True)
+        for part in ("trained", "ema"):
+            assert state[part].keys() == expected[part].keys()
+            worst = max((expected[part][k].float() - state[part][k].float()).abs().max().item() for k in expected[part])
+            assert worst < TOLERANCE, f"{out} {part}: largest difference {worst:.3g}"
+        moments = state["optimizer"]["state"]
+        assert len(moments) == len(expected["optimizer"]["state"])
+        worst = max((expected["optimizer"]["state"][i]["exp_avg_sq"] - m["exp_avg_sq"]).abs().max().item()
+                    for i, m in moments.items())
+        assert worst < TOLERANCE, f"{out}: AdamW moments differ by {worst:.3g}"
+    # the final file holds the whole EMA weights, as the one-process run's does
+    from safetensors.torch import load_file
+    one, sharded = load_file(tmp_path / "one" / "last.safetensors"), load_file(tmp_path / "sharded" / "last.safetensors")
+    assert one.keys() == sharded.keys()
+    assert max((one[k].float() - sharded[k].float()).abs().max().item() for k in one) < TOLERANCE
+    assert (tmp_path / "sharded" / "validation" / "step-000002.png").exists()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"data": "shapes"}, "shard_model shards the UNet trainers"),  # the VAE trainer
+    ({"shard_optimizer": True}, "shard_model already splits the optimizer state"),
+    ({"precision": "fp16"}, "shard_model trains in fp32 or bf16"),
+])
+def test_shard_model_refuses_what_it_cannot_shard(tmp_path, settings, message):
+    from sdlab.errors import ConfigError
+
+    trainer = "vae" if "data" in settings else "unet"
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(trainer, tmp_path, shard_model=True, **settings)

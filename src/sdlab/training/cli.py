@@ -37,7 +37,7 @@ FLAG_KEYS = {
     "resolution": "resolution", "precision": "precision", "grad_checkpointing": "gradient_checkpointing",
     "checkpoint_every": "checkpoint_every", "validate_every": "validate_every", "num_workers": "num_workers",
     "device": "device", "ema_decay": "ema_decay", "init_from_base": "init_from_base",
-    "shard_optimizer": "shard_optimizer",
+    "shard_optimizer": "shard_optimizer", "shard_model": "shard_model",
 }
 
 
@@ -61,6 +61,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if present)")
     parser.add_argument("--shard-optimizer", action="store_const", const=True,
                         help="under torchrun, split the AdamW state over the processes (ZeRO stage 1)")
+    parser.add_argument("--shard-model", action="store_const", const=True,
+                        help="under torchrun, split the weights, gradients, AdamW state and EMA too (FSDP, ZeRO stage 3; UNet trainers)")
     parser.add_argument("--ema-decay", type=float, help="EMA decay of the saved weights (0: no EMA)")
     parser.add_argument("--init-from-base", action="store_const", const=True, help="fine-tune --base's part instead of starting fresh")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

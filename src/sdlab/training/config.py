@@ -178,6 +178,9 @@ class TrainConfig:
     # 1/N of the weights and updates those, then broadcasts them; the optimizer state, twice the
     # weights' size in fp32, is split N ways. The same steps as unsharded training.
     shard_optimizer: bool = False
+    # ZeRO stage 3 / FSDP (sharding.py): the trained weights, gradients, AdamW state and EMA are all
+    # split N ways, each block gathered only while it runs. For the UNet trainers.
+    shard_model: bool = False
     device: Optional[str] = None  # unset: cuda if present (cuda:LOCAL_RANK under torchrun), else cpu
     seed: int = 0
 
@@ -199,9 +202,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# The trainers whose networks are called through forward(), where FSDP's gathering hooks sit: the
+# UNet family (its 860 M weights are what outgrow a GPU first). The VAE trainer calls encode/decode
+# and differentiates the decoder's last weight itself, the contrastive trainer calls its towers'
+# methods and its temperature directly, and LoRA adapters and textual-inversion vectors run inside a
+# frozen model: those would need gathering points of their own, and they fit on one device.
+SHARDABLE_TRAINERS = ("unet", "inpaint", "upscale", "dreambooth")
+
 # Keys a resumed run may change: they steer where and how often, not what is learned.
 RESUMABLE_CHANGES = frozenset({"steps", "out", "checkpoint_every", "validate_every", "validation_images",
-                               "log_every", "num_workers", "device", "data", "shard_optimizer"})
+                               "log_every", "num_workers", "device", "data", "shard_optimizer",
+                               "shard_model"})
 
 
 # -- checking ----------------------------------------------------------------------------------------
@@ -324,6 +335,15 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
                           f"{config.grad_accum} (each accumulation step takes batch_size / grad_accum samples)")
     if config.resolution is not None and config.resolution < 8:
         raise ConfigError(f"{source}: 'resolution' must be at least 8 pixels, got {config.resolution}")
+    if config.shard_model:
+        if config.trainer not in SHARDABLE_TRAINERS:
+            raise ConfigError(f"{source}: shard_model shards the UNet trainers ({', '.join(SHARDABLE_TRAINERS)}), "
+                              f"not {config.trainer}; drop it (shard_optimizer still splits the AdamW state)")
+        if config.shard_optimizer:
+            raise ConfigError(f"{source}: shard_model already splits the optimizer state; drop shard_optimizer")
+        if config.precision == "fp16":
+            raise ConfigError(f"{source}: shard_model trains in fp32 or bf16 (fp16's loss scaling is not wired "
+                              "to sharded gradients); use precision = \"bf16\"")
     options = config.options
     if isinstance(options, UNetOptions) and not 0 <= options.caption_dropout <= 1:
         raise ConfigError(f"{source}: 'unet.caption_dropout' must be in [0, 1], got {options.caption_dropout}")

@@ -10,7 +10,8 @@ adaptive weight and the contrastive loss then need no special cases. Gradients t
 buckets of about 25 MB, DDP's default bucket size.
 
 Backends: NCCL between GPUs, gloo between CPU processes. `shard_optimizer` splits the AdamW state over
-the ranks (ZeRO stage 1, loop.make_optimizer); the weights and gradients are not sharded (no FSDP).
+the ranks (ZeRO stage 1, loop.make_optimizer); `shard_model` splits the weights, gradients, AdamW
+state and EMA too (FSDP, sharding.py), and FSDP then averages the gradients itself.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The training loop every trainer shares, top to bottom: data, mixed precision, gradient accumulation,
-gradient averaging over ranks, clipping, EMA, validation, checkpoints.
+gradient averaging over ranks (or FSDP sharding, sharding.py), clipping, EMA, validation, checkpoints.
 
 A trainer (vae.py, text.py, unet.py) is an nn.Module built by `build(config, device)` with:
     trained: nn.ModuleDict       the modules the optimizer updates (their state is checkpointed)
@@ -35,7 +35,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from ..errors import ConfigError
 from ..progress import ProgressBar
-from . import distributed
+from . import distributed, sharding
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import batches, open_data
 from .plots import loss_plot
@@ -176,22 +176,41 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
     for module in trainer.trained.modules():
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = config.gradient_checkpointing
+    ema_decay = trainer.default_ema_decay if config.ema_decay is None else config.ema_decay
+    sharded = config.shard_model and ctx.world_size > 1
+    if config.shard_model and not sharded:
+        distributed.note("shard_model has nothing to split in a single process; training unsharded")
+    # under shard_model, rank 0 keeps a whole copy (on the CPU) to gather into for validation and saving
+    whole = copy.deepcopy(trainer.model).cpu().eval().requires_grad_(False) if sharded and main else None
+    if sharded:
+        sharding.shard(trainer.trained, device, ctx.world_size)
+        distributed.note(f"weights, gradients, AdamW state and EMA sharded over {ctx.world_size} processes (FSDP)")
     params = [p for p in trainer.trained.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config, ctx)
     amp_dtype = autocast_dtype(config.precision, device)
     # fp16 gradients underflow without loss scaling (Micikevicius et al. 2018); bf16 has fp32's range
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema_decay = trainer.default_ema_decay if config.ema_decay is None else config.ema_decay
-    ema = copy.deepcopy(trainer.model).eval().requires_grad_(False) if ema_decay > 0 else None
+    if ema_decay <= 0:
+        ema = None
+    elif sharded:
+        ema = sharding.ShardedEMA(trainer.model)
+    else:
+        ema = copy.deepcopy(trainer.model).eval().requires_grad_(False)
 
     start_step, history = 0, {}
     if resume:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         check_resumable(state["config"], config, state_path)
-        trainer.trained.load_state_dict(state["trained"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            sharding.load_full_model_state(trainer.trained, state["trained"])
+            sharding.load_full_optimizer_state(trainer.trained, optimizer, state["optimizer"])
+            if ema is not None:
+                ema.load_full_state_dict(state["ema"])
+        else:
+            trainer.trained.load_state_dict(state["trained"])
+            optimizer.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
         scaler.load_state_dict(state["scaler"])
         set_rng_states(state["rng"], device)
         start_step, history = state["step"], state["history"]
@@ -204,15 +223,23 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
                             ctx.world_size, config.num_workers, config.seed, device)
 
     def save_checkpoint(step: int) -> None:
-        if isinstance(optimizer, ZeroRedundancyOptimizer):
-            optimizer.consolidate_state_dict(to=0)  # collective: every rank sends its shard to rank 0
+        if sharded:  # collectives: every rank sends its shards to rank 0, in the unsharded layout
+            trained_state = sharding.full_model_state(trainer.trained)
+            optimizer_state = sharding.full_optimizer_state(trainer.trained, optimizer)
+            ema_state = ema.full_state_dict() if ema is not None else {}
+        else:
+            if isinstance(optimizer, ZeroRedundancyOptimizer):
+                optimizer.consolidate_state_dict(to=0)  # collective: every rank sends its shard to rank 0
+            trained_state = trainer.trained.state_dict() if main else {}
+            optimizer_state = optimizer.state_dict() if main else {}
+            ema_state = ema.state_dict() if ema is not None and main else {}
         if not main:
             return
         state = {
             "step": step,
-            "trained": trainer.trained.state_dict(),
-            "ema": ema.state_dict() if ema is not None else {},
-            "optimizer": optimizer.state_dict(),
+            "trained": trained_state,
+            "ema": ema_state,
+            "optimizer": optimizer_state,
             "scaler": scaler.state_dict(),
             "rng": rng_states(device),
             "history": history,
@@ -221,10 +248,24 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
         atomic_write(state_path, lambda tmp: torch.save(state, tmp))
         atomic_write(out / "loss.png", lambda tmp: loss_plot(history, f"sdlab train {config.trainer}").save(tmp, "PNG"))
 
+    def published() -> Optional[torch.nn.Module]:
+        """What validation and the final file use: the EMA if kept, else the trained weights. Under
+        shard_model a collective: gathered into rank 0's whole copy (None on the other ranks)."""
+        if not sharded:
+            return ema if ema is not None else trainer.model
+        state = ema.full_state_dict() if ema is not None else sharding.full_model_state(trainer.model)
+        if not main:
+            return None
+        whole.load_state_dict(state)
+        return whole.to(device)
+
     def validate(step: int) -> None:
-        model = ema if ema is not None else trainer.model
-        model.eval()
-        trainer.validate(model, validation_examples, step, out / "validation")
+        model = published()
+        if main:
+            model.eval()
+            trainer.validate(model, validation_examples, step, out / "validation")
+        if sharded and main:
+            whole.cpu()  # off the GPU again while training runs
         trainer.trained.train()
 
     desc = f"train {config.trainer} " + (f"(steps {start_step + 1}-{config.steps}) " if start_step else "")
@@ -246,7 +287,8 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
             for name, value in parts.items():
                 logs[name] = logs.get(name, 0) + value.detach().float() / config.grad_accum
 
-        distributed.average_gradients(params, ctx.world_size)
+        if not sharded:  # FSDP has averaged and split them in backward (reduce-scatter)
+            distributed.average_gradients(params, ctx.world_size)
         scaler.unscale_(optimizer)
         if config.max_grad_norm > 0:
             for module in trainer.trained.values():  # each network by itself: a GAN's critic cannot shrink the generator's step
@@ -254,7 +296,9 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
+        if isinstance(ema, sharding.ShardedEMA):
+            ema.update(ema_decay_at(step, ema_decay))
+        elif ema is not None:
             update_ema(ema, trainer.model, ema_decay_at(step, ema_decay))
 
         done = step + 1
@@ -268,7 +312,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
                 rate = (done - start_step) / (time.perf_counter() - started)
                 values_text = ", ".join(f"{k}={v:.4g}" for k, v in logs_now.items())
                 print(f"sdlab: step {done}/{config.steps}: {values_text}, {rate:.2f} steps/s", file=sys.stderr, flush=True)
-        if main and (done == config.steps or (config.validate_every and done % config.validate_every == 0)):
+        if (main or sharded) and (done == config.steps or (config.validate_every and done % config.validate_every == 0)):
             validate(done)
         if done == config.steps or done % config.checkpoint_every == 0:
             save_checkpoint(done)
@@ -279,8 +323,9 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
     if bar is not None:
         bar.close()
     path = out / "last.safetensors"
+    model = published()
     if main:
-        path = trainer.save(out, ema if ema is not None else trainer.model, data)
+        path = trainer.save(out, model, data)
         steps_run = config.steps - start_step
         if not quiet:
             print(f"sdlab: {steps_run} steps in {elapsed:.1f}s ({steps_run / max(elapsed, 1e-9):.2f} steps/s); "
