@@ -312,7 +312,7 @@ def run_reporting_errors(args, interrupted: str = "sdlab: interrupted") -> int:
         if not is_out_of_memory(exc):
             raise
         print("sdlab: error: out of memory; try a smaller --size or --batch (training: a smaller --batch-size "
-              "with --grad-accum, or --grad-checkpointing)", file=sys.stderr)
+              "with --grad-accum, --grad-checkpointing, or --shard-model under torchrun)", file=sys.stderr)
         return 1
 
 
