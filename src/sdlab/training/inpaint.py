@@ -30,7 +30,7 @@ from .config import InpaintOptions, TrainConfig
 from .data import Batch
 from .lora import drop_captions, encode_latents, encode_text, load_base, noised_prediction_loss
 from .plots import image_grid, tensor_to_image
-from .unet import hold_unet_training_parts
+from .unet import UNetFamilyTrainer
 
 EXTRA_CHANNELS = 5  # mask (1) + masked-image latents (4)
 
@@ -80,12 +80,8 @@ def inpainting_unet(base_unet: nn.Module, model: ModelConfig) -> tuple[nn.Module
     return unet, model
 
 
-class InpaintTrainer(nn.Module):
+class InpaintTrainer(UNetFamilyTrainer):
     default_ema_decay = 0.0
-
-    def __init__(self, config: TrainConfig, model: ModelConfig, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module):
-        super().__init__()
-        hold_unet_training_parts(self, config, model, unet, vae, text_encoder)
 
     def masks(self, batch: Batch) -> torch.Tensor:
         """(b, 1, H, W): sample n's mask from the generator (seed, n)."""
@@ -129,10 +125,6 @@ class InpaintTrainer(nn.Module):
             pictures += [source, mask_image.convert("RGB"), result.images[0]]
             labels += [caption, "mask", "inpainted"]
         image_grid(pictures, columns=3, labels=labels).save(Path(out_dir) / f"step-{step:06d}.png")
-
-    def save(self, out_dir: Path, model: nn.Module, data) -> Path:
-        return components.save_model(out_dir, self.model_config, self.config,
-                                     {"unet": model, "vae": self.vae, "text_encoder": self.text_encoder})
 
 
 def build(config: TrainConfig, device: torch.device) -> InpaintTrainer:

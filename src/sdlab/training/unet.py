@@ -29,26 +29,29 @@ from .data import Batch
 from .plots import image_grid
 
 
-def hold_unet_training_parts(trainer: nn.Module, config: TrainConfig, model: ModelConfig, unet: nn.Module,
-                             vae: nn.Module, text_encoder: nn.Module) -> None:
-    """What every UNet-training trainer holds: the UNet it trains (and EMA-tracks), the frozen VAE and
-    text encoder, and the schedule's alphas_cumprod."""
-    trainer.config, trainer.options, trainer.model_config = config, config.options, model
-    trainer.resolution = model.resolution
-    trainer.model = unet
-    trainer.trained = nn.ModuleDict({"unet": unet})
-    trainer.vae = vae.eval().requires_grad_(False)
-    trainer.text_encoder = text_encoder.eval().requires_grad_(False)
-    trainer.register_buffer("alphas_cumprod", alphas_cumprod(model.schedule), persistent=False)
-
-
-class UNetTrainer(nn.Module):
-    default_ema_decay = 0.9999  # CompVis' LitEma for SD
+class UNetFamilyTrainer(nn.Module):
+    """What every UNet-training trainer (text-to-image, inpainting, upscaling) holds and saves: the UNet
+    it trains (and EMA-tracks), the frozen VAE and text encoder, and the schedule's alphas_cumprod."""
 
     def __init__(self, config: TrainConfig, model: ModelConfig, unet: nn.Module, vae: nn.Module,
                  text_encoder: nn.Module):
         super().__init__()
-        hold_unet_training_parts(self, config, model, unet, vae, text_encoder)
+        self.config, self.options, self.model_config = config, config.options, model
+        self.resolution = model.resolution
+        self.model = unet
+        self.trained = nn.ModuleDict({"unet": unet})
+        self.vae = vae.eval().requires_grad_(False)
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.register_buffer("alphas_cumprod", alphas_cumprod(model.schedule), persistent=False)
+
+    def save(self, out_dir: Path, model: nn.Module, data) -> Path:
+        """A single file: `model` as the UNet beside the frozen VAE and text encoder."""
+        return components.save_model(out_dir, self.model_config, self.config,
+                                     {"unet": model, "vae": self.vae, "text_encoder": self.text_encoder})
+
+
+class UNetTrainer(UNetFamilyTrainer):
+    default_ema_decay = 0.9999  # CompVis' LitEma for SD
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], device: torch.device) -> torch.Tensor:
@@ -103,10 +106,6 @@ class UNetTrainer(nn.Module):
                               seed=self.config.seed, width=size, height=size, batch_size=len(prompts),
                               sampler=options.validation_sampler)
         image_grid(result.images, columns=len(prompts), labels=prompts).save(Path(out_dir) / f"step-{step:06d}.png")
-
-    def save(self, out_dir: Path, model: nn.Module, data) -> Path:
-        return components.save_model(out_dir, self.model_config, self.config,
-                                     {"unet": model, "vae": self.vae, "text_encoder": self.text_encoder})
 
 
 def build(config: TrainConfig, device: torch.device) -> UNetTrainer:

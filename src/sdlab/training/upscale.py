@@ -36,7 +36,7 @@ from .config import TrainConfig, UpscaleOptions
 from .data import Batch
 from .lora import drop_captions, encode_latents, encode_text, load_base, noised_prediction_loss
 from .plots import image_grid, tensor_to_image
-from .unet import hold_unet_training_parts
+from .unet import UNetFamilyTrainer
 
 IMAGE_CHANNELS = 3
 UPSCALE_FACTOR = 4  # pipelines/upscale.py's SCALE: output side / input side, which is the VAE's factor
@@ -76,12 +76,11 @@ def random_crops(images: torch.Tensor, size: int, batch: Batch) -> torch.Tensor:
                         for image, top, left in zip(images, tops.tolist(), lefts.tolist())])
 
 
-class UpscaleTrainer(nn.Module):
+class UpscaleTrainer(UNetFamilyTrainer):
     default_ema_decay = 0.0
 
     def __init__(self, config: TrainConfig, model: ModelConfig, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module):
-        super().__init__()
-        hold_unet_training_parts(self, config, model, unet, vae, text_encoder)
+        super().__init__(config, model, unet, vae, text_encoder)
         self.register_buffer("low_res_alphas_cumprod", alphas_cumprod(LOW_RES_SCHEDULE), persistent=False)
 
     def conditioning(self, images: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,10 +118,6 @@ class UpscaleTrainer(nn.Module):
             pictures += [low.resize(result.images[0].size), result.images[0], tensor_to_image(image)]
             labels += ["input", "upscaled", "original"]
         image_grid(pictures, columns=3, labels=labels).save(Path(out_dir) / f"step-{step:06d}.png")
-
-    def save(self, out_dir: Path, model: nn.Module, data) -> Path:
-        return components.save_model(out_dir, self.model_config, self.config,
-                                     {"unet": model, "vae": self.vae, "text_encoder": self.text_encoder})
 
 
 def build(config: TrainConfig, device: torch.device) -> UpscaleTrainer:
