@@ -88,7 +88,7 @@ def test_fully_sharded_unet_trains_the_same_weights_and_resumes_either_way(tmp_p
                          "--shard-model", *extra])
 
     log = two("sharded", 4, "--validate-every", "2")
-    assert "sharded over 2 processes (FSDP)" in log
+    assert "sharded over 2 processes (FSDP): rank 0 holds 50% of" in log
     two("resumed", 2, "--validate-every", "0")
     run(tiny_config("unet", tmp_path / "resumed", steps=4, **common), resume=True)  # one process, unsharded
     two("half", 4, "--validate-every", "0", "--resume")  # an unsharded checkpoint, continued sharded

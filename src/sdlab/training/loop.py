@@ -184,7 +184,9 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
     whole = copy.deepcopy(trainer.model).cpu().eval().requires_grad_(False) if sharded and main else None
     if sharded:
         sharding.shard(trainer.trained, device, ctx.world_size)
-        distributed.note(f"weights, gradients, AdamW state and EMA sharded over {ctx.world_size} processes (FSDP)")
+        held, total = sharding.held_fraction(trainer.trained)
+        distributed.note(f"weights, gradients, AdamW state and EMA sharded over {ctx.world_size} processes (FSDP): "
+                         f"rank 0 holds {held:.0%} of {total / 1e6:.2f} M trained weights")
     params = [p for p in trainer.trained.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config, ctx)
     amp_dtype = autocast_dtype(config.precision, device)

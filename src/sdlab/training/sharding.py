@@ -58,6 +58,12 @@ def shard(trained: nn.Module, device: torch.device, world_size: int) -> None:
         fully_shard(network, mesh=mesh)
 
 
+def held_fraction(module: nn.Module) -> tuple[float, int]:
+    """(share of `module`'s weights stored on this rank, their total number)."""
+    total = sum(p.numel() for p in module.parameters())  # a DTensor's numel is the whole tensor's
+    return sum(local(p).numel() for p in module.parameters()) / max(total, 1), total
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
