@@ -156,4 +156,5 @@ def test_upscaling_psnr_compares_with_bicubic_on_the_same_scenes():
 
     same = evaluate_upscaling(Bicubic(), n=3, seed=0)
     assert same["model"] == same["bicubic"] and 15 < same["bicubic"] < 40
+    assert same["model_median"] == same["bicubic_median"] and 15 < same["bicubic_median"] < 40
     assert evaluate_upscaling(Nearest(), n=3, seed=0)["model"] < same["bicubic"]

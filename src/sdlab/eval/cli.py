@@ -111,5 +111,6 @@ def cmd_eval_upscale(args) -> int:
     psnr = _run_edit_eval(args, "upscale", args.cases, lambda pipe, progress: evaluate_upscaling(
         pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler,
         noise_level=args.noise_level, progress=progress))
-    print(f"PSNR against the 128 px render: model {psnr['model']:.2f} dB, bicubic {psnr['bicubic']:.2f} dB")
+    print(f"PSNR against the 128 px render, mean (median) of {args.cases} scenes: model {psnr['model']:.2f} "
+          f"({psnr['model_median']:.2f}) dB, bicubic {psnr['bicubic']:.2f} ({psnr['bicubic_median']:.2f}) dB")
     return 0
