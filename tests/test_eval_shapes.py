@@ -158,3 +158,13 @@ def test_upscaling_psnr_compares_with_bicubic_on_the_same_scenes():
     assert same["model"] == same["bicubic"] and 15 < same["bicubic"] < 40
     assert same["model_median"] == same["bicubic_median"] and 15 < same["bicubic_median"] < 40
     assert evaluate_upscaling(Nearest(), n=3, seed=0)["model"] < same["bicubic"]
+
+
+def test_eval_upscale_and_inpaint_commands_print_their_figures(capsys):
+    """The bundled sibling models, one scene and one sampler step each: the commands' own lines."""
+    assert main(["eval", "upscale", "-n", "1", "--steps", "1", "--quiet"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("PSNR against the 128 px render, mean (median) of 1 scenes: model ") and "bicubic" in line
+    assert main(["eval", "inpaint", "-n", "1", "--steps", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "erase" in out and "insert" in out
