@@ -124,3 +124,25 @@ def test_shard_model_refuses_what_it_cannot_shard(tmp_path, settings, message):
     trainer = "vae" if "data" in settings else "unet"
     with pytest.raises(ConfigError, match=message):
         tiny_config(trainer, tmp_path, shard_model=True, **settings)
+
+
+def test_fully_sharded_dreambooth_trains_unet_and_text_encoder_as_one_process_does(tmp_path):
+    """DreamBooth's two networks (a ModuleDict of UNet and text encoder) are sharded one by one, with
+    prior preservation's second pass through both every step."""
+    data = str(shapes_folder(tmp_path / "data", count=4))
+    base = str(tiny_base(tmp_path / "base.safetensors"))
+    settings = {"dreambooth.class_prompt": "a shape", "dreambooth.class_images": 2,
+                "dreambooth.train_text_encoder": True}
+    run(tiny_config("dreambooth", tmp_path / "one", data=data, base=base, steps=2, batch_size=4,
+                    adam_eps=ADAM_EPS, **settings))
+    args = ["dreambooth", "--config", RECIPE, "--data", data, "--base", base, "--out", str(tmp_path / "two"),
+            "--steps", "2", "--batch-size", "4", "--validate-every", "0", "--quiet", "--shard-model",
+            "--set", f"adam_eps={ADAM_EPS}"]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value!r}" if isinstance(value, str) else f"{key}={str(value).lower()}"]
+    assert "rank 0 holds 50% of" in torchrun(args)
+
+    one, two = trained_state(tmp_path / "one"), trained_state(tmp_path / "two")
+    assert one.keys() == two.keys() and any(".text_encoder." in k for k in one)
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert worst < TOLERANCE, f"largest weight difference {worst:.3g}"
