@@ -106,9 +106,12 @@ def test_eval_command_refuses_bad_numbers_in_one_line(flags, message, capsys):
 
 
 class EditingPipe:
-    """Answers each inpainting case with the intended picture, or (`lazy`) with its input unchanged."""
+    """Answers each inpainting case with the intended picture, or (`lazy`) with its input unchanged, or
+    (`recolour`) with the inserted object in another colour."""
 
-    def __init__(self, n, seed, lazy=False):
+    def __init__(self, n, seed, lazy=False, recolour=False):
+        import dataclasses
+
         from sdlab.eval.edit_eval import edit_cases
 
         self.lazy = lazy
@@ -118,6 +121,11 @@ class EditingPipe:
             if case.task == "erase":
                 kept = next(o for o in scene.objects if (o.colour, o.shape) == case.kept)
                 scene = scene.__class__(scene.background, (kept,), None, None)
+            elif recolour:
+                wrong = next(c for c in ("red", "green", "blue") if c not in (case.edited[0], case.kept[0]))
+                scene = dataclasses.replace(scene, objects=tuple(
+                    dataclasses.replace(o, colour=wrong) if (o.colour, o.shape) == case.edited else o
+                    for o in scene.objects))
             self.answers[(case.prompt, case.image.tobytes())] = render(scene)
 
     def inpaint(self, prompt, image, mask, **kwargs):
@@ -134,8 +142,10 @@ def test_inpainting_cases_pass_when_the_edit_is_made_and_fail_when_it_is_not():
     for case in cases:
         inside = np.asarray(case.mask) > 127
         assert 0.02 < inside.mean() < 0.5  # the mask covers one object, not the scene
-    assert evaluate_inpainting(EditingPipe(6, 1), n=6, seed=1) == {"erase": 1.0, "insert": 1.0}
-    assert evaluate_inpainting(EditingPipe(6, 1, lazy=True), n=6, seed=1) == {"erase": 0.0, "insert": 0.0}
+    assert evaluate_inpainting(EditingPipe(6, 1), n=6, seed=1) == {"erase": 1.0, "appears": 1.0, "insert": 1.0}
+    assert evaluate_inpainting(EditingPipe(6, 1, lazy=True), n=6, seed=1) == {"erase": 0.0, "appears": 0.0, "insert": 0.0}
+    recoloured = evaluate_inpainting(EditingPipe(6, 1, recolour=True), n=6, seed=1)
+    assert recoloured["appears"] == recoloured["insert"] == 0.0
 
 
 def test_upscaling_psnr_compares_with_bicubic_on_the_same_scenes():
@@ -167,4 +177,4 @@ def test_eval_upscale_and_inpaint_commands_print_their_figures(capsys):
     assert line.startswith("PSNR against the 128 px render, mean (median) of 1 scenes: model ") and "bicubic" in line
     assert main(["eval", "inpaint", "-n", "1", "--steps", "1", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "erase" in out and "insert" in out
+    assert "erase" in out and "insert, loose" in out and "insert, strict" in out

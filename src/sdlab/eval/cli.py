@@ -101,7 +101,8 @@ def cmd_eval_inpaint(args) -> int:
     rates = _run_edit_eval(args, "inpaint", 2 * args.cases, lambda pipe, progress: evaluate_inpainting(
         pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, progress=progress))
     print(f"erase (masked shape becomes background): {rates['erase'] * 100:.1f}%")
-    print(f"insert (the prompt's shape appears in the mask): {rates['insert'] * 100:.1f}%")
+    print(f"insert, loose (the asked-for shape appears in the mask, the other stays): {rates['appears'] * 100:.1f}%")
+    print(f"insert, strict (both shapes, their relation and the background right): {rates['insert'] * 100:.1f}%")
     return 0
 
 

@@ -3,7 +3,9 @@
 - erase: a two-object scene, one object under the mask, the prompt names only the other. Pass when
   exactly that other object is found afterwards and the masked area is background.
 - insert: the same scene drawn without that object, the mask where it belongs, the prompt the full
-  two-object caption. Pass when the checker finds both objects with the caption's relation.
+  two-object caption. Two verdicts: "appears" when an object of the asked colour and shape has its
+  centre inside the mask and the kept object is still found; "insert" (strict) when the checker
+  finds both objects with the caption's relation and background.
 - upscale: a scene rendered at 128 px, shrunk to 32 px by area averaging, enlarged 4x by the model and
   by bicubic interpolation; PSNR of both against the 128 px render.
 """
@@ -31,6 +33,7 @@ class EditCase:
     image: Image.Image  # the input
     mask: Image.Image  # white = repaint
     kept: tuple[str, str]  # (colour, shape) of the object that stays
+    edited: tuple[str, str]  # (colour, shape) of the object erased or to be inserted
     scene: Scene  # the two-object scene
 
 
@@ -67,11 +70,28 @@ def edit_cases(n: int, seed: int = 0, size: int = 64) -> list[EditCase]:
         other = scene.objects[kept]
         mask = object_mask(scene.objects[edited], size)
         alone = dataclasses.replace(scene, objects=(other,), relation=None)
+        target = scene.objects[edited]
+        pairs = ((other.colour, other.shape), (target.colour, target.shape))
         cases.append(EditCase("erase", single_object_caption(other, scene.background), render(scene, size), mask,
-                              (other.colour, other.shape), scene))
+                              *pairs, scene))
         cases.append(EditCase("insert", canonical_caption(scene, with_background=True), render(alone, size), mask,
-                              (other.colour, other.shape), scene))
+                              *pairs, scene))
     return cases
+
+
+def appears(case: EditCase, result: Image.Image) -> bool:
+    """An insert case's object of the asked colour and shape is centred inside the mask, and the kept
+    object is still there."""
+    found = analyse(result).objects
+    inside = np.asarray(case.mask) > 127
+    side = inside.shape[0]
+
+    def in_mask(obj) -> bool:
+        row, column = (min(int(c * side), side - 1) for c in (obj.center[1], obj.center[0]))
+        return bool(inside[row, column])
+
+    pairs = [(obj.colour, obj.shape) for obj in found]
+    return case.kept in pairs and any((o.colour, o.shape) == case.edited and in_mask(o) for o in found)
 
 
 def judge_edit(case: EditCase, result: Image.Image) -> bool:
@@ -88,12 +108,15 @@ def judge_edit(case: EditCase, result: Image.Image) -> bool:
 
 def evaluate_inpainting(pipe, n: int = 20, seed: int = 0, *, steps: int = 20, guidance_scale: float = 5.0,
                         sampler: str = "DPM++ 2M", progress=None) -> dict[str, float]:
-    """Pass rates of the erase and insert cases (strength 1: the masked area is fully repainted)."""
-    passed = {"erase": [], "insert": []}
+    """Pass rates of the erase cases and of the insert cases, loose ("appears") and strict ("insert");
+    strength 1: the masked area is fully repainted."""
+    passed = {"erase": [], "appears": [], "insert": []}
     for i, case in enumerate(edit_cases(n, seed)):
         result = pipe.inpaint(case.prompt, case.image, case.mask, strength=1.0, mask_blur=0, steps=steps,
                               guidance_scale=guidance_scale, sampler=sampler, seed=seed + i, noise="a1111-cpu")
         passed[case.task].append(judge_edit(case, result.images[0]))
+        if case.task == "insert":
+            passed["appears"].append(appears(case, result.images[0]))
         if progress is not None:
             progress(1)
     return {task: float(np.mean(values)) for task, values in passed.items()}
