@@ -23,13 +23,14 @@ FILES = (bundled.BUNDLED_MODEL, bundled.BUNDLED_INPAINTING, bundled.BUNDLED_UPSC
 RECIPE = Path(__file__).parents[1] / "recipes" / "shapes-model.toml"
 
 # The reduced evaluation below measured (20 steps DPM++ 2M, CFG 5, seed 123, 30 captions; AMD EPYC):
-# single objects all 0.93 (colour, shape, size, position 1.0); relation colour 1.0; held-out shape 0.83.
-# Floors sit an image or two below, since another CPU's rounding may flip a borderline image.
-# Attributes the model does not yet get right (relations: see MODEL_CARD.md) have no floor to guard.
-FLOORS = {"single": {"all": 0.8, "colour": 0.9, "shape": 0.9, "size": 0.9, "position": 0.9},
-          "relation": {"colour": 0.85},
-          "held_out": {"shape": 0.65}}
-ERASE_FLOOR = 0.3  # measured 0.5 on these 6 scenes; a model that leaves the mask alone scores 0
+# single objects all 0.93, colour 0.93, shape, size, position and background 1.0; relations colour 0.78,
+# shape 0.89, count 1.0, relation 0.33; held-out pairs colour and shape 0.83, all 0.5.
+# Floors sit an image or two below (a group holds 6 to 15 captions), since another CPU's rounding
+# may flip a borderline image.
+FLOORS = {"single": {"all": 0.8, "colour": 0.8, "shape": 0.9, "size": 0.9, "position": 0.9, "background": 0.9},
+          "relation": {"colour": 0.65, "shape": 0.75, "count": 0.85, "relation": 0.2},
+          "held_out": {"colour": 0.65, "shape": 0.65, "all": 0.33}}
+ERASE_FLOOR = 0.3  # measured 0.5 on these 6 scenes (0.7 on 20); a model that leaves the mask alone scores 0
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +83,17 @@ def test_the_inpainting_model_erases_shapes():
     assert rates["erase"] >= ERASE_FLOOR, rates
 
 
-def test_the_upscaler_follows_its_input_better_than_a_blank_canvas():
-    """At its training size (16 -> 64 px) the upscaler measured 19.3 dB on these 6 scenes, a grey canvas
-    15.1 dB, bicubic 30.5 dB (MODEL_CARD.md: it is far from bicubic, and worse at 32 -> 128 px)."""
+def test_the_upscaler_stays_close_to_bicubic_at_32_to_128_px():
+    """4 scenes, 32 -> 128 px: the upscaler measured 33.6 dB, bicubic 36.1 dB, a grey canvas 19.5 dB
+    (MODEL_CARD.md; 10 scenes: 29.4 against 30.3)."""
     from sdlab.data.shapes import render, sample_scene
     from sdlab.eval.edit_eval import evaluate_upscaling, psnr
 
-    model = evaluate_upscaling(sdlab.load(task="upscale"), n=6, seed=5, low=16)["model"]
+    result = evaluate_upscaling(sdlab.load(task="upscale"), n=4, seed=5)
     rng = np.random.default_rng(5)  # the scenes evaluate_upscaling draws
-    blank = np.mean([psnr(Image.new("RGB", (64, 64), (128, 128, 128)), render(sample_scene(rng), 64))
-                     for _ in range(6)])
-    assert model >= blank + 2.5, (model, blank)
+    blank = np.mean([psnr(Image.new("RGB", (128, 128), (128, 128, 128)), render(sample_scene(rng), 128))
+                     for _ in range(4)])
+    assert result["model"] >= result["bicubic"] - 4.5 and result["model"] >= blank + 10, (result, blank)
 
 
 def test_the_readme_command_uses_the_bundled_model(tmp_path, capsys):
