@@ -15,9 +15,8 @@ and the other way round), and validation and the final file use a full copy gath
 
 from __future__ import annotations
 
-import copy
-
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -83,11 +82,16 @@ class ShardedEMA:
     def full_state_dict(self) -> dict:
         """Collective. The EMA in the unsharded layout (the network's state_dict keys; buffers are the
         network's own, as loop.update_ema copies them), on rank 0's CPU; {} elsewhere."""
-        state = get_model_state_dict(self.model, options=FULL_ON_RANK0_CPU)
-        for (name, p), shard_ in zip(self.model.named_parameters(), self.shards):
-            whole = DTensor.from_local(shard_, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
-            if name in state:
-                state[name] = whole.cpu()
+        shards = {name: (p, shard_) for (name, p), shard_ in zip(self.model.named_parameters(), self.shards)}
+        on_rank0 = dist.get_rank() == 0
+        state = {}
+        for name, value in self.model.state_dict().items():  # the same order on every rank
+            if name in shards:
+                p, shard_ = shards[name]
+                value = DTensor.from_local(shard_, p.device_mesh, p.placements, shape=p.shape,
+                                           stride=p.stride()).full_tensor()
+            if on_rank0:
+                state[name] = value.detach().cpu()
         return state
 
     def load_full_state_dict(self, state: dict) -> None:
@@ -130,4 +134,4 @@ def load_full_optimizer_state(trained: nn.Module, optimizer: torch.optim.Optimiz
     by_name = {"state": {names[i]: value for i, value in state["state"].items()},
                "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
                                 for group in state["param_groups"]]}
-    set_optimizer_state_dict(trained, optimizer, copy.copy(by_name), options=FULL)
+    set_optimizer_state_dict(trained, optimizer, by_name, options=FULL)
