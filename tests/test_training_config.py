@@ -90,6 +90,8 @@ def test_a_value_of_the_wrong_type_is_one_error_naming_the_key(tmp_path, text, m
     ({"ema_decay": 1.0}, r"'ema_decay' must be in \[0, 1\)"),
     ({"vae": {}}, r"the \[vae\] section belongs to `sdlab train vae`"),
     ({"trainer": "vae"}, "a recipe for `sdlab train vae`, not `sdlab train unet`"),
+    ({"single_object_fraction": 1.5}, r"'single_object_fraction' must be in \[0, 1\]"),
+    ({"unet": {"train_text_encoder": True, "text_encoder_lr": 0.0}}, "'unet.text_encoder_lr' must be positive"),
 ])
 def test_values_out_of_range_are_refused_before_training(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -144,9 +146,9 @@ def test_a_model_file_named_in_a_recipe_is_found_beside_it(tmp_path):
     assert resolve_model_config(config.model).resolution == 48
 
 
-@pytest.mark.parametrize("trainer", ["vae", "text", "unet"])
-def test_the_shipped_recipes_load(trainer):
-    config = load_config(trainer, str(RECIPES / f"shapes-{trainer}.toml"))
+@pytest.mark.parametrize("trainer, recipe", [("vae", "vae"), ("text", "text"), ("unet", "unet"), ("unet", "unet-text")])
+def test_the_shipped_recipes_load(trainer, recipe):
+    config = load_config(trainer, str(RECIPES / f"shapes-{recipe}.toml"))
     model = resolve_model_config(config.model)
     assert model.unet.context_dim == model.text.width
     assert load_config(trainer, str(RECIPES / "tiny.toml")).resolution == 32

@@ -131,6 +131,20 @@ def test_shapes_samples_are_deterministic_per_seed_and_validation_is_another_str
         open_data("shapes", 32, flip=True)
 
 
+def test_single_object_fraction_sets_the_mix_of_one_and_two_object_scenes(tmp_path):
+    from sdlab.data.shapes import parse_caption
+
+    def objects(data):
+        return [len(parse_caption(data[n][1]).objects) for n in range(200)]
+
+    assert set(objects(ShapesData(16, single_object_fraction=1.0))) == {1}
+    assert set(objects(ShapesData(16, single_object_fraction=0.0))) == {2}
+    default, fewer = objects(ShapesData(16)), objects(ShapesData(16, single_object_fraction=0.3))
+    assert 0.5 < default.count(1) / 200 < 0.7 and 0.2 < fewer.count(1) / 200 < 0.4
+    with pytest.raises(InputError, match="single_object_fraction is for the shapes data"):
+        open_data(str(make_folder(tmp_path / "f", 2)), 32, single_object_fraction=0.5)
+
+
 def test_ranks_and_accumulation_steps_split_the_global_batch_without_overlap():
     batch_size, accum, world = 8, 2, 2
     seen = []

@@ -93,3 +93,7 @@ def test_the_loss_falls_and_the_file_is_an_inpainting_model(tmp_path, base, data
     mask.paste(255, (8, 8, 24, 24))
     result = sdlab.load(str(path)).inpaint("a blue square", image, mask, steps=3, seed=1, width=32, height=32)
     assert np.asarray(result.images[0]).shape == (32, 32, 3)
+
+    # an inpainting model as --base is fine-tuned as it is, not grown again
+    again = inpaint_trainer.build(tiny_config("inpaint", tmp_path / "again", base=str(path)), torch.device("cpu"))
+    assert all(torch.equal(again.model.state_dict()[k], v) for k, v in loaded.unet.state_dict().items())

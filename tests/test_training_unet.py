@@ -108,3 +108,33 @@ def test_the_unet_needs_a_base_whose_text_width_it_can_read(tmp_path, base):
     with pytest.raises(sdlab.UnknownSamplerError):
         unet_trainer.build(tiny_config("unet", tmp_path, base=base, **{"unet.validation_sampler": "Eulr"}),
                            torch.device("cpu"))
+
+
+def test_train_text_encoder_trains_its_transformer_at_its_own_rate_and_saves_it(tmp_path, base):
+    config = tiny_config("unet", tmp_path / "run", data="shapes", steps=3, batch_size=2, base=base, ema_decay=0.0,
+                         **{"unet.train_text_encoder": True, "unet.text_encoder_lr": 2.5e-5})
+    trainer = unet_trainer.build(config, torch.device("cpu"))
+    groups = trainer.param_groups()
+    assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, pytest.approx(2.5e-5 / config.lr)]
+    assert all(p.requires_grad is False for p in trainer.text_encoder.token_embedding.parameters())
+
+    run(config)
+    before, after = load_components(base).text_encoder.state_dict(), load_components(tmp_path / "run" / "last.safetensors").text_encoder.state_dict()
+    token_table = "text_model.embeddings.token_embedding.weight"
+    assert torch.equal(before[token_table], after[token_table])
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("encoder.layers" in k for k in changed) and "text_model.final_layer_norm.weight" in changed
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
+    assert all(torch.equal(v, state["trained"][f"text_encoder.{k}"]) for k, v in after.items())
+
+
+def test_a_frozen_text_encoder_is_saved_unchanged(tmp_path, base):
+    config = tiny_config("unet", tmp_path / "run", data="shapes", steps=2, batch_size=2, base=base, ema_decay=0.0)
+    run(config)
+    before, after = load_components(base).text_encoder.state_dict(), load_components(tmp_path / "run" / "last.safetensors").text_encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_text_encoder_lr_needs_train_text_encoder(tmp_path, base):
+    with pytest.raises(ConfigError, match="needs 'unet.train_text_encoder = true'"):
+        tiny_config("unet", tmp_path, base=base, **{"unet.text_encoder_lr": 1e-5})

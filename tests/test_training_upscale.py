@@ -114,3 +114,7 @@ def test_the_loss_falls_and_the_file_is_an_upscaler_the_pipeline_runs(tmp_path, 
 
     result = upscale(sdlab.load(str(path)), Image.new("RGB", (8, 8), (200, 40, 40)), "a red square", steps=3, seed=1)
     assert result.images[0].size == (32, 32)
+
+    # an upscaler as --base is fine-tuned as it is, not grown again
+    again = upscale_trainer.build(tiny_config("upscale", tmp_path / "again", base=str(path)), torch.device("cpu"))
+    assert all(torch.equal(again.model.state_dict()[k], v) for k, v in loaded.unet.state_dict().items())

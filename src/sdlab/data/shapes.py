@@ -265,10 +265,11 @@ def layout(meaning: Meaning, rng: np.random.Generator) -> Scene:
             return Scene(background, objects, meaning.position, meaning.relation)
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    """A random training scene: never a held-out colour-shape pair."""
+def sample_scene(rng: np.random.Generator, single_object_fraction: float = SINGLE_OBJECT_FRACTION) -> Scene:
+    """A random training scene: never a held-out colour-shape pair; one object with probability
+    `single_object_fraction`, else two."""
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    if rng.random() < SINGLE_OBJECT_FRACTION:
+    if rng.random() < single_object_fraction:
         colour, shape = TRAINING_PAIRS[rng.integers(len(TRAINING_PAIRS))]
         size = list(SIZES)[rng.integers(len(SIZES))]
         position = list(POSITIONS)[rng.integers(len(POSITIONS))]
@@ -333,10 +334,11 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 # ---------------------------------------------------------------- datasets
 
 
-def training_example(seed: int, index: int, size: int = 64) -> tuple[Scene, str, Image.Image]:
+def training_example(seed: int, index: int, size: int = 64,
+                     single_object_fraction: float = SINGLE_OBJECT_FRACTION) -> tuple[Scene, str, Image.Image]:
     """Example `index` of the stream `seed`: a pure function of (seed, index)."""
     rng = np.random.default_rng([seed, index])
-    scene = sample_scene(rng)
+    scene = sample_scene(rng, single_object_fraction)
     return scene, training_caption(scene, rng), render(scene, size)
 
 

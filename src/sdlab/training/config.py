@@ -74,6 +74,10 @@ class UNetOptions:
     validation_sampler: str = "Euler"
     validation_steps: int = 20
     validation_guidance: float = 5.0
+    # Also train the text encoder's transformer on the diffusion loss (its token table stays frozen);
+    # the saved file then holds the trained text encoder (EMA-averaged with the UNet).
+    train_text_encoder: bool = False
+    text_encoder_lr: Optional[float] = None  # peak learning rate of the text encoder; unset: the run's `lr`
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,8 @@ class TrainConfig:
     crop: Literal["center", "random"] = "center"
     flip: bool = False  # random horizontal flips (images only; captions saying "left" would then lie)
     num_workers: int = 0  # DataLoader processes decoding images
+    # shapes data only: the fraction of one-object scenes (unset: the dataset's 0.6); the rest have two
+    single_object_fraction: Optional[float] = None
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPUs, fp32 on CPUs
     gradient_checkpointing: bool = False
@@ -344,9 +350,16 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
         if config.precision == "fp16":
             raise ConfigError(f"{source}: shard_model trains in fp32 or bf16 (fp16's loss scaling is not wired "
                               "to sharded gradients); use precision = \"bf16\"")
+    if config.single_object_fraction is not None and not 0 <= config.single_object_fraction <= 1:
+        raise ConfigError(f"{source}: 'single_object_fraction' must be in [0, 1], got {config.single_object_fraction}")
     options = config.options
     if isinstance(options, UNetOptions) and not 0 <= options.caption_dropout <= 1:
         raise ConfigError(f"{source}: 'unet.caption_dropout' must be in [0, 1], got {options.caption_dropout}")
+    if isinstance(options, UNetOptions) and options.text_encoder_lr is not None:
+        if not options.train_text_encoder:
+            raise ConfigError(f"{source}: 'unet.text_encoder_lr' needs 'unet.train_text_encoder = true'")
+        if options.text_encoder_lr <= 0:
+            raise ConfigError(f"{source}: 'unet.text_encoder_lr' must be positive, got {options.text_encoder_lr}")
 
 
 # -- reading -----------------------------------------------------------------------------------------

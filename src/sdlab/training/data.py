@@ -152,11 +152,13 @@ class ShapesData:
 
     VALIDATION_STREAM = 1_000_003
 
-    def __init__(self, size: int, seed: int = 0):
+    def __init__(self, size: int, seed: int = 0, single_object_fraction: Optional[float] = None):
         self.size, self.seed = size, seed
+        self.single_object_fraction = (shapes.SINGLE_OBJECT_FRACTION if single_object_fraction is None
+                                       else single_object_fraction)
 
     def __getitem__(self, n: int) -> tuple[torch.Tensor, str]:
-        _, caption, image = shapes.training_example(self.seed, n, self.size)
+        _, caption, image = shapes.training_example(self.seed, n, self.size, self.single_object_fraction)
         return to_tensor(image), caption
 
     def validation_examples(self, count: int) -> list[tuple[torch.Tensor, str]]:
@@ -167,12 +169,15 @@ class ShapesData:
         return examples
 
 
-def open_data(spec: str, size: int, crop: str = "center", flip: bool = False, seed: int = 0, verbose: bool = True):
+def open_data(spec: str, size: int, crop: str = "center", flip: bool = False, seed: int = 0, verbose: bool = True,
+              single_object_fraction: Optional[float] = None):
     """`shapes` or a folder of captioned images, yielding (image (3, size, size) in [-1, 1], caption)."""
     if spec == "shapes":
         if flip:
             raise InputError("flip is off for the shapes data: its captions say 'on the left' and 'to the right of'")
-        return ShapesData(size, seed)
+        return ShapesData(size, seed, single_object_fraction)
+    if single_object_fraction is not None:
+        raise InputError("single_object_fraction is for the shapes data; a folder's images are what they are")
     return ImageFolder(spec, size, crop, flip, seed, verbose)
 
 

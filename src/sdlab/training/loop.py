@@ -119,6 +119,16 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def param_groups(trainer, params: list) -> list:
+    """The optimizer's parameter groups: one, or the trainer's own (each may carry an `lr_scale`, a
+    factor on the scheduled learning rate)."""
+    groups = trainer.param_groups() if hasattr(trainer, "param_groups") else [{"params": params}]
+    grouped = [p for group in groups for p in group["params"]]
+    if len(grouped) != len(params) or {id(p) for p in grouped} != {id(p) for p in params}:
+        raise RuntimeError(f"{type(trainer).__name__}.param_groups() must hold each trained weight once")
+    return groups
+
+
 def make_optimizer(params: list, config: TrainConfig, ctx: distributed.Context) -> torch.optim.Optimizer:
     """AdamW; with `shard_optimizer` under torchrun, wrapped in ZeRO-1 (each rank steps its share).
 
@@ -188,7 +198,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
         distributed.note(f"weights, gradients, AdamW state and EMA sharded over {ctx.world_size} processes (FSDP): "
                          f"rank 0 holds {held:.0%} of {total / 1e6:.2f} M trained weights")
     params = [p for p in trainer.trained.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config, ctx)
+    optimizer = make_optimizer(param_groups(trainer, params), config, ctx)
     amp_dtype = autocast_dtype(config.precision, device)
     # fp16 gradients underflow without loss scaling (Micikevicius et al. 2018); bf16 has fp32's range
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -219,7 +229,8 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
         del state
 
     size = config.resolution or trainer.resolution
-    data = open_data(config.data, size, config.crop, config.flip, config.seed, verbose=main)
+    data = open_data(config.data, size, config.crop, config.flip, config.seed, verbose=main,
+                     single_object_fraction=config.single_object_fraction)
     validation_examples = data.validation_examples(config.validation_images)
     micro_batches = batches(data, start_step, config.steps, config.batch_size, config.grad_accum, ctx.rank,
                             ctx.world_size, config.num_workers, config.seed, device)
@@ -277,7 +288,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
     for step in range(start_step, config.steps):
         lr = learning_rate(step, config)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
         logs: dict[str, torch.Tensor] = {}
         for _ in range(config.grad_accum):

@@ -1,4 +1,6 @@
-"""`sdlab train unet`: the latent diffusion model (Rombach et al. 2022) on a frozen VAE and text encoder.
+"""`sdlab train unet`: the latent diffusion model (Rombach et al. 2022) on a frozen VAE and text encoder
+(or, with `train_text_encoder`, training the text encoder's transformer on the same loss, as
+DreamBooth's option does: for an encoder whose contrastive pre-training left word order out).
 
 For each image: latents z0 = scaling_factor * (a sample of the VAE posterior), a timestep t uniform in
 [0, T), noise eps, and the noised latents z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps with SD's schedule
@@ -38,7 +40,7 @@ class UNetFamilyTrainer(nn.Module):
         super().__init__()
         self.config, self.options, self.model_config = config, config.options, model
         self.resolution = model.resolution
-        self.model = unet
+        self.model = self.unet = unet
         self.trained = nn.ModuleDict({"unet": unet})
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
@@ -51,13 +53,48 @@ class UNetFamilyTrainer(nn.Module):
 
 
 class UNetTrainer(UNetFamilyTrainer):
+    """With `train_text_encoder`, the text encoder's transformer learns from the same loss (its token
+    table and contrastive projection stay as they are): `trained` and `model` then hold both networks."""
+
     default_ema_decay = 0.9999  # CompVis' LitEma for SD
 
-    @torch.no_grad()
+    def __init__(self, config: TrainConfig, model: ModelConfig, unet: nn.Module, vae: nn.Module,
+                 text_encoder: nn.Module):
+        super().__init__(config, model, unet, vae, text_encoder)
+        if self.options.train_text_encoder:
+            text_encoder.train().requires_grad_(True)
+            text_encoder.token_embedding.requires_grad_(False)
+            if getattr(text_encoder, "text_projection", None) is not None:  # a Linear, or OpenCLIP's bare matrix
+                text_encoder.text_projection.requires_grad_(False)
+            self.trained = nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+            self.model = self.trained
+
+    def param_groups(self) -> list[dict]:
+        """The UNet at the run's learning rate; a trained text encoder at `text_encoder_lr`."""
+        unet = [p for p in self.trained["unet"].parameters() if p.requires_grad]
+        if "text_encoder" not in self.trained:
+            return [{"params": unet}]
+        options: UNetOptions = self.options
+        scale = 1.0 if options.text_encoder_lr is None else options.text_encoder_lr / self.config.lr
+        text = [p for p in self.trained["text_encoder"].parameters() if p.requires_grad]
+        return [{"params": unet}, {"params": text, "lr_scale": scale}]
+
+    def parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """(UNet, text encoder) of `model`: the trained networks or their EMA."""
+        if isinstance(model, nn.ModuleDict):
+            return model["unet"], model["text_encoder"]
+        return model, self.text_encoder
+
     def encode_text(self, captions: list[str], device: torch.device) -> torch.Tensor:
         text = self.model_config.text
         ids = get_tokenizer().tokenize(captions, text.context_length, pad_token_id=text.pad_token_id)
-        return self.text_encoder(ids.to(device))  # (b, 77, width)
+        with torch.set_grad_enabled(self.options.train_text_encoder and torch.is_grad_enabled()):
+            return self.text_encoder(ids.to(device))  # (b, 77, width)
+
+    def save(self, out_dir: Path, model: nn.Module, data) -> Path:
+        unet, text_encoder = self.parts(model)
+        return components.save_model(out_dir, self.model_config, self.config,
+                                     {"unet": unet, "vae": self.vae, "text_encoder": text_encoder})
 
     def loss(self, batch: Batch):
         options: UNetOptions = self.options
@@ -68,13 +105,13 @@ class UNetTrainer(UNetFamilyTrainer):
             latents = (posterior.mean + posterior.std * eps).float() * self.model_config.vae.scaling_factor
             keep = batch.rand() >= options.caption_dropout
             captions = [caption if k else "" for caption, k in zip(batch.captions, keep.tolist())]
-            text_embeddings = self.encode_text(captions, device)
+        text_embeddings = self.encode_text(captions, device)  # with gradients if the encoder trains
 
         noise = batch.randn(*latents.shape[1:])
         timesteps = batch.randint(self.model_config.schedule.num_train_timesteps)
         a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy_latents = a.sqrt() * latents + (1 - a).sqrt() * noise
-        model_output = self.model(noisy_latents, timesteps, text_embeddings).float()  # noise_pred, or v_pred
+        model_output = self.unet(noisy_latents, timesteps, text_embeddings).float()  # noise_pred, or v_pred
         if self.model_config.prediction == "v":
             target = a.sqrt() * noise - (1 - a).sqrt() * latents
         else:
@@ -99,8 +136,9 @@ class UNetTrainer(UNetFamilyTrainer):
         prompts = list(options.validation_prompts) or [caption for _, caption in examples]
         if not any(p.strip() for p in prompts):
             prompts = ["a picture"] * len(prompts)  # txt2img refuses all-empty prompts
-        device = next(model.parameters()).device
-        pipe = Pipeline(self.model_config, model, self.vae, self.text_encoder, device, torch.float32)
+        unet, text_encoder = self.parts(model)
+        device = next(unet.parameters()).device
+        pipe = Pipeline(self.model_config, unet, self.vae, text_encoder, device, torch.float32)
         size = self.config.resolution or self.resolution
         result = pipe.txt2img(prompts, steps=options.validation_steps, guidance_scale=options.validation_guidance,
                               seed=self.config.seed, width=size, height=size, batch_size=len(prompts),

@@ -44,8 +44,11 @@ UPSCALE_FACTOR = 4  # pipelines/upscale.py's SCALE: output side / input side, wh
 
 def upscaler_unet(base_unet: nn.Module, model: ModelConfig, options: UpscaleOptions) -> tuple[nn.Module, ModelConfig]:
     """The base UNet with in_channels = latent channels + 3 and a `noise_levels`-class label embedding,
-    the new weights zero."""
+    the new weights zero; an upscaler's UNet (those channels and classes already) is fine-tuned as it is."""
     unet_config = model.unet
+    if (unet_config.in_channels == unet_config.out_channels + IMAGE_CHANNELS
+            and unet_config.num_classes == options.noise_levels):
+        return base_unet, model
     if unet_config.in_channels != unet_config.out_channels or unet_config.num_classes is not None:
         raise ConfigError(f"--base's UNet takes {unet_config.in_channels} channels (num_classes "
                           f"{unet_config.num_classes}); the upscaler grows from a text-to-image UNet")
