@@ -202,6 +202,22 @@ def test_paraphrases_keep_the_meaning_in_other_words():
         assert synonym in words
 
 
+def test_a_mirrored_caption_states_the_inverse_relation_in_the_same_words():
+    assert shapes.mirrored_caption("a blue square over a red circle") == "a blue square under a red circle"
+    assert (shapes.mirrored_caption("a red ball to the left of a green box on a grey background")
+            == "a red ball to the right of a green box on a grey background")
+    assert shapes.mirrored_caption("a red ball left of a green box") == "a red ball right of a green box"
+    assert shapes.mirrored_caption("a small red circle on the left") is None
+    rng = np.random.default_rng(3)
+    for scene in scenes(300, seed=3):
+        if scene.relation is None:
+            continue
+        text = paraphrase(scene, rng, bool(rng.integers(2)))
+        meaning, mirrored = parse_caption(text), parse_caption(shapes.mirrored_caption(text))
+        assert mirrored.objects == meaning.objects and mirrored.background == meaning.background
+        assert mirrored.relation == INVERSE_RELATION[meaning.relation], text
+
+
 def test_unreadable_captions_are_rejected():
     for caption in ("a red circle somewhere", "a large red circle", "a red circle above a red square",
                     "a large red circle on the left above a blue square", "a blue square", ""):

@@ -125,6 +125,23 @@ def format_caption(meaning: Meaning) -> str:
     return text
 
 
+# every wording of a relation, longest first so "to the left of" wins over "left of"
+_RELATION_PHRASES = sorted(((word, relation, i) for relation, words in RELATION_WORDS.items()
+                            for i, word in enumerate(words)), key=lambda item: -len(item[0]))
+_RELATION_PATTERN = re.compile(r"\b(" + "|".join(re.escape(word) for word, _, _ in _RELATION_PHRASES) + r")\b")
+_INVERSE_WORDING = {word: RELATION_WORDS[INVERSE_RELATION[relation]][min(i, len(RELATION_WORDS[INVERSE_RELATION[relation]]) - 1)]
+                    for word, relation, i in _RELATION_PHRASES}
+
+
+def mirrored_caption(caption: str) -> Optional[str]:
+    """`caption` with its relation turned round in the same wording ("a blue square over a red circle"
+    -> "a blue square under a red circle"): the caption of the mirrored scene, a hard negative for
+    contrastive training. None when the caption states no relation."""
+    if _RELATION_PATTERN.search(caption) is None:
+        return None
+    return _RELATION_PATTERN.sub(lambda match: _INVERSE_WORDING[match.group(1)], caption, count=1)
+
+
 def canonical_caption(scene: Scene, with_background: bool) -> str:
     return format_caption(scene.meaning(with_background))
 

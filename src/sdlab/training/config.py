@@ -62,6 +62,10 @@ class TextOptions:
 
     image_channels: int = 32  # width of the image tower's first stage; doubles at every stage
     image_stages: int = 4  # stride-2 stages before the pooled projection
+    # NegCLIP's hard negatives (Yuksekgonul et al. 2023): each caption that states a relation also brings
+    # its mirror ("above" -> "below", same words otherwise) as one more caption no image matches, so
+    # the text tower must encode which way round the objects are, not only which objects there are
+    hard_negatives: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,12 @@ captions and each caption's image among the N images (symmetric InfoNCE, van den
 The logit scale starts at ln(1/0.07) and the scale exp(s) is capped at 100, CLIP's numbers. The text
 encoder trained this way is then frozen to condition the UNet, as SD did with OpenAI's CLIP.
 
+With `hard_negatives`, NegCLIP's change (Yuksekgonul et al. 2023, "When and why vision-language models
+behave like bags-of-words", section 4): every caption stating a relation adds its mirror (the same
+words with the relation inverted, sdlab.data.shapes.mirrored_caption) as an extra column of the
+image-to-caption logits. No image matches it, so an image must score its own caption above the one
+that names the same objects the other way round; the caption-to-image direction is unchanged.
+
 Under torchrun the features of all ranks are gathered, so the negatives are the whole global
 (micro-)batch, exactly as in one process. With gradient accumulation the contrast is within each
 micro-batch of batch_size / grad_accum pairs.
@@ -27,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import ModelConfig
+from ..data.shapes import mirrored_caption
 from ..models import build_text_encoder
 from ..tokenizer import get_tokenizer
 from . import components, distributed
@@ -86,6 +93,10 @@ class TextTrainer(nn.Module):
         labels = torch.arange(first, first + batch.size, device=ids.device)  # our rows' partners
         logits_per_image = scale * image_features @ all_text.T  # (b, B): our images against every caption
         logits_per_text = scale * text_features @ all_image.T  # (b, B): our captions against every image
+        if self.config.options.hard_negatives:
+            negatives, has_negative = self.negatives(batch)
+            logits_negative = (scale * image_features @ negatives.T).masked_fill(~has_negative, float("-inf"))
+            logits_per_image = torch.cat([logits_per_image, logits_negative], dim=1)  # (b, 2B)
         # this rank's share of the global mean; the shares sum to the loss of the whole batch
         share = (F.cross_entropy(logits_per_image, labels, reduction="sum")
                  + F.cross_entropy(logits_per_text, labels, reduction="sum")) / (2 * batch.micro_size)
@@ -95,6 +106,17 @@ class TextTrainer(nn.Module):
         # the loop averages gradients over ranks; scaling by world_size turns that average into the sum
         # of the shares' gradients, the gradient of the global loss
         return share * batch.world_size, logs
+
+    def negatives(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) features of every rank's mirrored captions and a (B,) mask of those that exist: a
+        caption without a relation gets a placeholder row that the loss masks out of the softmax (each
+        rank computes b rows so that all can be gathered)."""
+        device = batch.images.device
+        mirrored = [mirrored_caption(caption) for caption in batch.captions]
+        ids = tokenize([m if m is not None else "" for m in mirrored], self.model_config, device)
+        features = F.normalize(self.model.text_encoder.pooled(ids).float(), dim=-1)
+        has = torch.tensor([m is not None for m in mirrored], device=device)
+        return distributed.gather_with_grad(features), distributed.gather_with_grad(has.float()) > 0
 
     @torch.no_grad()
     def validate(self, model: ContrastivePair, examples, step: int, out_dir: Path) -> None:
