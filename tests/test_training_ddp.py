@@ -12,18 +12,20 @@ from test_training_loop import RECIPE, one_thread, run, shapes_folder, tiny_base
 ADAM_EPS = 1e-3
 TOLERANCE = 1e-6
 
-# trainer -> (global batch, recipe keys beyond the tiny recipe)
+# case -> (trainer, global batch, recipe keys beyond the tiny recipe)
 SETTINGS = {
-    "vae": (4, {"vae.disc_start": 1}),  # the GAN's adaptive weight needs gradients averaged over ranks
-    "text": (8, {}),  # the contrast runs over both processes' pairs
-    "unet": (4, {"unet.caption_dropout": 0.5, "ema_decay": 0.5}),
+    "vae": ("vae", 4, {"vae.disc_start": 1}),  # the GAN's adaptive weight needs gradients averaged over ranks
+    "text": ("text", 8, {}),  # the contrast runs over both processes' pairs
+    "text-hard-negatives": ("text", 8, {"text.hard_negatives": True}),  # and over both processes' mirrors
+    "unet": ("unet", 4, {"unet.caption_dropout": 0.5, "ema_decay": 0.5}),
+    "unet-and-text": ("unet", 4, {"ema_decay": 0.5, "unet.train_text_encoder": True, "unet.text_encoder_lr": 5e-5}),
 }
 
 
-@pytest.mark.parametrize("trainer", ["vae", "text", "unet"])
-def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_path, trainer):
+@pytest.mark.parametrize("case", list(SETTINGS))
+def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_path, case):
     data = str(shapes_folder(tmp_path / "data", count=8))
-    batch_size, settings = SETTINGS[trainer]
+    trainer, batch_size, settings = SETTINGS[case]
     if trainer == "unet":
         settings = {**settings, "base": str(tiny_base(tmp_path / "base.safetensors"))}
     run(tiny_config(trainer, tmp_path / "one", data=data, steps=3, batch_size=batch_size, adam_eps=ADAM_EPS, **settings))
@@ -32,7 +34,8 @@ def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_p
             "--batch-size", str(batch_size), "--validate-every", "0", "--checkpoint-every", "1000", "--quiet",
             "--set", f"adam_eps={ADAM_EPS}"]
     for key, value in settings.items():
-        args += ["--set", f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"]
+        text = repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+        args += ["--set", f"{key}={text}"]
     torchrun(args)
 
     one, two = trained_state(tmp_path / "one"), trained_state(tmp_path / "two")
