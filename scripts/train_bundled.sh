@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains sdlab's bundled shapes models from nothing and installs them in src/sdlab/weights/:
-# VAE, text encoder, UNet, then the inpainting and x4-upscaling UNets grown from that UNet
-# (recipes/shapes-*.toml). Each stage resumes from its last checkpoint when run again; finished stages
+# VAE, text encoder, UNet, the UNet and text encoder together, then the inpainting and x4-upscaling
+# UNets grown from that UNet, on its text encoder (recipes/shapes-*.toml). Each stage resumes from its last checkpoint when run again; finished stages
 # are skipped.
 #   ./scripts/train_bundled.sh [RUNS_DIR]          (default: runs/)
 set -euo pipefail
@@ -18,7 +18,8 @@ stage() {  # stage NAME TRAINER RECIPE [--base FILE]
 stage vae vae recipes/shapes-vae.toml
 stage text text recipes/shapes-text.toml --base "$runs/shapes-vae/last.safetensors"
 stage unet unet recipes/shapes-unet.toml --base "$runs/shapes-text/last.safetensors"
-stage inpaint inpaint recipes/shapes-inpaint.toml --base "$runs/shapes-unet/last.safetensors"
-stage upscale upscale recipes/shapes-upscale.toml --base "$runs/shapes-unet/last.safetensors"
+stage unet-text unet recipes/shapes-unet-text.toml --base "$runs/shapes-unet/last.safetensors"
+stage inpaint inpaint recipes/shapes-inpaint.toml --base "$runs/shapes-unet-text/last.safetensors"
+stage upscale upscale recipes/shapes-upscale.toml --base "$runs/shapes-unet-text/last.safetensors"
 $python -c "import sys, sdlab.bundled as b; print(*b.package(*sys.argv[1:]), sep='\n')" \
-  "$runs/shapes-unet/last.safetensors" "$runs/shapes-inpaint/last.safetensors" "$runs/shapes-upscale/last.safetensors"
+  "$runs/shapes-unet-text/last.safetensors" "$runs/shapes-inpaint/last.safetensors" "$runs/shapes-upscale/last.safetensors"
