@@ -109,7 +109,7 @@ class TextTrainer(nn.Module):
 
     def negatives(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, D) features of every rank's mirrored captions and a (B,) mask of those that exist: a
-        caption without a relation gets a placeholder row that the loss masks out of the softmax (each
+        caption without a relation gets the empty caption's row, which the loss masks out of the softmax (each
         rank computes b rows so that all can be gathered)."""
         device = batch.images.device
         mirrored = [mirrored_caption(caption) for caption in batch.captions]
