@@ -91,6 +91,7 @@ def test_a_value_of_the_wrong_type_is_one_error_naming_the_key(tmp_path, text, m
     ({"vae": {}}, r"the \[vae\] section belongs to `sdlab train vae`"),
     ({"trainer": "vae"}, "a recipe for `sdlab train vae`, not `sdlab train unet`"),
     ({"single_object_fraction": 1.5}, r"'single_object_fraction' must be in \[0, 1\]"),
+    ({"single_object_fraction": 0.5, "data": "photos"}, "'single_object_fraction' is for the shapes data"),
     ({"unet": {"train_text_encoder": True, "text_encoder_lr": 0.0}}, "'unet.text_encoder_lr' must be positive"),
 ])
 def test_values_out_of_range_are_refused_before_training(values, message):

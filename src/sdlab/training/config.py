@@ -356,6 +356,8 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
                               "to sharded gradients); use precision = \"bf16\"")
     if config.single_object_fraction is not None and not 0 <= config.single_object_fraction <= 1:
         raise ConfigError(f"{source}: 'single_object_fraction' must be in [0, 1], got {config.single_object_fraction}")
+    if config.single_object_fraction is not None and config.data != "shapes":
+        raise ConfigError(f"{source}: 'single_object_fraction' is for the shapes data, not {config.data}")
     options = config.options
     if isinstance(options, UNetOptions) and not 0 <= options.caption_dropout <= 1:
         raise ConfigError(f"{source}: 'unet.caption_dropout' must be in [0, 1], got {options.caption_dropout}")
