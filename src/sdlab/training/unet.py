@@ -46,10 +46,18 @@ class UNetFamilyTrainer(nn.Module):
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.register_buffer("alphas_cumprod", alphas_cumprod(model.schedule), persistent=False)
 
+    def parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """(UNet, text encoder) of `model` (the trained networks or their EMA): a UNet alone goes with
+        the frozen text encoder; a ModuleDict holds both."""
+        if isinstance(model, nn.ModuleDict):
+            return model["unet"], model["text_encoder"]
+        return model, self.text_encoder
+
     def save(self, out_dir: Path, model: nn.Module, data) -> Path:
-        """A single file: `model` as the UNet beside the frozen VAE and text encoder."""
+        """A single file: `model`'s UNet and text encoder beside the VAE."""
+        unet, text_encoder = self.parts(model)
         return components.save_model(out_dir, self.model_config, self.config,
-                                     {"unet": model, "vae": self.vae, "text_encoder": self.text_encoder})
+                                     {"unet": unet, "vae": self.vae, "text_encoder": text_encoder})
 
 
 class UNetTrainer(UNetFamilyTrainer):
@@ -79,22 +87,11 @@ class UNetTrainer(UNetFamilyTrainer):
         text = [p for p in self.trained["text_encoder"].parameters() if p.requires_grad]
         return [{"params": unet}, {"params": text, "lr_scale": scale}]
 
-    def parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
-        """(UNet, text encoder) of `model`: the trained networks or their EMA."""
-        if isinstance(model, nn.ModuleDict):
-            return model["unet"], model["text_encoder"]
-        return model, self.text_encoder
-
     def encode_text(self, captions: list[str], device: torch.device) -> torch.Tensor:
         text = self.model_config.text
         ids = get_tokenizer().tokenize(captions, text.context_length, pad_token_id=text.pad_token_id)
         with torch.set_grad_enabled(self.options.train_text_encoder and torch.is_grad_enabled()):
             return self.text_encoder(ids.to(device))  # (b, 77, width)
-
-    def save(self, out_dir: Path, model: nn.Module, data) -> Path:
-        unet, text_encoder = self.parts(model)
-        return components.save_model(out_dir, self.model_config, self.config,
-                                     {"unet": unet, "vae": self.vae, "text_encoder": text_encoder})
 
     def loss(self, batch: Batch):
         options: UNetOptions = self.options
