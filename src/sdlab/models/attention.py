@@ -31,10 +31,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return out.transpose(1, 2).reshape(b, lq, inner)
 
 
+def attention_with_probabilities(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention()` computed step by step, also returning the attention probabilities averaged over the
+    heads, (B, Lq, Lk): where each query position looks. Differentiable, for losses on the maps."""
+    b, lq, inner = q.shape
+    d = inner // heads
+    q = q.view(b, lq, heads, d).transpose(1, 2)
+    k = k.view(b, -1, heads, d).transpose(1, 2)
+    v = v.view(b, -1, heads, d).transpose(1, 2)
+    probabilities = (q @ k.transpose(-1, -2) * d**-0.5).softmax(dim=-1)  # (B, heads, Lq, Lk)
+    out = (probabilities @ v).transpose(1, 2).reshape(b, lq, inner)
+    return out, probabilities.mean(dim=1)
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of `x` to `context` (to itself when context is None).
 
     The query, key and value projections have no bias, the output projection has one (ldm).
+    While `recorded` is a list, each call appends its head-averaged attention probabilities to it.
     """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: Optional[int] = None):
@@ -46,10 +61,15 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         # index 1 is ldm's dropout slot (p = 0 in every SD config); it keeps the key `to_out.0`
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())
+        self.recorded: Optional[list[torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if self.recorded is None:
+            return self.to_out(attention(q, k, v, self.heads))
+        out, probabilities = attention_with_probabilities(q, k, v, self.heads)
+        self.recorded.append(probabilities)
         return self.to_out(out)
 
 

@@ -82,6 +82,10 @@ class UNetOptions:
     # the saved file then holds the trained text encoder (EMA-averaged with the UNet).
     train_text_encoder: bool = False
     text_encoder_lr: Optional[float] = None  # peak learning rate of the text encoder; unset: the run's `lr`
+    # Weight of the token grounding loss (sdlab.training.grounding; TokenCompose's token loss): each
+    # object's colour and shape words learn to attend where that object is. Shapes data only: the
+    # objects' regions are read from its palette colours. 0: off.
+    grounding_loss: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -366,6 +370,15 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
             raise ConfigError(f"{source}: 'unet.text_encoder_lr' needs 'unet.train_text_encoder = true'")
         if options.text_encoder_lr <= 0:
             raise ConfigError(f"{source}: 'unet.text_encoder_lr' must be positive, got {options.text_encoder_lr}")
+    if isinstance(options, UNetOptions) and options.grounding_loss:
+        if options.grounding_loss < 0:
+            raise ConfigError(f"{source}: 'unet.grounding_loss' must not be negative, got {options.grounding_loss}")
+        if config.data != "shapes":
+            raise ConfigError(f"{source}: 'unet.grounding_loss' is for the shapes data (it finds each object by its "
+                              f"palette colour), not {config.data}")
+        if config.gradient_checkpointing:
+            raise ConfigError(f"{source}: 'unet.grounding_loss' reads attention maps that gradient checkpointing "
+                              "would drop and recompute; turn one of them off")
 
 
 # -- reading -----------------------------------------------------------------------------------------

@@ -13,10 +13,14 @@ same network also learns the unconditional prediction classifier-free guidance n
 Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 8)
 weights each sample's loss by min(SNR_t, gamma) / SNR_t for eps (/(SNR_t + 1) for v), with
 SNR_t = a_t / (1 - a_t): the easy low-noise timesteps stop dominating the gradient.
+
+On the shapes data, `grounding_loss` adds TokenCompose's token loss (see `grounding`): each object's
+words are taught where in the picture to be read.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -25,7 +29,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..schedules import alphas_cumprod
 from ..tokenizer import get_tokenizer
-from . import components
+from . import components, grounding
 from .config import TrainConfig, UNetOptions
 from .data import Batch
 from .plots import image_grid
@@ -87,9 +91,12 @@ class UNetTrainer(UNetFamilyTrainer):
         text = [p for p in self.trained["text_encoder"].parameters() if p.requires_grad]
         return [{"params": unet}, {"params": text, "lr_scale": scale}]
 
-    def encode_text(self, captions: list[str], device: torch.device) -> torch.Tensor:
+    def token_ids(self, captions: list[str]) -> torch.Tensor:
         text = self.model_config.text
-        ids = get_tokenizer().tokenize(captions, text.context_length, pad_token_id=text.pad_token_id)
+        return get_tokenizer().tokenize(captions, text.context_length, pad_token_id=text.pad_token_id)
+
+    def encode_text(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        ids = self.token_ids(captions)
         with torch.set_grad_enabled(self.options.train_text_encoder and torch.is_grad_enabled()):
             return self.text_encoder(ids.to(device))  # (b, 77, width)
 
@@ -108,7 +115,10 @@ class UNetTrainer(UNetFamilyTrainer):
         timesteps = batch.randint(self.model_config.schedule.num_train_timesteps)
         a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy_latents = a.sqrt() * latents + (1 - a).sqrt() * noise
-        model_output = self.unet(noisy_latents, timesteps, text_embeddings).float()  # noise_pred, or v_pred
+        recording = (grounding.recorded_cross_attention(self.unet) if options.grounding_loss
+                     else contextlib.nullcontext([]))
+        with recording as maps:
+            model_output = self.unet(noisy_latents, timesteps, text_embeddings).float()  # noise_pred, or v_pred
         if self.model_config.prediction == "v":
             target = a.sqrt() * noise - (1 - a).sqrt() * latents
         else:
@@ -122,7 +132,12 @@ class UNetTrainer(UNetFamilyTrainer):
             weight = snr.clamp(max=options.min_snr_gamma) / denominator
             logs["mse"] = per_sample.mean()
             per_sample = per_sample * weight
-        return per_sample.mean(), logs
+        loss = per_sample.mean()
+        if options.grounding_loss:
+            logs["diffusion"] = loss.detach()
+            logs["grounding"] = grounding.grounding_loss(maps, batch.images, self.token_ids(captions))
+            loss = loss + options.grounding_loss * logs["grounding"]
+        return loss, logs
 
     @torch.no_grad()
     def validate(self, model: nn.Module, examples, step: int, out_dir: Path) -> None:

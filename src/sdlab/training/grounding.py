@@ -1,0 +1,111 @@
+"""Token grounding: a loss that makes the words naming an object look at that object.
+
+The UNet's cross-attention decides, at every latent position, which caption tokens it reads. For a
+two-object caption ("a red circle to the left of a blue square") the denoising loss only says, in the
+end, that the picture was wrong; this loss says where each object's words should have been read.
+For every object the caption names, the head-averaged attention probabilities of its colour word and
+of its shape word (the token after it) over the positions of a cross-attention map are compared
+with the object's region: the loss is (1 - the share of the token's attention that falls inside the
+region)^2, averaged over tokens, objects and cross-attention layers. That is the token loss of Wang et
+al. 2024, "TokenCompose: Text-to-Image Diffusion with Token-level Supervision" (eq. 3), which uses
+segmentation masks; on the shapes data the regions come from the pixels themselves: every object has
+its own flat palette colour and the two colours of a scene differ, so the pixels along the line from the
+background colour to the object's colour are that object (anti-aliased edges included).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import shapes
+from ..models.attention import CrossAttention
+from ..tokenizer import get_tokenizer
+
+# an object pixel lies within this distance (0-255 RGB) of the background-to-colour line
+COLOUR_TOLERANCE = 24.0
+
+
+@contextmanager
+def recorded_cross_attention(unet: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """While inside, every text cross-attention of `unet` (each transformer block's attn2) appends its
+    (B, h*w, tokens) attention probabilities, in call order, to the list this yields."""
+    layers = [module.attn2 for module in unet.modules() if hasattr(module, "attn2")]
+    if not all(isinstance(layer, CrossAttention) for layer in layers):
+        raise TypeError("token grounding records sdlab's CrossAttention layers; this UNet has others")
+    maps: list[torch.Tensor] = []
+    for layer in layers:
+        layer.recorded = maps
+    try:
+        yield maps
+    finally:
+        for layer in layers:
+            layer.recorded = None
+
+
+def colour_regions(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """For each palette colour, (B, H, W) in [0, 1]: how much of each pixel is an object of that colour.
+
+    images: (B, 3, H, W) shapes renders in [-1, 1]. The background is the top-left pixel's colour (no
+    object comes near the border); a pixel's share of colour c is its position along the line from the
+    background to c, where it lies on that line.
+    """
+    pixels = (images.detach().float() + 1) * 127.5  # (B, 3, H, W)
+    background = pixels[:, :, :1, :1]
+    regions = {}
+    for name, rgb in shapes.COLOURS.items():
+        direction = torch.tensor(rgb, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1) - background
+        offset = pixels - background
+        share = (offset * direction).sum(1, keepdim=True) / direction.pow(2).sum(1, keepdim=True)
+        share = share.clamp(0, 1)
+        off_line = (offset - share * direction).norm(dim=1, keepdim=True)
+        regions[name] = (share * (off_line <= COLOUR_TOLERANCE)).squeeze(1)
+    return regions
+
+
+def object_tokens(ids: torch.Tensor) -> list[list[tuple[str, list[int]]]]:
+    """For each caption (token ids (B, L)): (colour, [colour word's index, shape word's index]) for
+    every object colour it names. Colour words name objects in every shapes caption ("a red circle",
+    "a large red ball"): the shape word follows its colour."""
+    tokenizer = get_tokenizer()
+    colour_of = {tokenizer.encode(name)[0]: name for name in shapes.COLOURS}
+    out = []
+    for row in ids.tolist():
+        found = [(colour_of[token], [i, i + 1]) for i, token in enumerate(row[:-1]) if token in colour_of]
+        out.append(found)
+    return out
+
+
+def grounding_loss(maps: list[torch.Tensor], images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """TokenCompose's token loss over the recorded cross-attention `maps` (see the module docstring).
+
+    maps: [(B, h*w, L)] from `recorded_cross_attention`; images: the (B, 3, H, W) renders the latents
+    came from; ids: the (B, L) token ids the UNet was conditioned on. Captions that name no object
+    colour (dropped captions) add nothing; with none in the batch the loss is 0 (with a gradient path).
+    """
+    height, width = images.shape[-2:]
+    regions = colour_regions(images)
+    tokens = object_tokens(ids)
+    terms = []
+    for attention in maps:
+        positions = attention.shape[1]
+        h = round((positions * height / width) ** 0.5)
+        w = positions // h
+        # a position belongs to an object when any pixel of its cell is mostly that object
+        cells = {name: F.adaptive_max_pool2d((region > 0.5).float()[:, None], (h, w)).flatten(1)
+                 for name, region in regions.items()}
+        for b, found in enumerate(tokens):
+            for colour, indices in found:
+                inside = cells[colour][b]
+                if inside.sum() == 0:  # the caption names a colour the picture does not show
+                    continue
+                looks = attention[b, :, indices]  # (h*w, 2)
+                share = (looks * inside[:, None]).sum(0) / looks.sum(0).clamp_min(1e-8)
+                terms.append((1 - share).pow(2))
+    if not terms:
+        return sum(attention.sum() for attention in maps) * 0.0
+    return torch.cat(terms).mean()
