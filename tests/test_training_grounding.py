@@ -7,7 +7,7 @@ import torch
 
 from sdlab.data import shapes
 from sdlab.errors import ConfigError
-from sdlab.models.attention import attention, attention_with_probabilities
+from sdlab.models.attention import attention, attention_with_probabilities, recorded_cross_attention
 from sdlab.tokenizer import get_tokenizer
 from sdlab.training import grounding
 from sdlab.training import unet as unet_trainer
@@ -99,7 +99,7 @@ def test_recording_catches_every_cross_attention_and_stops_after(tmp_path):
     latents, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
     context = trainer.encode_text(["a red circle on the left", ""], torch.device("cpu"))
     plain = unet(latents, t, context)
-    with grounding.recorded_cross_attention(unet) as maps:
+    with recorded_cross_attention(unet) as maps:
         recorded = unet(latents, t, context)
     blocks = [m for m in unet.modules() if hasattr(m, "attn2")]
     assert len(maps) == len(blocks) > 0

@@ -139,15 +139,44 @@ def run_and_save(args, started: float, run, steps: int) -> int:
 
 
 def cmd_generate(args) -> int:
+    if args.hires_scale and args.attention_maps:
+        raise InputError("--attention-maps maps one sampling pass; leave out --hires-scale")
     if args.hires_scale:
         from .pipelines.upscale_cli import cmd_hires
 
         return cmd_hires(args)
     check_output(args.output)
+    if args.attention_maps:
+        check_output(args.attention_maps)
     started = time.perf_counter()
     pipe = load_for(args)
-    return run_and_save(args, started, lambda step: pipe.txt2img(
-        args.prompt, args.negative, callback=step, **generation_kwargs(args)), args.steps)
+
+    def run(step):
+        return pipe.txt2img(args.prompt, args.negative, callback=step, **generation_kwargs(args))
+
+    if args.attention_maps:
+        return run_and_save(args, started, lambda step: run_saving_attention_maps(args, pipe, run, step), args.steps)
+    return run_and_save(args, started, run, args.steps)
+
+
+def run_saving_attention_maps(args, pipe, run, step):
+    """`run(step)` with the UNet's cross-attention recorded; writes the first image's word maps to
+    --attention-maps (temp file, then rename) and returns run's result."""
+    from .models.attention import recorded_cross_attention
+    from .pipelines.attention_maps import WordMaps, attention_sheet, prompt_words
+
+    words = prompt_words(args.prompt)
+    if not words:
+        raise InputError("--attention-maps needs a prompt with words to map")
+    maps = WordMaps(batch_size=args.batch, count=len(words))
+    with recorded_cross_attention(pipe.unet, sink=maps):
+        result = run(step)
+    path = args.attention_maps
+    partial = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial")
+    attention_sheet(result.images[0], maps.mean(), words).save(partial, format="PNG")
+    os.replace(partial, path)
+    print(f"wrote {path}")
+    return result
 
 
 def denoising_steps(args) -> int:
@@ -246,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="text to image")
     add_generation_options(generate)
+    generate.add_argument("--attention-maps", metavar="PNG", default=None,
+                          help="also write where each word of the prompt was read (cross-attention, first image)")
     generate.set_defaults(run=cmd_generate)
 
     img2img = commands.add_parser("img2img", help="repaint an image towards a prompt")

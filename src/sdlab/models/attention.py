@@ -9,7 +9,8 @@ Module names follow CompVis `ldm/modules/attention.py`, so the checkpoint keys u
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,8 @@ class CrossAttention(nn.Module):
     """Multi-head attention of `x` to `context` (to itself when context is None).
 
     The query, key and value projections have no bias, the output projection has one (ldm).
-    While `recorded` is a list, each call appends its head-averaged attention probabilities to it.
+    While `recorded` is set (a list, or anything with an `append`), each call appends its head-averaged
+    attention probabilities to it.
     """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: Optional[int] = None):
@@ -61,7 +63,7 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         # index 1 is ldm's dropout slot (p = 0 in every SD config); it keeps the key `to_out.0`
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())
-        self.recorded: Optional[list[torch.Tensor]] = None
+        self.recorded = None  # see recorded_cross_attention
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         context = x if context is None else context
@@ -162,3 +164,19 @@ class SpatialTransformer(nn.Module):
             tokens = self.proj_out(tokens)
         # x first: the sum takes x's contiguous layout, the residual add doubling as the copy back
         return x + tokens
+
+
+@contextmanager
+def recorded_cross_attention(unet: nn.Module, sink=None) -> Iterator:
+    """While inside, every text cross-attention of `unet` (each transformer block's attn2) appends its
+    (B, h*w, tokens) attention probabilities, in call order, to `sink` (anything with an `append`;
+    default a new list), which this yields."""
+    layers = [module.attn2 for module in unet.modules() if hasattr(module, "attn2")]
+    maps = [] if sink is None else sink
+    for layer in layers:
+        layer.recorded = maps
+    try:
+        yield maps
+    finally:
+        for layer in layers:
+            layer.recorded = None

@@ -15,36 +15,14 @@ background colour to the object's colour are that object (anti-aliased edges inc
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..data import shapes
-from ..models.attention import CrossAttention
 from ..tokenizer import get_tokenizer
 
 # an object pixel lies within this distance (0-255 RGB) of the background-to-colour line
 COLOUR_TOLERANCE = 24.0
-
-
-@contextmanager
-def recorded_cross_attention(unet: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """While inside, every text cross-attention of `unet` (each transformer block's attn2) appends its
-    (B, h*w, tokens) attention probabilities, in call order, to the list this yields."""
-    layers = [module.attn2 for module in unet.modules() if hasattr(module, "attn2")]
-    if not all(isinstance(layer, CrossAttention) for layer in layers):
-        raise TypeError("token grounding records sdlab's CrossAttention layers; this UNet has others")
-    maps: list[torch.Tensor] = []
-    for layer in layers:
-        layer.recorded = maps
-    try:
-        yield maps
-    finally:
-        for layer in layers:
-            layer.recorded = None
 
 
 def colour_regions(images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -83,7 +61,7 @@ def object_tokens(ids: torch.Tensor) -> list[list[tuple[str, list[int]]]]:
 def grounding_loss(maps: list[torch.Tensor], images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """TokenCompose's token loss over the recorded cross-attention `maps` (see the module docstring).
 
-    maps: [(B, h*w, L)] from `recorded_cross_attention`; images: the (B, 3, H, W) renders the latents
+    maps: [(B, h*w, L)] from `sdlab.models.attention.recorded_cross_attention`; images: the (B, 3, H, W) renders the latents
     came from; ids: the (B, L) token ids the UNet was conditioned on. Captions that name no object
     colour (dropped captions) add nothing; with none in the batch the loss is 0 (with a gradient path).
     """

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..models.attention import recorded_cross_attention
 from ..schedules import alphas_cumprod
 from ..tokenizer import get_tokenizer
 from . import components, grounding
@@ -115,7 +116,7 @@ class UNetTrainer(UNetFamilyTrainer):
         timesteps = batch.randint(self.model_config.schedule.num_train_timesteps)
         a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy_latents = a.sqrt() * latents + (1 - a).sqrt() * noise
-        recording = (grounding.recorded_cross_attention(self.unet) if options.grounding_loss
+        recording = (recorded_cross_attention(self.unet) if options.grounding_loss
                      else contextlib.nullcontext([]))
         with recording as maps:
             model_output = self.unet(noisy_latents, timesteps, text_embeddings).float()  # noise_pred, or v_pred

@@ -1,0 +1,87 @@
+"""Where each word of a prompt was read: the UNet's text cross-attention, as a picture.
+
+At every denoising step, every cross-attention layer gives each latent position a probability over
+the prompt's 77 tokens (averaged over heads here). `WordMaps` averages those of one image's
+conditional pass over steps and layers, each map resized to one size first; `attention_sheet` lays
+out the image beside one heat map per word, as in prompt-to-prompt's figures (Hertz et al. 2022, fig. 4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from ..prompts import tokenize_weighted
+from ..tokenizer import END_ID, get_tokenizer
+
+
+def prompt_words(prompt: str) -> list[str]:
+    """The tokens of the prompt's first 77-token window as text, past its start token and up to its end
+    token, as the text encoder reads them: emphasis syntax removed ("(red:1.3)" reads "red"), cut at
+    BREAK or where the web UI's chunking starts the next window."""
+    tokenizer = get_tokenizer()
+    ids = tokenize_weighted(prompt, tokenizer)[0].ids[1:]
+    ids = ids[:ids.index(END_ID)] if END_ID in ids else ids
+    return [word.replace("</w>", "") for word in tokenizer.token_strings(ids)]
+
+
+class WordMaps:
+    """Running mean of the attention of tokens 1..count (past the start token) in image `image`'s
+    conditional pass, over every recorded call, each map resized to height x width first. Give it to
+    `recorded_cross_attention(unet, sink=...)`: nothing but the sum is kept, so long runs at full SD
+    sizes cost no memory.
+
+    Each call runs either the conditional batch alone (rows = batch_size, guidance scale 1) or the
+    unconditional batch then the conditional one (2 x batch_size rows), so the conditional rows are last.
+    """
+
+    def __init__(self, batch_size: int, count: int, height: int = 64, width: int = 64, image: int = 0):
+        self.batch_size, self.count, self.image = batch_size, count, image
+        self.total = torch.zeros(count, height, width)
+        self.calls = 0
+
+    def append(self, probabilities: torch.Tensor) -> None:
+        rows, positions, _ = probabilities.shape
+        height, width = self.total.shape[1:]
+        h = round((positions * height / width) ** 0.5)
+        row = probabilities[rows - self.batch_size + self.image, :, 1:1 + self.count].detach().float().cpu()
+        self.total += F.interpolate(row.T.reshape(1, self.count, h, positions // h), size=(height, width),
+                                    mode="bilinear", align_corners=False)[0]
+        self.calls += 1
+
+    def mean(self) -> torch.Tensor:
+        """(count, height, width)."""
+        if not self.calls:
+            raise ValueError("no cross-attention was recorded: was the UNet called inside recorded_cross_attention?")
+        return self.total / self.calls
+
+
+def _heat(values: np.ndarray) -> np.ndarray:
+    """[0, 1] -> RGB, dark blue through red to yellow."""
+    stops = np.array([[20, 20, 90], [60, 60, 200], [220, 40, 40], [250, 230, 60]], dtype=np.float32)
+    position = values * (len(stops) - 1)
+    low = np.clip(np.floor(position).astype(int), 0, len(stops) - 2)
+    fraction = (position - low)[..., None]
+    return stops[low] * (1 - fraction) + stops[low + 1] * fraction
+
+
+def attention_sheet(image: Image.Image, maps: torch.Tensor, words: list[str], tile: int = 128) -> Image.Image:
+    """The image, then each word's map (scaled to its own maximum) over a faded copy of it, labelled."""
+    label = 14
+    columns = 1 + len(words)
+    sheet = Image.new("RGB", (columns * (tile + 4) + 4, tile + label + 8), (245, 245, 245))
+    draw = ImageDraw.Draw(sheet)
+    picture = image.convert("RGB").resize((tile, tile), Image.NEAREST)
+    faded = np.asarray(picture, dtype=np.float32) * 0.3
+    sheet.paste(picture, (4, 4))
+    draw.text((4, tile + 6), "image", fill=(0, 0, 0))
+    for i, (word, values) in enumerate(zip(words, maps)):
+        values = F.interpolate(values[None, None], size=(tile, tile), mode="bilinear", align_corners=False)[0, 0]
+        values = (values / values.max().clamp_min(1e-12)).numpy()
+        blended = faded + _heat(values) * 0.7
+        x = 4 + (i + 1) * (tile + 4)
+        sheet.paste(Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)), (x, 4))
+        draw.text((x, tile + 6), word[:tile // 6], fill=(0, 0, 0))
+    return sheet
