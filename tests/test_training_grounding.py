@@ -84,6 +84,18 @@ def test_the_loss_is_zero_looking_inside_and_one_looking_outside():
     assert 0.05 < grounding.grounding_loss(half, images, ids).item() < 0.95
 
 
+def test_noise_weighting_puts_the_loss_where_only_the_caption_can_place_objects():
+    images, captions = scene_batch()
+    ids = get_tokenizer().tokenize(captions, 77)
+    maps = [maps_looking(images, captions, 8, False)]  # every term is 1
+    weights = grounding.timestep_weights(torch.tensor([0, 750]), 1000, "noise")
+    torch.testing.assert_close(weights, torch.tensor([0.0, 1.5]))
+    assert grounding.timestep_weights(torch.tensor([0, 750]), 1000, "uniform") is None
+    # image 0 names two objects, image 1 one: the mean of 0, 0 and 1.5
+    assert grounding.grounding_loss(maps, images, ids, weights).item() == pytest.approx(0.5)
+    assert torch.linspace(0, 999, 1000).mul(2 / 1000).mean().item() == pytest.approx(1.0, abs=1e-3)
+
+
 def test_dropped_captions_add_nothing_and_keep_a_gradient_path():
     images, _ = scene_batch()
     maps = [torch.rand(2, 64, 77, requires_grad=True)]
@@ -127,6 +139,24 @@ def test_the_trainer_adds_the_weighted_grounding_loss(tmp_path):
     torch.testing.assert_close(grounded, plain + 0.5 * logs["grounding"])
 
 
+def test_the_trainer_weights_grounding_by_the_batchs_timesteps(tmp_path, monkeypatch):
+    config = tiny_config("unet", tmp_path / "run", base=str(tiny_base(tmp_path / "base.safetensors")), data="shapes",
+                         **{"unet.grounding_loss": 1.0, "unet.grounding_weighting": "noise"})
+    trainer = unet_trainer.build(config, torch.device("cpu"))
+    seen = {}
+    real_loss = grounding.grounding_loss
+    monkeypatch.setattr(grounding, "grounding_loss", lambda maps, images, ids, weights=None:
+                        seen.setdefault("weights", weights) is not None and real_loss(maps, images, ids, weights))
+    images, captions = scene_batch()
+    trainer.loss(a_batch(images, captions, seed=2))
+    latent_shape = trainer.vae.encode(images).mean.shape
+    generator = torch.Generator().manual_seed(2)  # the batch's draws: posterior, dropout, noise, timesteps
+    torch.randn(latent_shape, generator=generator), torch.rand(2, generator=generator)
+    torch.randn(latent_shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (2,), generator=generator)
+    torch.testing.assert_close(seen["weights"], 2 * timesteps.float() / 1000)
+
+
 def test_the_grounding_loss_teaches_the_words_where_their_objects_are(tmp_path):
     config = tiny_config("unet", tmp_path / "run", base=str(tiny_base(tmp_path / "base.safetensors")), data="shapes",
                          **{"unet.grounding_loss": 1.0, "unet.train_text_encoder": True, "unet.caption_dropout": 0.0})
@@ -147,6 +177,7 @@ def test_the_grounding_loss_teaches_the_words_where_their_objects_are(tmp_path):
     ({"unet.grounding_loss": -1.0, "data": "shapes"}, "must not be negative"),
     ({"unet.grounding_loss": 0.1, "data": "some/folder"}, "for the shapes data"),
     ({"unet.grounding_loss": 0.1, "data": "shapes", "gradient_checkpointing": True}, "gradient checkpointing"),
+    ({"unet.grounding_weighting": "late", "data": "shapes"}, "is \"uniform\" or \"noise\""),
 ])
 def test_grounding_settings_that_cannot_work_are_refused(tmp_path, settings, message):
     with pytest.raises(ConfigError, match=message):

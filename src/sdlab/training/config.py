@@ -86,6 +86,9 @@ class UNetOptions:
     # object's colour and shape words learn to attend where that object is. Shapes data only: the
     # objects' regions are read from its palette colours. 0: off.
     grounding_loss: float = 0.0
+    # "uniform" over timesteps, or "noise": weighted 2t/T, towards the noisy latents where only the caption
+    # can say where each object goes (sdlab.training.grounding.timestep_weights)
+    grounding_weighting: str = "uniform"
 
 
 @dataclass(frozen=True)
@@ -370,6 +373,9 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
             raise ConfigError(f"{source}: 'unet.text_encoder_lr' needs 'unet.train_text_encoder = true'")
         if options.text_encoder_lr <= 0:
             raise ConfigError(f"{source}: 'unet.text_encoder_lr' must be positive, got {options.text_encoder_lr}")
+    if isinstance(options, UNetOptions) and options.grounding_weighting not in ("uniform", "noise"):
+        raise ConfigError(f"{source}: 'unet.grounding_weighting' is \"uniform\" or \"noise\", "
+                          f"got {options.grounding_weighting!r}")
     if isinstance(options, UNetOptions) and options.grounding_loss:
         if options.grounding_loss < 0:
             raise ConfigError(f"{source}: 'unet.grounding_loss' must not be negative, got {options.grounding_loss}")

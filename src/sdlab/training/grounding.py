@@ -15,6 +15,8 @@ background colour to the object's colour are that object (anti-aliased edges inc
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -58,7 +60,8 @@ def object_tokens(ids: torch.Tensor) -> list[list[tuple[str, list[int]]]]:
     return out
 
 
-def grounding_loss(maps: list[torch.Tensor], images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def grounding_loss(maps: list[torch.Tensor], images: torch.Tensor, ids: torch.Tensor,
+                   weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """TokenCompose's token loss over the recorded cross-attention `maps` (see the module docstring).
 
     maps: [(B, h*w, L)] from `sdlab.models.attention.recorded_cross_attention`; images: the (B, 3, H, W) renders the latents
@@ -83,7 +86,18 @@ def grounding_loss(maps: list[torch.Tensor], images: torch.Tensor, ids: torch.Te
                     continue
                 looks = attention[b, :, indices]  # (h*w, 2)
                 share = (looks * inside[:, None]).sum(0) / looks.sum(0).clamp_min(1e-8)
-                terms.append((1 - share).pow(2))
+                term = (1 - share).pow(2)
+                terms.append(term if weights is None else term * weights[b])
     if not terms:
         return sum(attention.sum() for attention in maps) * 0.0
     return torch.cat(terms).mean()
+
+
+def timestep_weights(timesteps: torch.Tensor, num_train_timesteps: int, weighting: str) -> Optional[torch.Tensor]:
+    """Per-sample factors on the grounding terms. "uniform": none (TokenCompose). "noise": 2 t / T, a mean
+    of 1 over uniform timesteps, 0 on clean latents and 2 on pure noise. Where the latents still show the
+    objects, attention can follow the picture; where they are noise, only the caption can say where each
+    object goes ("a red circle to the left of a blue square"), so that is where the loss teaches layout."""
+    if weighting == "uniform":
+        return None
+    return 2 * timesteps.float() / num_train_timesteps

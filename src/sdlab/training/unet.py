@@ -136,7 +136,9 @@ class UNetTrainer(UNetFamilyTrainer):
         loss = per_sample.mean()
         if options.grounding_loss:
             logs["diffusion"] = loss.detach()
-            logs["grounding"] = grounding.grounding_loss(maps, batch.images, self.token_ids(captions))
+            weights = grounding.timestep_weights(timesteps, self.model_config.schedule.num_train_timesteps,
+                                                 options.grounding_weighting)
+            logs["grounding"] = grounding.grounding_loss(maps, batch.images, self.token_ids(captions), weights)
             loss = loss + options.grounding_loss * logs["grounding"]
         return loss, logs
 
