@@ -40,6 +40,18 @@ def test_object_tokens_are_each_objects_colour_and_shape_words():
               for colour, indices in row] for b, row in enumerate(found)]
     assert words == [[("red", ["red", "circle"]), ("blue", ["blue", "square"])], [("green", ["green", "ball"])],
                      [("yellow", ["yellow", "box"])], []]
+    # with place words, the words saying where go with the object named first: its position, or its relation
+    placed = [[[words_of(ids[b], indices) for _, indices in row] for b, row in
+               enumerate(grounding.object_tokens(ids, place_words=True))]][0]
+    assert placed == [[["red", "circle", "left"], ["blue", "square"]], [["green", "ball", "top"]],
+                      [["yellow", "box", "left"]], []]
+    below = get_tokenizer().tokenize(["there is a yellow box below a green ball"], 77)
+    assert [words_of(below[0], i) for _, i in grounding.object_tokens(below, True)[0]] == \
+        [["yellow", "box", "below"], ["green", "ball"]]
+
+
+def words_of(row, indices):
+    return [get_tokenizer().decode([row[i].item()]).strip() for i in indices]
 
 
 def test_attention_with_probabilities_is_attention_and_its_maps_sum_to_one():
@@ -139,14 +151,19 @@ def test_the_trainer_adds_the_weighted_grounding_loss(tmp_path):
     torch.testing.assert_close(grounded, plain + 0.5 * logs["grounding"])
 
 
-def test_the_trainer_weights_grounding_by_the_batchs_timesteps(tmp_path, monkeypatch):
+def test_the_trainer_weights_grounding_by_the_batchs_timesteps_and_passes_place_words(tmp_path, monkeypatch):
     config = tiny_config("unet", tmp_path / "run", base=str(tiny_base(tmp_path / "base.safetensors")), data="shapes",
-                         **{"unet.grounding_loss": 1.0, "unet.grounding_weighting": "noise"})
+                         **{"unet.grounding_loss": 1.0, "unet.grounding_weighting": "noise",
+                            "unet.grounding_place_words": True})
     trainer = unet_trainer.build(config, torch.device("cpu"))
     seen = {}
     real_loss = grounding.grounding_loss
-    monkeypatch.setattr(grounding, "grounding_loss", lambda maps, images, ids, weights=None:
-                        seen.setdefault("weights", weights) is not None and real_loss(maps, images, ids, weights))
+
+    def spy(maps, images, ids, weights=None, place_words=False):
+        seen.update(weights=weights, place_words=place_words)
+        return real_loss(maps, images, ids, weights, place_words)
+
+    monkeypatch.setattr(grounding, "grounding_loss", spy)
     images, captions = scene_batch()
     trainer.loss(a_batch(images, captions, seed=2))
     latent_shape = trainer.vae.encode(images).mean.shape
@@ -155,6 +172,7 @@ def test_the_trainer_weights_grounding_by_the_batchs_timesteps(tmp_path, monkeyp
     torch.randn(latent_shape, generator=generator)
     timesteps = torch.randint(0, 1000, (2,), generator=generator)
     torch.testing.assert_close(seen["weights"], 2 * timesteps.float() / 1000)
+    assert seen["place_words"] is True
 
 
 def test_the_grounding_loss_teaches_the_words_where_their_objects_are(tmp_path):

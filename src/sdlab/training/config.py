@@ -89,6 +89,9 @@ class UNetOptions:
     # "uniform" over timesteps, or "noise": weighted 2t/T, towards the noisy latents where only the caption
     # can say where each object goes (sdlab.training.grounding.timestep_weights)
     grounding_weighting: str = "uniform"
+    # also ground the words that say where the first object goes ("left", "above", ...) on that object:
+    # they are the caption's only tokens that know which way round two objects are
+    grounding_place_words: bool = False
 
 
 @dataclass(frozen=True)

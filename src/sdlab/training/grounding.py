@@ -7,7 +7,7 @@ For every object the caption names, the head-averaged attention probabilities of
 of its shape word (the token after it) over the positions of a cross-attention map are compared
 with the object's region: the loss is (1 - the share of the token's attention that falls inside the
 region)^2, averaged over tokens, objects and cross-attention layers. That is the token loss of Wang et
-al. 2024, "TokenCompose: Text-to-Image Diffusion with Token-level Supervision" (eq. 3), which uses
+al. 2024, "TokenCompose: Text-to-Image Diffusion with Token-level Supervision", which uses
 segmentation masks; on the shapes data the regions come from the pixels themselves: every object has
 its own flat palette colour and the two colours of a scene differ, so the pixels along the line from the
 background colour to the object's colour are that object (anti-aliased edges included).
@@ -25,6 +25,9 @@ from ..tokenizer import get_tokenizer
 
 # an object pixel lies within this distance (0-255 RGB) of the background-to-colour line
 COLOUR_TOLERANCE = 24.0
+# the words of the shapes captions' positions and relations that say which way (one token each)
+PLACE_WORDS = ("left", "right", "top", "bottom", "center", "centre", "middle",
+               "above", "over", "below", "under", "beneath")
 
 
 def colour_regions(images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -47,30 +50,37 @@ def colour_regions(images: torch.Tensor) -> dict[str, torch.Tensor]:
     return regions
 
 
-def object_tokens(ids: torch.Tensor) -> list[list[tuple[str, list[int]]]]:
+def object_tokens(ids: torch.Tensor, place_words: bool = False) -> list[list[tuple[str, list[int]]]]:
     """For each caption (token ids (B, L)): (colour, [colour word's index, shape word's index]) for
     every object colour it names. Colour words name objects in every shapes caption ("a red circle",
-    "a large red ball"): the shape word follows its colour."""
+    "a large red ball"): the shape word follows its colour.
+
+    place_words: the words that say where the caption's first object goes join its list: "left" in "on the
+    left" or in "a red circle to the left of a blue square", "above", "top", ... A single object's position
+    and a relation both describe the object named first."""
     tokenizer = get_tokenizer()
     colour_of = {tokenizer.encode(name)[0]: name for name in shapes.COLOURS}
+    place_ids = {tokenizer.encode(word)[0] for word in PLACE_WORDS}
     out = []
     for row in ids.tolist():
         found = [(colour_of[token], [i, i + 1]) for i, token in enumerate(row[:-1]) if token in colour_of]
+        if place_words and found:
+            found[0][1].extend(i for i, token in enumerate(row) if token in place_ids)
         out.append(found)
     return out
 
 
 def grounding_loss(maps: list[torch.Tensor], images: torch.Tensor, ids: torch.Tensor,
-                   weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   weights: Optional[torch.Tensor] = None, place_words: bool = False) -> torch.Tensor:
     """TokenCompose's token loss over the recorded cross-attention `maps` (see the module docstring).
 
-    maps: [(B, h*w, L)] from `sdlab.models.attention.recorded_cross_attention`; images: the (B, 3, H, W) renders the latents
-    came from; ids: the (B, L) token ids the UNet was conditioned on. Captions that name no object
+    maps: [(B, h*w, L)] from `sdlab.models.attention.recorded_cross_attention`; images: the (B, 3, H, W)
+    renders the latents came from; ids: the (B, L) token ids the UNet was conditioned on. Captions that name no object
     colour (dropped captions) add nothing; with none in the batch the loss is 0 (with a gradient path).
     """
     height, width = images.shape[-2:]
     regions = colour_regions(images)
-    tokens = object_tokens(ids)
+    tokens = object_tokens(ids, place_words)
     terms = []
     for attention in maps:
         positions = attention.shape[1]
@@ -84,7 +94,7 @@ def grounding_loss(maps: list[torch.Tensor], images: torch.Tensor, ids: torch.Te
                 inside = cells[colour][b]
                 if inside.sum() == 0:  # the caption names a colour the picture does not show
                     continue
-                looks = attention[b, :, indices]  # (h*w, 2)
+                looks = attention[b, :, indices]  # (h*w, words)
                 share = (looks * inside[:, None]).sum(0) / looks.sum(0).clamp_min(1e-8)
                 term = (1 - share).pow(2)
                 terms.append(term if weights is None else term * weights[b])

@@ -138,7 +138,8 @@ class UNetTrainer(UNetFamilyTrainer):
             logs["diffusion"] = loss.detach()
             weights = grounding.timestep_weights(timesteps, self.model_config.schedule.num_train_timesteps,
                                                  options.grounding_weighting)
-            logs["grounding"] = grounding.grounding_loss(maps, batch.images, self.token_ids(captions), weights)
+            logs["grounding"] = grounding.grounding_loss(maps, batch.images, self.token_ids(captions), weights,
+                                                         options.grounding_place_words)
             loss = loss + options.grounding_loss * logs["grounding"]
         return loss, logs
 
