@@ -14,6 +14,8 @@ from test_cli import assert_one_line_error, run_cli
 def test_prompt_words_are_the_tokens_without_emphasis_syntax():
     assert prompt_words("a (red:1.3) circle, [blue] BREAK square") == ["a", "red", "circle", ",", "blue"]
     assert len(prompt_words("red " * 100)) == 75  # the first window, past its start token
+    assert prompt_words("a red circle <lora:shiny:0.8>") == ["a", "red", "circle"]
+    assert prompt_words("a [red:blue:5] circle", steps=3) == ["a", "red", "circle"]  # step 5 never comes
 
 
 def test_word_maps_average_the_conditional_rows_of_one_image_over_calls():
@@ -59,9 +61,11 @@ def test_generate_writes_where_each_word_was_read(tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["--attention-maps", "maps.jpg"], "must be a .png"),
     (["--attention-maps", "maps.png", "--hires-scale", "2"], "leave out --hires-scale"),
+    (["--attention-maps", "maps.png", "--prompt-edit"], "one prompt for every step"),
 ])
 def test_attention_map_mistakes_are_one_line(tmp_path, args, fragment):
-    args = [a if not a.startswith("maps") else str(tmp_path / a) for a in args]
-    code, _, stderr = run_cli("generate", "a red circle", "--steps", "2", "-o", str(tmp_path / "x.png"), *args)
+    prompt = "a [red:blue:0.5] circle" if "--prompt-edit" in args else "a red circle"
+    args = [a if not a.startswith("maps") else str(tmp_path / a) for a in args if a != "--prompt-edit"]
+    code, _, stderr = run_cli("generate", prompt, "--steps", "2", "-o", str(tmp_path / "x.png"), *args)
     assert_one_line_error(code, stderr, fragment)
     assert os.listdir(tmp_path) == []

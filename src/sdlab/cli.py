@@ -165,7 +165,7 @@ def run_saving_attention_maps(args, pipe, run, step):
     from .models.attention import recorded_cross_attention
     from .pipelines.attention_maps import WordMaps, attention_sheet, prompt_words
 
-    words = prompt_words(args.prompt)
+    words = prompt_words(args.prompt, args.steps)
     if not words:
         raise InputError("--attention-maps needs a prompt with words to map")
     maps = WordMaps(batch_size=args.batch, count=len(words))

@@ -13,16 +13,24 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from ..prompts import tokenize_weighted
+from ..adapters.lora import parse_lora_tags
+from ..errors import InputError
+from ..prompts import prompt_schedule, tokenize_weighted
 from ..tokenizer import END_ID, get_tokenizer
 
 
-def prompt_words(prompt: str) -> list[str]:
+def prompt_words(prompt: str, steps: int = 1) -> list[str]:
     """The tokens of the prompt's first 77-token window as text, past its start token and up to its end
-    token, as the text encoder reads them: emphasis syntax removed ("(red:1.3)" reads "red"), cut at
-    BREAK or where the web UI's chunking starts the next window."""
+    token, as the text encoder reads them: LoRA tags and emphasis syntax removed ("(red:1.3)" reads
+    "red"), cut at BREAK or where the web UI's chunking starts the next window. A prompt whose words
+    change during the `steps` sampling steps (prompt editing) has no one set of words: InputError."""
+    text, _ = parse_lora_tags(prompt)
+    schedule = prompt_schedule(text, steps)
+    if len(schedule) > 1:
+        raise InputError("attention maps need one prompt for every step; this one edits itself "
+                         f"([from:to:when] or [a|b]): map {schedule[0][1]!r} and {schedule[-1][1]!r} apart")
     tokenizer = get_tokenizer()
-    ids = tokenize_weighted(prompt, tokenizer)[0].ids[1:]
+    ids = tokenize_weighted(schedule[0][1], tokenizer)[0].ids[1:]
     ids = ids[:ids.index(END_ID)] if END_ID in ids else ids
     return [word.replace("</w>", "") for word in tokenizer.token_strings(ids)]
 
