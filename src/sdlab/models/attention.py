@@ -3,8 +3,9 @@
 Module names follow CompVis `ldm/modules/attention.py`, so the checkpoint keys under
 `input_blocks.N.1.` read `norm`, `proj_in`, `transformer_blocks.K.{attn1,attn2,ff,norm1..3}`,
 `proj_out`. Every attention product goes through `attention()` and every projection is an
-`nn.Linear` named `to_q/to_k/to_v/to_out.0`: the two places where attention maps can be recorded
-(prompt-to-prompt) and low-rank adapters attached (LoRA).
+`nn.Linear` named `to_q/to_k/to_v/to_out.0`: the places where attention maps are recorded
+(`recorded_cross_attention`: `sdlab generate --attention-maps`, the grounding loss) and low-rank
+adapters attached (LoRA).
 """
 
 from __future__ import annotations
