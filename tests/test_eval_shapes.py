@@ -8,7 +8,7 @@ import pytest
 
 from sdlab.cli import main
 from sdlab.data.shapes import parse_caption, render, scene_from_caption
-from sdlab.eval.shapes_eval import evaluate, format_table, paraphrased, table
+from sdlab.eval.shapes_eval import evaluate, format_table, paraphrased, table, wilson_interval
 
 
 class RenderingPipe:
@@ -79,7 +79,16 @@ def test_table_lists_each_attribute_per_group():
     lines = text.splitlines()
     assert "single (4)" in lines[0] and "relation (4)" in lines[0]
     assert any(line.startswith("size") and "75.0%" in line and line.rstrip().endswith("-") for line in lines)
-    assert lines[-1].startswith("all")
+    assert lines[-2].startswith("all")
+    # 2 of 4 and 1 of 4: Wilson's 95% intervals, 15-85% and 5-70%
+    assert lines[-1].split() == ["all,", "95%", "CI", "15-85%", "5-70%"]
+
+
+def test_the_wilson_interval_matches_its_formula_and_stays_in_0_1():
+    low, high = wilson_interval(17, 30)  # the shipped model's two-object rate, 56.7%
+    assert (round(low, 3), round(high, 3)) == (0.392, 0.726)
+    assert wilson_interval(30, 30)[1] == 1.0 and wilson_interval(0, 30)[0] == 0.0
+    assert 0.88 < wilson_interval(30, 30)[0] < 0.89  # all right on 30 captions still allows 88.6%
 
 
 def test_eval_command_writes_its_table_report_and_sheet(tmp_path, capsys):

@@ -71,7 +71,19 @@ def table(judged: list[Judged]) -> dict[str, dict[str, float]]:
             for group in GROUPS if any(j.group == group for j in judged)}
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% (z = 1.96) Wilson score interval of a pass rate of `successes` out of `n` (Wilson 1927):
+    how far a rate measured on a few dozen captions may lie from the model's true rate."""
+    if n < 1:
+        raise ValueError("a pass rate needs at least one caption")
+    rate, z2 = successes / n, z * z
+    centre = (rate + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def format_table(rates: dict[str, dict[str, float]], counts: dict[str, int]) -> str:
+    """One row per attribute, one column per group; last, the 95% interval of "all" for the group's size."""
     groups = list(rates)
     header = f"{'attribute':<12}" + "".join(f"{g + f' ({counts[g]})':>18}" for g in groups)
     lines = [header, "-" * len(header)]
@@ -81,6 +93,10 @@ def format_table(rates: dict[str, dict[str, float]], counts: dict[str, int]) -> 
         cells = "".join(f"{rates[g][attribute] * 100:>17.1f}%" if attribute in rates[g] else f"{'-':>18}"
                         for g in groups)
         lines.append(f"{attribute:<12}{cells}")
+    if all("all" in rates[g] for g in groups):
+        intervals = [wilson_interval(round(rates[g]["all"] * counts[g]), counts[g]) for g in groups]
+        lines.append(f"{'all, 95% CI':<12}" + "".join(f"{f'{low * 100:.0f}-{high * 100:.0f}%':>18}"
+                                                       for low, high in intervals))
     return "\n".join(lines)
 
 
