@@ -187,3 +187,5 @@ def test_eval_upscale_and_inpaint_commands_print_their_figures(capsys):
     assert main(["eval", "inpaint", "-n", "1", "--steps", "1", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "erase" in out and "insert, loose" in out and "insert, strict" in out
+    # one scene: a rate of 0 or 100% says little, and the interval says so
+    assert out.count("(95% interval 0-79%)") + out.count("(95% interval 21-100%)") == 3, out

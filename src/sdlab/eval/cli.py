@@ -100,9 +100,15 @@ def cmd_eval_inpaint(args) -> int:
 
     rates = _run_edit_eval(args, "inpaint", 2 * args.cases, lambda pipe, progress: evaluate_inpainting(
         pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, progress=progress))
-    print(f"erase (masked shape becomes background): {rates['erase'] * 100:.1f}%")
-    print(f"insert, loose (the asked-for shape appears in the mask, the other stays): {rates['appears'] * 100:.1f}%")
-    print(f"insert, strict (both shapes, their relation and the background right): {rates['insert'] * 100:.1f}%")
+    from .shapes_eval import wilson_interval
+
+    def rate(key: str) -> str:
+        low, high = wilson_interval(round(rates[key] * args.cases), args.cases)
+        return f"{rates[key] * 100:.1f}% (95% interval {low * 100:.0f}-{high * 100:.0f}%)"
+
+    print(f"erase (masked shape becomes background): {rate('erase')}")
+    print(f"insert, loose (the asked-for shape appears in the mask, the other stays): {rate('appears')}")
+    print(f"insert, strict (both shapes, their relation and the background right): {rate('insert')}")
     return 0
 
 
