@@ -195,7 +195,7 @@ def test_the_grounding_loss_teaches_the_words_where_their_objects_are(tmp_path):
     ({"unet.grounding_loss": -1.0, "data": "shapes"}, "must not be negative"),
     ({"unet.grounding_loss": 0.1, "data": "some/folder"}, "for the shapes data"),
     ({"unet.grounding_loss": 0.1, "data": "shapes", "gradient_checkpointing": True}, "gradient checkpointing"),
-    ({"unet.grounding_weighting": "late", "data": "shapes"}, "is \"uniform\" or \"noise\""),
+    ({"unet.grounding_weighting": "late", "data": "shapes"}, "must be one of 'uniform', 'noise'"),
 ])
 def test_grounding_settings_that_cannot_work_are_refused(tmp_path, settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -88,7 +88,7 @@ class UNetOptions:
     grounding_loss: float = 0.0
     # "uniform" over timesteps, or "noise": weighted 2t/T, towards the noisy latents where only the caption
     # can say where each object goes (sdlab.training.grounding.timestep_weights)
-    grounding_weighting: str = "uniform"
+    grounding_weighting: Literal["uniform", "noise"] = "uniform"
     # also ground the words that say where the first object goes ("left", "above", ...) on that object:
     # they are the caption's only tokens that know which way round two objects are
     grounding_place_words: bool = False
@@ -376,9 +376,6 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
             raise ConfigError(f"{source}: 'unet.text_encoder_lr' needs 'unet.train_text_encoder = true'")
         if options.text_encoder_lr <= 0:
             raise ConfigError(f"{source}: 'unet.text_encoder_lr' must be positive, got {options.text_encoder_lr}")
-    if isinstance(options, UNetOptions) and options.grounding_weighting not in ("uniform", "noise"):
-        raise ConfigError(f"{source}: 'unet.grounding_weighting' is \"uniform\" or \"noise\", "
-                          f"got {options.grounding_weighting!r}")
     if isinstance(options, UNetOptions) and options.grounding_loss:
         if options.grounding_loss < 0:
             raise ConfigError(f"{source}: 'unet.grounding_loss' must not be negative, got {options.grounding_loss}")
