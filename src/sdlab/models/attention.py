@@ -167,6 +167,13 @@ class SpatialTransformer(nn.Module):
         return x + tokens
 
 
+def map_shape(positions: int, height: int, width: int) -> tuple[int, int]:
+    """(h, w) of a recorded attention map over `positions` latent positions, for an image height x width:
+    every UNet level keeps the image's aspect ratio."""
+    h = round((positions * height / width) ** 0.5)
+    return h, positions // h
+
+
 @contextmanager
 def recorded_cross_attention(unet: nn.Module, sink=None) -> Iterator:
     """While inside, every text cross-attention of `unet` (each transformer block's attn2) appends its

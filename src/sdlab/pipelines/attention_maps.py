@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from ..adapters.lora import parse_lora_tags
 from ..errors import InputError
+from ..models.attention import map_shape
 from ..prompts import prompt_schedule, tokenize_weighted
 from ..tokenizer import END_ID, get_tokenizer
 
@@ -53,9 +54,9 @@ class WordMaps:
     def append(self, probabilities: torch.Tensor) -> None:
         rows, positions, _ = probabilities.shape
         height, width = self.total.shape[1:]
-        h = round((positions * height / width) ** 0.5)
+        h, w = map_shape(positions, height, width)
         row = probabilities[rows - self.batch_size + self.image, :, 1:1 + self.count].detach().float().cpu()
-        self.total += F.interpolate(row.T.reshape(1, self.count, h, positions // h), size=(height, width),
+        self.total += F.interpolate(row.T.reshape(1, self.count, h, w), size=(height, width),
                                     mode="bilinear", align_corners=False)[0]
         self.calls += 1
 

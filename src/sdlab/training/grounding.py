@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import shapes
+from ..models.attention import map_shape
 from ..tokenizer import get_tokenizer
 
 # an object pixel lies within this distance (0-255 RGB) of the background-to-colour line
@@ -83,9 +84,7 @@ def grounding_loss(maps: list[torch.Tensor], images: torch.Tensor, ids: torch.Te
     tokens = object_tokens(ids, place_words)
     terms = []
     for attention in maps:
-        positions = attention.shape[1]
-        h = round((positions * height / width) ** 0.5)
-        w = positions // h
+        h, w = map_shape(attention.shape[1], height, width)
         # a position belongs to an object when any pixel of its cell is mostly that object
         cells = {name: F.adaptive_max_pool2d((region > 0.5).float()[:, None], (h, w)).flatten(1)
                  for name, region in regions.items()}
