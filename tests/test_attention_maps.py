@@ -62,10 +62,12 @@ def test_generate_writes_where_each_word_was_read(tmp_path):
     (["--attention-maps", "maps.jpg"], "must be a .png"),
     (["--attention-maps", "maps.png", "--hires-scale", "2"], "leave out --hires-scale"),
     (["--attention-maps", "maps.png", "--prompt-edit"], "one prompt for every step"),
+    (["--attention-maps", "x.png"], "is also an image output"),
 ])
 def test_attention_map_mistakes_are_one_line(tmp_path, args, fragment):
     prompt = "a [red:blue:0.5] circle" if "--prompt-edit" in args else "a red circle"
-    args = [a if not a.startswith("maps") else str(tmp_path / a) for a in args if a != "--prompt-edit"]
+    args = [a if not a.endswith(".png") and not a.endswith(".jpg") else str(tmp_path / a)
+            for a in args if a != "--prompt-edit"]
     code, _, stderr = run_cli("generate", prompt, "--steps", "2", "-o", str(tmp_path / "x.png"), *args)
     assert_one_line_error(code, stderr, fragment)
     assert os.listdir(tmp_path) == []

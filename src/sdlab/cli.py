@@ -148,6 +148,8 @@ def cmd_generate(args) -> int:
     check_output(args.output)
     if args.attention_maps:
         check_output(args.attention_maps)
+        if os.path.abspath(args.attention_maps) in map(os.path.abspath, output_paths(args.output, args.batch)):
+            raise InputError(f"--attention-maps {args.attention_maps} is also an image output; give it its own file")
     started = time.perf_counter()
     pipe = load_for(args)
 
