@@ -93,6 +93,7 @@ def test_a_value_of_the_wrong_type_is_one_error_naming_the_key(tmp_path, text, m
     ({"single_object_fraction": 1.5}, r"'single_object_fraction' must be in \[0, 1\]"),
     ({"single_object_fraction": 0.5, "data": "photos"}, "'single_object_fraction' is for the shapes data"),
     ({"unet": {"train_text_encoder": True, "text_encoder_lr": 0.0}}, "'unet.text_encoder_lr' must be positive"),
+    ({"unet": {"clean_error_weight_cap": 0.5}}, "'unet.clean_error_weight_cap' must be at least 1"),
 ])
 def test_values_out_of_range_are_refused_before_training(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -176,3 +177,4 @@ def test_the_cli_prints_one_line_and_exits_2_on_a_recipe_error(tmp_path, capsys)
     assert cli.main(["vae", "--config", path]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown key 'stepz'" in err
+

@@ -26,7 +26,7 @@ def a_batch(images: torch.Tensor, captions: list[str], seed: int = 0) -> Batch:
     return Batch(images, captions, 0, 0, size, 0, size, 0, 1, torch.Generator().manual_seed(seed))
 
 
-def expected_loss(trainer, images, captions, seed, prediction, gamma=None):
+def expected_loss(trainer, images, captions, seed, prediction, gamma=None, cap=None):
     """The loss from its definition, drawing the batch's random numbers in the trainer's order:
     posterior sample, caption dropout, noise, timesteps."""
     generator = torch.Generator().manual_seed(seed)
@@ -42,24 +42,47 @@ def expected_loss(trainer, images, captions, seed, prediction, gamma=None):
     prediction_out = trainer.model(a.sqrt() * latents + (1 - a).sqrt() * noise, t, text_embeddings)
     target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
     per_sample = (prediction_out - target).pow(2).mean(dim=(1, 2, 3))
-    if gamma is not None:
-        snr = (a / (1 - a)).view(-1)
-        per_sample = per_sample * snr.clamp(max=gamma) / (snr if prediction == "epsilon" else snr + 1)
-    return per_sample.mean()
+    snr = (a / (1 - a)).view(-1)
+    factor = snr if prediction == "epsilon" else snr + 1  # output MSE per unit of clean-latent MSE
+    clean_weight = factor if gamma is None else snr.clamp(max=gamma)
+    if cap is not None:
+        clean_weight = torch.maximum(clean_weight, (cap * snr).clamp(max=1))
+    return (per_sample * clean_weight / factor).mean()
 
 
-@pytest.mark.parametrize("prediction, gamma", [("epsilon", None), ("v", None), ("epsilon", 5.0), ("v", 5.0)])
-def test_the_loss_is_the_mse_of_the_prediction_with_optional_min_snr_weights(tmp_path, base, prediction, gamma):
+@pytest.mark.parametrize("prediction, gamma, cap", [("epsilon", None, None), ("v", None, None), ("epsilon", 5.0, None),
+                                                    ("v", 5.0, None), ("epsilon", 5.0, 50.0), ("epsilon", None, 20.0),
+                                                    ("v", 5.0, 50.0)])
+def test_the_loss_is_the_mse_of_the_prediction_with_optional_weights(tmp_path, base, prediction, gamma, cap):
     settings = {"model.prediction": prediction, "unet.caption_dropout": 0.5}
     if gamma is not None:
         settings["unet.min_snr_gamma"] = gamma
+    if cap is not None:
+        settings["unet.clean_error_weight_cap"] = cap
     torch.manual_seed(0)
     trainer = unet_trainer.build(tiny_config("unet", tmp_path, base=base, **settings), torch.device("cpu"))
     with torch.no_grad():  # the UNet's zero-initialised output layer would make every prediction 0
         trainer.model.out[2].weight.normal_(0, 0.05)
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     loss, _ = trainer.loss(a_batch(images, CAPTIONS, seed=4))
-    torch.testing.assert_close(loss, expected_loss(trainer, images, CAPTIONS, 4, prediction, gamma), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, expected_loss(trainer, images, CAPTIONS, 4, prediction, gamma, cap),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_the_clean_error_cap_raises_the_noisiest_steps_weights_and_leaves_the_rest(tmp_path, base):
+    """With eps and Min-SNR 5, the noisiest step (SNR 0.0047) weighs 1 without the cap, 50 with it; the
+    weight there is cap-limited, and steps with SNR >= 1 keep Min-SNR's weight."""
+    settings = {"unet.min_snr_gamma": 5.0}
+    plain = unet_trainer.build(tiny_config("unet", tmp_path / "a", base=base, **settings), torch.device("cpu"))
+    capped = unet_trainer.build(tiny_config("unet", tmp_path / "b", base=base, **settings,
+                                            **{"unet.clean_error_weight_cap": 50.0}), torch.device("cpu"))
+    a = alphas_cumprod(TINY.schedule)[torch.tensor([999, 900, 500, 200, 10])]
+    snr = a / (1 - a)
+    assert snr[0] < 0.01 and snr[1] < 1 / 50 < snr[2] < 1 < snr[3] < 5 < snr[4]
+    torch.testing.assert_close(plain.sample_weights(a), torch.tensor([1.0, 1.0, 1.0, 1.0, 5 / snr[4].item()]))
+    expected = torch.tensor([50.0, 50.0, 1 / snr[2].item(), 1.0, 5 / snr[4].item()])
+    torch.testing.assert_close(capped.sample_weights(a), expected)
+    assert unet_trainer.build(tiny_config("unet", tmp_path / "c", base=base), torch.device("cpu")).sample_weights(a) is None
 
 
 @pytest.mark.parametrize("dropout, empty", [(0.0, 0), (1.0, 2)])

@@ -74,6 +74,12 @@ class UNetOptions:
 
     caption_dropout: float = 0.1  # fraction trained with the empty caption, for classifier-free guidance
     min_snr_gamma: Optional[float] = None  # Min-SNR-gamma loss weights (Hang et al. 2023; 5.0 there); unset: plain MSE
+    # The error in the clean latents counts at least once in every sample's loss, the noise error's weight
+    # growing by up to this factor where that takes it (SNR < 1). Epsilon-MSE weighs the clean latents'
+    # error by SNR, 0.005 at the noisiest step: the steps that decide the layout hardly train, and the
+    # model reads the layout from the leftover signal in the training latents instead of from the caption.
+    # Unset: the MSE (and Min-SNR weights) alone.
+    clean_error_weight_cap: Optional[float] = None
     validation_prompts: tuple[str, ...] = ()  # empty: the captions of the validation batch
     validation_sampler: str = "Euler"
     validation_steps: int = 20
@@ -371,6 +377,10 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
     options = config.options
     if isinstance(options, UNetOptions) and not 0 <= options.caption_dropout <= 1:
         raise ConfigError(f"{source}: 'unet.caption_dropout' must be in [0, 1], got {options.caption_dropout}")
+    if isinstance(options, UNetOptions) and options.clean_error_weight_cap is not None:
+        if options.clean_error_weight_cap < 1:
+            raise ConfigError(f"{source}: 'unet.clean_error_weight_cap' must be at least 1 (it only raises weights), "
+                              f"got {options.clean_error_weight_cap}")
     if isinstance(options, UNetOptions) and options.text_encoder_lr is not None:
         if not options.train_text_encoder:
             raise ConfigError(f"{source}: 'unet.text_encoder_lr' needs 'unet.train_text_encoder = true'")

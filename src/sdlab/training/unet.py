@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -126,11 +127,8 @@ class UNetTrainer(UNetFamilyTrainer):
             target = noise
         per_sample = (model_output - target).pow(2).mean(dim=(1, 2, 3))  # (b,)
         logs = {}
-        if options.min_snr_gamma is not None:
-            snr = (a / (1 - a)).view(-1)
-            # for v the MSE already carries a factor SNR + 1 relative to x0-error, eps's carries SNR
-            denominator = snr + 1 if self.model_config.prediction == "v" else snr
-            weight = snr.clamp(max=options.min_snr_gamma) / denominator
+        weight = self.sample_weights(a.view(-1))
+        if weight is not None:
             logs["mse"] = per_sample.mean()
             per_sample = per_sample * weight
         loss = per_sample.mean()
@@ -142,6 +140,22 @@ class UNetTrainer(UNetFamilyTrainer):
                                                          options.grounding_place_words)
             loss = loss + options.grounding_loss * logs["grounding"]
         return loss, logs
+
+    def sample_weights(self, alphas_cumprod: torch.Tensor) -> Optional[torch.Tensor]:
+        """Each sample's loss weight at its noise level (b,), or None for the plain MSE.
+
+        The MSE of the output carries the error in the clean latents with a factor SNR (epsilon) or
+        SNR + 1 (v). Min-SNR-gamma caps that factor at gamma; `clean_error_weight_cap` raises it to
+        at least min(1, cap * SNR), so the noisiest steps train on where things go."""
+        options: UNetOptions = self.options
+        if options.min_snr_gamma is None and options.clean_error_weight_cap is None:
+            return None
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        factor = snr + 1 if self.model_config.prediction == "v" else snr  # output MSE per clean-latent MSE
+        clean_weight = factor if options.min_snr_gamma is None else snr.clamp(max=options.min_snr_gamma)
+        if options.clean_error_weight_cap is not None:
+            clean_weight = torch.maximum(clean_weight, (options.clean_error_weight_cap * snr).clamp(max=1))
+        return clean_weight / factor
 
     @torch.no_grad()
     def validate(self, model: nn.Module, examples, step: int, out_dir: Path) -> None:
