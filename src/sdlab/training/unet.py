@@ -14,6 +14,13 @@ Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weigh
 weights each sample's loss by min(SNR_t, gamma) / SNR_t for eps (/(SNR_t + 1) for v), with
 SNR_t = a_t / (1 - a_t): the easy low-noise timesteps stop dominating the gradient.
 
+`clean_error_weight_cap` works at the other end. Epsilon-MSE is SNR_t times the error in the clean
+latents, so at the noisiest steps (SNR 0.005 at t = 999), where a sampler decides the layout, getting
+the layout wrong costs almost nothing, and what little the loss asks there the model learns from the
+signal left in the training latents, not from the caption (measured on the bundled model: its
+prediction at t >= 850 follows the latents and ignores a caption turned round). The option raises each
+sample's weight so the clean-latent error counts at least min(1, cap * SNR_t) times.
+
 On the shapes data, `grounding_loss` adds TokenCompose's token loss (see `grounding`): each object's
 words are taught where in the picture to be read.
 """
