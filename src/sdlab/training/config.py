@@ -80,6 +80,12 @@ class UNetOptions:
     # model reads the layout from the leftover signal in the training latents instead of from the caption.
     # Unset: the MSE (and Min-SNR weights) alone.
     clean_error_weight_cap: Optional[float] = None
+    # Shapes data: this fraction of the captioned two-object samples at timesteps >= recolour_min_timestep
+    # is noised from the picture with the two objects' colours exchanged, the target staying the true
+    # picture (sdlab.training.recolour): the noisy input says where the objects are, only the caption which
+    # colour each has. 0: off.
+    recolour_fraction: float = 0.0
+    recolour_min_timestep: int = 400
     validation_prompts: tuple[str, ...] = ()  # empty: the captions of the validation batch
     validation_sampler: str = "Euler"
     validation_steps: int = 20
@@ -381,6 +387,15 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
         if options.clean_error_weight_cap < 1:
             raise ConfigError(f"{source}: 'unet.clean_error_weight_cap' must be at least 1 (it only raises weights), "
                               f"got {options.clean_error_weight_cap}")
+    if isinstance(options, UNetOptions) and options.recolour_fraction:
+        if not 0 <= options.recolour_fraction <= 1:
+            raise ConfigError(f"{source}: 'unet.recolour_fraction' must be in [0, 1], got {options.recolour_fraction}")
+        if config.data != "shapes":
+            raise ConfigError(f"{source}: 'unet.recolour_fraction' is for the shapes data (it exchanges the objects' "
+                              f"palette colours), not {config.data}")
+    if isinstance(options, UNetOptions) and not 0 <= options.recolour_min_timestep < 1000:
+        raise ConfigError(f"{source}: 'unet.recolour_min_timestep' must be in [0, 1000), "
+                          f"got {options.recolour_min_timestep}")
     if isinstance(options, UNetOptions) and options.text_encoder_lr is not None:
         if not options.train_text_encoder:
             raise ConfigError(f"{source}: 'unet.text_encoder_lr' needs 'unet.train_text_encoder = true'")

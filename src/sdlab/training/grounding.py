@@ -38,17 +38,25 @@ def colour_regions(images: torch.Tensor) -> dict[str, torch.Tensor]:
     object comes near the border); a pixel's share of colour c is its position along the line from the
     background to c, where it lies on that line.
     """
+    regions = {}
+    for name, (share, off_line) in colour_lines(images).items():
+        regions[name] = share * (off_line <= COLOUR_TOLERANCE)
+    return regions
+
+
+def colour_lines(images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """For each palette colour, (B, H, W) each: every pixel's position along the line from the background
+    (the top-left pixel) to the colour, clamped to [0, 1], and its distance from that line (0-255 RGB)."""
     pixels = (images.detach().float() + 1) * 127.5  # (B, 3, H, W)
     background = pixels[:, :, :1, :1]
-    regions = {}
+    offset = pixels - background
+    lines = {}
     for name, rgb in shapes.COLOURS.items():
         direction = torch.tensor(rgb, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1) - background
-        offset = pixels - background
         share = (offset * direction).sum(1, keepdim=True) / direction.pow(2).sum(1, keepdim=True)
         share = share.clamp(0, 1)
-        off_line = (offset - share * direction).norm(dim=1, keepdim=True)
-        regions[name] = (share * (off_line <= COLOUR_TOLERANCE)).squeeze(1)
-    return regions
+        lines[name] = (share.squeeze(1), (offset - share * direction).norm(dim=1))
+    return lines
 
 
 def object_tokens(ids: torch.Tensor, place_words: bool = False) -> list[list[tuple[str, list[int]]]]:

@@ -38,7 +38,7 @@ from ..config import ModelConfig
 from ..models.attention import recorded_cross_attention
 from ..schedules import alphas_cumprod
 from ..tokenizer import get_tokenizer
-from . import components, grounding
+from . import components, grounding, recolour
 from .config import TrainConfig, UNetOptions
 from .data import Batch
 from .plots import image_grid
@@ -123,6 +123,10 @@ class UNetTrainer(UNetFamilyTrainer):
         noise = batch.randn(*latents.shape[1:])
         timesteps = batch.randint(self.model_config.schedule.num_train_timesteps)
         a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        if options.recolour_fraction:
+            noised = self.recoloured_latents(batch, latents, eps, keep, timesteps)
+            # the noise that takes the true latents to the noisy ones: the target
+            noise = noise + (a / (1 - a)).sqrt() * (noised - latents)
         noisy_latents = a.sqrt() * latents + (1 - a).sqrt() * noise
         recording = (recorded_cross_attention(self.unet) if options.grounding_loss
                      else contextlib.nullcontext([]))
@@ -147,6 +151,22 @@ class UNetTrainer(UNetFamilyTrainer):
                                                          options.grounding_place_words)
             loss = loss + options.grounding_loss * logs["grounding"]
         return loss, logs
+
+    @torch.no_grad()
+    def recoloured_latents(self, batch: Batch, latents: torch.Tensor, eps: torch.Tensor, keep: torch.Tensor,
+                           timesteps: torch.Tensor) -> torch.Tensor:
+        """`latents` with a `recolour_fraction` of the captioned two-object samples at timesteps >=
+        `recolour_min_timestep` replaced by the latents of their picture with its colours exchanged."""
+        options: UNetOptions = self.options
+        swapped, swappable = recolour.swap_object_colours(batch.images)
+        pick = ((batch.rand() < options.recolour_fraction) & swappable & keep.to(swappable.device)
+                & (timesteps >= options.recolour_min_timestep))
+        if not pick.any():
+            return latents
+        posterior = self.vae.encode(swapped[pick])
+        out = latents.clone()
+        out[pick] = (posterior.mean + posterior.std * eps[pick]).float() * self.model_config.vae.scaling_factor
+        return out
 
     def sample_weights(self, alphas_cumprod: torch.Tensor) -> Optional[torch.Tensor]:
         """Each sample's loss weight at its noise level (b,), or None for the plain MSE.
