@@ -76,9 +76,8 @@ class UNetOptions:
     min_snr_gamma: Optional[float] = None  # Min-SNR-gamma loss weights (Hang et al. 2023; 5.0 there); unset: plain MSE
     # The error in the clean latents counts at least once in every sample's loss, the noise error's weight
     # growing by up to this factor where that takes it (SNR < 1). Epsilon-MSE weighs the clean latents'
-    # error by SNR, 0.005 at the noisiest step: the steps that decide the layout hardly train, and the
-    # model reads the layout from the leftover signal in the training latents instead of from the caption.
-    # Unset: the MSE (and Min-SNR weights) alone.
+    # error by SNR, 0.005 at the noisiest step, where samplers decide the layout. Unset: the MSE (and
+    # Min-SNR weights) alone.
     clean_error_weight_cap: Optional[float] = None
     # Shapes data: this fraction of the captioned two-object samples at timesteps >= recolour_min_timestep
     # is noised from the picture with the two objects' colours exchanged, the target staying the true
