@@ -1,14 +1,15 @@
 """Recoloured inputs: two-object scenes noised from the picture with the objects' colours exchanged.
 
-A model trained only on matching pairs of noisy latents and captions can read the layout of two
-objects from the signal still left in the latents and never learn which object the caption puts where:
-the bundled model's prediction for "a blue square above a yellow triangle" is the same as for "... below
-...", at every noise level (MODEL_CARD.md). With this augmentation a fraction of two-object samples is
-noised from the same scene with the two colours exchanged, while the target stays the true picture, so
-the noisy input shows where the objects are and only the caption says which colour each one has.
+The bundled model's prediction for "a blue square above a yellow triangle" is the same as for "...
+below ...", at every noise level (MODEL_CARD.md): it takes the two objects' places and colours from
+the noisy latents and never learnt which object the caption puts where. With this augmentation a
+fraction of two-object samples is noised from the same scene with the two colours exchanged, while the
+target stays the true picture, so the noisy input shows where the objects are and only the caption
+says which colour each one has.
 
 On the shapes data the exchange is done on pixels: each object has its own flat palette colour, and
-`grounding.colour_regions` gives every pixel's share of each colour (anti-aliased edges included).
+`grounding.colour_lines` places every pixel on the line from the background to each palette colour
+(anti-aliased edges included).
 """
 
 from __future__ import annotations

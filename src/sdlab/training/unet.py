@@ -23,6 +23,9 @@ which way round two objects are drawn: MODEL_CARD.md.)
 `recolour_fraction` (shapes data, see `recolour`) noises some two-object samples from the picture with
 the two colours exchanged, the target staying the true picture: only the caption can say which object
 has which colour.
+
+On the shapes data, `grounding_loss` adds TokenCompose's token loss (see `grounding`): each object's
+words are taught where in the picture to be read.
 """
 
 from __future__ import annotations
@@ -158,12 +161,15 @@ class UNetTrainer(UNetFamilyTrainer):
         """`latents` with a `recolour_fraction` of the captioned two-object samples at timesteps >=
         `recolour_min_timestep` replaced by the latents of their picture with its colours exchanged."""
         options: UNetOptions = self.options
-        swapped, swappable = recolour.swap_object_colours(batch.images)
-        pick = ((batch.rand() < options.recolour_fraction) & swappable & keep.to(swappable.device)
-                & (timesteps >= options.recolour_min_timestep))
-        if not pick.any():
+        candidates = ((batch.rand() < options.recolour_fraction) & keep.to(timesteps.device)
+                      & (timesteps >= options.recolour_min_timestep))
+        if not candidates.any():
             return latents
-        posterior = self.vae.encode(swapped[pick])
+        swapped, swappable = recolour.swap_object_colours(batch.images[candidates])
+        pick = torch.nonzero(candidates).flatten()[swappable]
+        if len(pick) == 0:
+            return latents
+        posterior = self.vae.encode(swapped[swappable])
         out = latents.clone()
         out[pick] = (posterior.mean + posterior.std * eps[pick]).float() * self.model_config.vae.scaling_factor
         return out
