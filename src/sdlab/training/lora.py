@@ -83,10 +83,25 @@ def noised_prediction_loss(unet: nn.Module, latents: torch.Tensor, text_embeddin
     model_output = unet(noisy_latents, timesteps, text_embeddings, **conditioning).float()
     target = a.sqrt() * noise - (1 - a).sqrt() * latents if prediction == "v" else noise
     per_sample = (model_output - target).pow(2).mean(dim=(1, 2, 3))
-    if min_snr_gamma is not None:
-        snr = (a / (1 - a)).view(-1)
-        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / (snr + 1 if prediction == "v" else snr)
-    return per_sample
+    weights = loss_weights(a.view(-1), prediction, min_snr_gamma)
+    return per_sample if weights is None else per_sample * weights
+
+
+def loss_weights(alphas_cumprod: torch.Tensor, prediction: str, min_snr_gamma: Optional[float] = None,
+                 clean_error_weight_cap: Optional[float] = None) -> Optional[torch.Tensor]:
+    """Each sample's loss weight at its noise level, or None for the plain MSE.
+
+    The MSE of an eps (v) prediction carries the error in the clean latents with a factor SNR (SNR + 1).
+    Min-SNR-gamma caps that factor at gamma (Hang et al. 2023, eq. 8); `clean_error_weight_cap` raises it
+    to at least min(1, cap * SNR), so the noisiest steps train on where things go."""
+    if min_snr_gamma is None and clean_error_weight_cap is None:
+        return None
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    factor = snr + 1 if prediction == "v" else snr  # output MSE per clean-latent MSE
+    clean_weight = factor if min_snr_gamma is None else snr.clamp(max=min_snr_gamma)
+    if clean_error_weight_cap is not None:
+        clean_weight = torch.maximum(clean_weight, (clean_error_weight_cap * snr).clamp(max=1))
+    return clean_weight / factor
 
 
 @torch.no_grad()

@@ -44,6 +44,7 @@ from ..tokenizer import get_tokenizer
 from . import components, grounding, recolour
 from .config import TrainConfig, UNetOptions
 from .data import Batch
+from .lora import loss_weights
 from .plots import image_grid
 
 
@@ -175,20 +176,10 @@ class UNetTrainer(UNetFamilyTrainer):
         return out
 
     def sample_weights(self, alphas_cumprod: torch.Tensor) -> Optional[torch.Tensor]:
-        """Each sample's loss weight at its noise level (b,), or None for the plain MSE.
-
-        The MSE of the output carries the error in the clean latents with a factor SNR (epsilon) or
-        SNR + 1 (v). Min-SNR-gamma caps that factor at gamma; `clean_error_weight_cap` raises it to
-        at least min(1, cap * SNR), so the noisiest steps train on where things go."""
+        """Each sample's loss weight at its noise level (b,), or None for the plain MSE (`lora.loss_weights`)."""
         options: UNetOptions = self.options
-        if options.min_snr_gamma is None and options.clean_error_weight_cap is None:
-            return None
-        snr = alphas_cumprod / (1 - alphas_cumprod)
-        factor = snr + 1 if self.model_config.prediction == "v" else snr  # output MSE per clean-latent MSE
-        clean_weight = factor if options.min_snr_gamma is None else snr.clamp(max=options.min_snr_gamma)
-        if options.clean_error_weight_cap is not None:
-            clean_weight = torch.maximum(clean_weight, (options.clean_error_weight_cap * snr).clamp(max=1))
-        return clean_weight / factor
+        return loss_weights(alphas_cumprod, self.model_config.prediction, options.min_snr_gamma,
+                            options.clean_error_weight_cap)
 
     @torch.no_grad()
     def validate(self, model: nn.Module, examples, step: int, out_dir: Path) -> None:
