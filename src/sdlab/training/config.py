@@ -85,6 +85,13 @@ class UNetOptions:
     # colour each has. 0: off.
     recolour_fraction: float = 0.0
     recolour_min_timestep: int = 400
+    # Shapes data: weight of the relation contrast (sdlab.training.relation_contrast): each captioned
+    # sample whose caption states a relation, at a timestep >= relation_contrast_min_timestep, is also
+    # denoised under the caption turned round, and the true caption's error must rank lower (a two-way
+    # softmax over -error / (temperature * their mean)). 0: off.
+    relation_contrast: float = 0.0
+    relation_contrast_temperature: float = 0.05
+    relation_contrast_min_timestep: int = 600
     validation_prompts: tuple[str, ...] = ()  # empty: the captions of the validation batch
     validation_sampler: str = "Euler"
     validation_steps: int = 20
@@ -395,6 +402,18 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
     if isinstance(options, UNetOptions) and not 0 <= options.recolour_min_timestep < 1000:
         raise ConfigError(f"{source}: 'unet.recolour_min_timestep' must be in [0, 1000), "
                           f"got {options.recolour_min_timestep}")
+    if isinstance(options, UNetOptions) and options.relation_contrast:
+        if options.relation_contrast < 0:
+            raise ConfigError(f"{source}: 'unet.relation_contrast' must not be negative, got {options.relation_contrast}")
+        if config.data != "shapes":
+            raise ConfigError(f"{source}: 'unet.relation_contrast' is for the shapes data (it turns the shapes "
+                              f"grammar's relations round), not {config.data}")
+    if isinstance(options, UNetOptions) and options.relation_contrast_temperature <= 0:
+        raise ConfigError(f"{source}: 'unet.relation_contrast_temperature' must be positive, "
+                          f"got {options.relation_contrast_temperature}")
+    if isinstance(options, UNetOptions) and not 0 <= options.relation_contrast_min_timestep < 1000:
+        raise ConfigError(f"{source}: 'unet.relation_contrast_min_timestep' must be in [0, 1000), "
+                          f"got {options.relation_contrast_min_timestep}")
     if isinstance(options, UNetOptions) and options.text_encoder_lr is not None:
         if not options.train_text_encoder:
             raise ConfigError(f"{source}: 'unet.text_encoder_lr' needs 'unet.train_text_encoder = true'")

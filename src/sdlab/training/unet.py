@@ -25,7 +25,8 @@ the two colours exchanged, the target staying the true picture: only the caption
 has which colour.
 
 On the shapes data, `grounding_loss` adds TokenCompose's token loss (see `grounding`): each object's
-words are taught where in the picture to be read.
+words are taught where in the picture to be read, and `relation_contrast` (see `relation_contrast`) asks
+that a two-object caption predict its scene better than the same caption with its relation turned round.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ..models.attention import recorded_cross_attention
 from ..schedules import alphas_cumprod
 from ..tokenizer import get_tokenizer
 from . import components, grounding, recolour
+from .relation_contrast import relation_contrast
 from .config import TrainConfig, UNetOptions
 from .data import Batch
 from .lora import loss_weights
@@ -140,15 +142,21 @@ class UNetTrainer(UNetFamilyTrainer):
             target = a.sqrt() * noise - (1 - a).sqrt() * latents
         else:
             target = noise
-        per_sample = (model_output - target).pow(2).mean(dim=(1, 2, 3))  # (b,)
+        errors = (model_output - target).pow(2).mean(dim=(1, 2, 3))  # (b,)
         logs = {}
         weight = self.sample_weights(a.view(-1))
         if weight is not None:
-            logs["mse"] = per_sample.mean()
-            per_sample = per_sample * weight
-        loss = per_sample.mean()
-        if options.grounding_loss:
+            logs["mse"] = errors.mean()
+        loss = (errors if weight is None else errors * weight).mean()
+        if options.relation_contrast or options.grounding_loss:
             logs["diffusion"] = loss.detach()
+        if options.relation_contrast:
+            contrast, contrast_logs = relation_contrast(
+                lambda x, t, texts: self.unet(x, t, self.encode_text(texts, device)), noisy_latents, timesteps,
+                captions, target, errors, options.relation_contrast_temperature, options.relation_contrast_min_timestep)
+            logs.update(contrast_logs)
+            loss = loss + options.relation_contrast * contrast
+        if options.grounding_loss:
             weights = grounding.timestep_weights(timesteps, self.model_config.schedule.num_train_timesteps,
                                                  options.grounding_weighting)
             logs["grounding"] = grounding.grounding_loss(maps, batch.images, self.token_ids(captions), weights,
