@@ -163,6 +163,13 @@ def test_learning_rate_warms_up_linearly_then_holds_or_follows_a_half_cosine():
     assert learning_rate(4, cosine) == 1.0
     assert learning_rate(7, cosine) == pytest.approx(0.5)
     assert learning_rate(10, cosine) == pytest.approx(0.0)
+    first_part = cosine.replace(steps=7, lr_schedule_steps=10)  # the first 7 steps of the same schedule
+    assert [learning_rate(s, first_part) for s in range(7)] == [learning_rate(s, cosine) for s in range(7)]
+
+
+def test_a_schedule_shorter_than_the_run_is_refused():
+    with pytest.raises(ConfigError, match="'lr_schedule_steps' \\(5\\) must be at least 'steps' \\(10\\)"):
+        build_config("vae", {"steps": 10, "lr_schedule_steps": 5})
 
 
 def test_ema_decay_warms_up_from_the_first_steps():

@@ -195,6 +195,9 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-4
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # the step where the cosine reaches 0; unset: `steps`. Longer: the run is the first `steps` of a
+    # longer schedule (a stage that was taken from the middle of one)
+    lr_schedule_steps: Optional[int] = None
     warmup_steps: int = 0  # linear warm-up from 0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -366,6 +369,9 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
             raise ConfigError(f"{source}: '{key}' must not be negative, got {getattr(config, key)}")
     if config.lr <= 0:
         raise ConfigError(f"{source}: 'lr' must be positive, got {config.lr}")
+    if config.lr_schedule_steps is not None and config.lr_schedule_steps < config.steps:
+        raise ConfigError(f"{source}: 'lr_schedule_steps' ({config.lr_schedule_steps}) must be at least 'steps' "
+                          f"({config.steps}): the schedule cannot end before the run")
     if config.ema_decay is not None and not 0 <= config.ema_decay < 1:
         raise ConfigError(f"{source}: 'ema_decay' must be in [0, 1), got {config.ema_decay}")
     if config.batch_size % config.grad_accum:

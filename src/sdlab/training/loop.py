@@ -63,11 +63,13 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then constant or a half cosine down to 0 at `steps`."""
+    """Linear warm-up over `warmup_steps`, then constant or a half cosine down to 0 at `steps` (or at
+    `lr_schedule_steps`, for a run that is the start of a longer schedule)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     if config.lr_schedule == "cosine":
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        end = config.lr_schedule_steps or config.steps
+        progress = (step - config.warmup_steps) / max(1, end - config.warmup_steps)
         return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return config.lr
 
