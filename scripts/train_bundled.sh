@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Trains sdlab's bundled shapes models from nothing and installs them in src/sdlab/weights/:
-# VAE, text encoder, UNet, the UNet and text encoder together, then the inpainting and x4-upscaling
-# UNets grown from that UNet, on its text encoder (recipes/shapes-*.toml). Each stage resumes from its last checkpoint when run again; finished stages
+# VAE, text encoder, UNet, the UNet and text encoder together, the relation contrast runs and their
+# repair, then the inpainting and x4-upscaling UNets grown from that UNet, on its text encoder
+# (recipes/shapes-*.toml). Each stage resumes from its last checkpoint when run again; finished stages
 # are skipped.
 #   ./scripts/train_bundled.sh [RUNS_DIR]          (default: runs/)
 set -euo pipefail
@@ -19,7 +20,16 @@ stage vae vae recipes/shapes-vae.toml
 stage text text recipes/shapes-text.toml --base "$runs/shapes-vae/last.safetensors"
 stage unet unet recipes/shapes-unet.toml --base "$runs/shapes-text/last.safetensors"
 stage unet-text unet recipes/shapes-unet-text.toml --base "$runs/shapes-unet/last.safetensors"
-stage inpaint inpaint recipes/shapes-inpaint.toml --base "$runs/shapes-unet-text/last.safetensors"
-stage upscale upscale recipes/shapes-upscale.toml --base "$runs/shapes-unet-text/last.safetensors"
+# step 5 in three runs of one recipe (see its comments), then step 6
+stage relation-a unet recipes/shapes-relation.toml --base "$runs/shapes-unet-text/last.safetensors" \
+  --set steps=750 --set lr_schedule_steps=2000 --set ema_decay=0 --set unet.relation_contrast_min_timestep=0
+stage relation-b unet recipes/shapes-relation.toml --base "$runs/shapes-relation-a/last.safetensors" \
+  --set steps=1500 --set ema_decay=0.998
+stage relation-c unet recipes/shapes-relation.toml --base "$runs/shapes-relation-b/last.safetensors" \
+  --set unet.relation_contrast_min_timestep=850
+stage relation-repair unet recipes/shapes-relation-repair.toml --base "$runs/shapes-relation-c/last.safetensors"
+final="$runs/shapes-relation-repair/last.safetensors"
+stage inpaint inpaint recipes/shapes-inpaint.toml --base "$final"
+stage upscale upscale recipes/shapes-upscale.toml --base "$final"
 $python -c "import sys, sdlab.bundled as b; print(*b.package(*sys.argv[1:]), sep='\n')" \
-  "$runs/shapes-unet-text/last.safetensors" "$runs/shapes-inpaint/last.safetensors" "$runs/shapes-upscale/last.safetensors"
+  "$final" "$runs/shapes-inpaint/last.safetensors" "$runs/shapes-upscale/last.safetensors"

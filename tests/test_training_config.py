@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
@@ -148,12 +149,33 @@ def test_a_model_file_named_in_a_recipe_is_found_beside_it(tmp_path):
     assert resolve_model_config(config.model).resolution == 48
 
 
-@pytest.mark.parametrize("trainer, recipe", [("vae", "vae"), ("text", "text"), ("unet", "unet"), ("unet", "unet-text")])
+@pytest.mark.parametrize("trainer, recipe", [("vae", "vae"), ("text", "text"), ("unet", "unet"), ("unet", "unet-text"),
+                                             ("unet", "relation"), ("unet", "relation-repair")])
 def test_the_shipped_recipes_load(trainer, recipe):
     config = load_config(trainer, str(RECIPES / f"shapes-{recipe}.toml"))
     model = resolve_model_config(config.model)
     assert model.unet.context_dim == model.text.width
     assert load_config(trainer, str(RECIPES / "tiny.toml")).resolution == 32
+
+
+def test_every_stage_of_the_bundled_models_script_is_a_valid_recipe():
+    """scripts/train_bundled.sh's `stage NAME TRAINER RECIPE [--base FILE] [--set KEY=VALUE ...]` lines,
+    with their overrides, load; the relation runs take their steps and schedules from them."""
+    script = (RECIPES.parent / "scripts" / "train_bundled.sh").read_text().replace("\\\n", " ")
+    stages = {}
+    for line in script.splitlines():
+        if not line.startswith("stage "):
+            continue
+        _, name, trainer, recipe, *rest = shlex.split(line)
+        overrides = dict(cli.parse_assignment(value) for flag, value in zip(rest, rest[1:]) if flag == "--set")
+        stages[name] = load_config(trainer, str(RECIPES.parent / recipe), overrides)
+    assert list(stages) == ["vae", "text", "unet", "unet-text", "relation-a", "relation-b", "relation-c",
+                            "relation-repair", "inpaint", "upscale"]
+    first = stages["relation-a"]
+    assert (first.steps, first.lr_schedule_steps, first.ema_decay) == (750, 2000, 0)
+    assert first.options.relation_contrast_min_timestep == 0
+    assert stages["relation-c"].options.relation_contrast_min_timestep == 850
+    assert not stages["relation-repair"].options.train_text_encoder
 
 
 def test_learning_rate_warms_up_linearly_then_holds_or_follows_a_half_cosine():
