@@ -359,6 +359,11 @@ def _check_model_table(table: dict, source: str) -> None:
             _checked(ModelConfig, {key: value}, "model.", source)
 
 
+def _shapes_only(config: TrainConfig, source: str, option: str, why: str) -> None:
+    if config.data != "shapes":
+        raise ConfigError(f"{source}: 'unet.{option}' is for the shapes data ({why}), not {config.data}")
+
+
 def _check_ranges(config: TrainConfig, source: str) -> None:
     positive = ("steps", "batch_size", "grad_accum", "checkpoint_every", "validation_images", "log_every")
     for key in positive:
@@ -402,18 +407,14 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
     if isinstance(options, UNetOptions) and options.recolour_fraction:
         if not 0 <= options.recolour_fraction <= 1:
             raise ConfigError(f"{source}: 'unet.recolour_fraction' must be in [0, 1], got {options.recolour_fraction}")
-        if config.data != "shapes":
-            raise ConfigError(f"{source}: 'unet.recolour_fraction' is for the shapes data (it exchanges the objects' "
-                              f"palette colours), not {config.data}")
+        _shapes_only(config, source, "recolour_fraction", "it exchanges the objects' palette colours")
     if isinstance(options, UNetOptions) and not 0 <= options.recolour_min_timestep < 1000:
         raise ConfigError(f"{source}: 'unet.recolour_min_timestep' must be in [0, 1000), "
                           f"got {options.recolour_min_timestep}")
     if isinstance(options, UNetOptions) and options.relation_contrast:
         if options.relation_contrast < 0:
             raise ConfigError(f"{source}: 'unet.relation_contrast' must not be negative, got {options.relation_contrast}")
-        if config.data != "shapes":
-            raise ConfigError(f"{source}: 'unet.relation_contrast' is for the shapes data (it turns the shapes "
-                              f"grammar's relations round), not {config.data}")
+        _shapes_only(config, source, "relation_contrast", "it turns the shapes grammar's relations round")
     if isinstance(options, UNetOptions) and options.relation_contrast_temperature <= 0:
         raise ConfigError(f"{source}: 'unet.relation_contrast_temperature' must be positive, "
                           f"got {options.relation_contrast_temperature}")
@@ -428,9 +429,7 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
     if isinstance(options, UNetOptions) and options.grounding_loss:
         if options.grounding_loss < 0:
             raise ConfigError(f"{source}: 'unet.grounding_loss' must not be negative, got {options.grounding_loss}")
-        if config.data != "shapes":
-            raise ConfigError(f"{source}: 'unet.grounding_loss' is for the shapes data (it finds each object by its "
-                              f"palette colour), not {config.data}")
+        _shapes_only(config, source, "grounding_loss", "it finds each object by its palette colour")
         if config.gradient_checkpointing:
             raise ConfigError(f"{source}: 'unet.grounding_loss' reads attention maps that gradient checkpointing "
                               "would drop and recompute; turn one of them off")

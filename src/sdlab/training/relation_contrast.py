@@ -52,8 +52,9 @@ def relation_contrast(denoise: Callable[[torch.Tensor, torch.Tensor, list[str]],
     `denoise(x, t, captions)` is the model's output for those captions; `errors` (b,) each sample's
     mean squared error against `target` under its own caption, with gradients."""
     pairs = contrasted(captions, timesteps, min_timestep)
-    if not pairs:
-        return errors.sum() * 0, {}
+    if not pairs:  # the same log names every step: ranks and micro-batches average them name by name
+        zero = errors.sum() * 0
+        return zero, {"relation_contrast": zero.detach(), "relation_margin": zero.detach()}
     index = torch.tensor([i for i, _ in pairs], device=noisy_latents.device)
     mirrored = denoise(noisy_latents[index], timesteps[index], [mirror for _, mirror in pairs]).float()
     true_error = errors[index]
