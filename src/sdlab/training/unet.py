@@ -43,11 +43,11 @@ from ..models.attention import recorded_cross_attention
 from ..schedules import alphas_cumprod
 from ..tokenizer import get_tokenizer
 from . import components, grounding, recolour
-from .relation_contrast import relation_contrast
 from .config import TrainConfig, UNetOptions
 from .data import Batch
 from .lora import loss_weights
 from .plots import image_grid
+from .relation_contrast import relation_contrast
 
 
 class UNetFamilyTrainer(nn.Module):
@@ -152,8 +152,10 @@ class UNetTrainer(UNetFamilyTrainer):
             logs["diffusion"] = loss.detach()
         if options.relation_contrast:
             contrast, contrast_logs = relation_contrast(
-                lambda x, t, texts: self.unet(x, t, self.encode_text(texts, device)), noisy_latents, timesteps,
-                captions, target, errors, options.relation_contrast_temperature, options.relation_contrast_min_timestep)
+                lambda x, t, texts: self.unet(x, t, self.encode_text(texts, device)),
+                noisy_latents, timesteps, captions, target, errors,
+                temperature=options.relation_contrast_temperature,
+                min_timestep=options.relation_contrast_min_timestep)
             logs.update(contrast_logs)
             loss = loss + options.relation_contrast * contrast
         if options.grounding_loss:
