@@ -109,7 +109,67 @@ def test_the_trainer_adds_the_weighted_term_to_the_diffusion_loss(tmp_path, trai
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.parameters())
 
 
+def test_mirrored_denoising_takes_the_relation_samples_the_contrast_leaves_out():
+    captions = ["a blue square above a red circle", "a large red circle on the left", "",
+                "a green triangle to the left of a blue circle", "a yellow box over a red ball"]
+    timesteps = torch.tensor([700, 100, 100, 500, 850])
+    assert rc.below_contrast(captions, timesteps, 850) == [(0, "a blue square below a red circle"),
+                                                           (3, "a green triangle to the right of a blue circle")]
+    # with the contrast's own selection, every relation sample is taken by exactly one of the two terms
+    taken = sorted(i for i, _ in rc.below_contrast(captions, timesteps, 850) + rc.contrasted(captions, timesteps, 850))
+    assert taken == [0, 3, 4]
+
+
+def test_mirrored_denoising_is_the_mirrored_captions_error_on_the_same_target():
+    captions = ["a blue square above a red circle", "a large red circle on the left", "a red circle below a blue square"]
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    target = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    moves = torch.ones((), requires_grad=True)  # how far the words move the prediction
+
+    def denoise(latents, t, texts):
+        shift = torch.tensor([0.5 if "below" in text else -0.5 for text in texts]).view(-1, 1, 1, 1)
+        return latents + moves * shift
+
+    loss, logs = rc.mirrored_denoising(denoise, x, torch.tensor([300, 300, 300]), captions, target, 850)
+    below = (x[0] + 0.5 - target[0]).pow(2).mean()  # sample 0's mirror says "below"
+    above = (x[2] - 0.5 - target[2]).pow(2).mean()
+    torch.testing.assert_close(loss, (below + above) / 3)
+    torch.testing.assert_close(logs["mirror_denoising"], (below + above) / 2)
+    loss.backward()
+    assert moves.grad is not None and moves.grad != 0
+
+    loss, logs = rc.mirrored_denoising(lambda *args: pytest.fail("nothing to denoise"), x, torch.tensor([900, 300, 999]),
+                                       captions, target, 850)
+    assert loss.item() == 0 and logs["mirror_denoising"].item() == 0
+
+
+def test_the_trainer_adds_weighted_mirrored_denoising_below_the_contrast(tmp_path):
+    images, captions = scene_batch()  # "a red circle to the left of a blue square ...", then one object
+    settings = {"unet.caption_dropout": 0.0, "unet.relation_contrast_min_timestep": 999}
+    base = str(tiny_base(tmp_path / "base.safetensors"))
+    trainer = unet_trainer.build(tiny_config("unet", tmp_path / "run", base=base,
+                                             **{"unet.relation_mirror_denoising": 0.5, **settings}), torch.device("cpu"))
+    plain = unet_trainer.build(tiny_config("unet", tmp_path / "plain", base=base, **settings), torch.device("cpu"))
+    seen = []
+    forward = trainer.unet.forward
+    trainer.unet.forward = lambda x, t, context: seen.append((x, t, context)) or forward(x, t, context)
+
+    batch_seed = 3
+    loss, logs = trainer.loss(a_batch(images, captions, seed=batch_seed))
+    diffusion, _ = plain.loss(a_batch(images, captions, seed=batch_seed))
+    (x, t, _), (x_mirror, t_mirror, context_mirror) = seen
+    assert t[0] < 999  # the two-object sample is below the contrast, so it is denoised mirrored
+    torch.testing.assert_close(x_mirror, x[:1])
+    torch.testing.assert_close(t_mirror, t[:1])
+    mirror = "a red circle to the right of a blue square on a white background"
+    torch.testing.assert_close(context_mirror, trainer.encode_text([mirror], x.device))
+    torch.testing.assert_close(logs["diffusion"], diffusion.detach())
+    torch.testing.assert_close(loss, diffusion + 0.5 * logs["mirror_denoising"] / 2)
+
+
 @pytest.mark.parametrize("settings, message", [
+    ({"unet.relation_mirror_denoising": -1.0}, "'unet.relation_mirror_denoising' must not be negative"),
+    ({"unet.relation_mirror_denoising": 0.5, "data": "some/folder"}, "is for the shapes data"),
     ({"unet.relation_contrast": -1.0}, "'unet.relation_contrast' must not be negative"),
     ({"unet.relation_contrast": 0.5, "data": "some/folder"}, "is for the shapes data"),
     ({"unet.relation_contrast_temperature": 0.0}, "'unet.relation_contrast_temperature' must be positive"),

@@ -92,6 +92,10 @@ class UNetOptions:
     relation_contrast: float = 0.0
     relation_contrast_temperature: float = 0.05
     relation_contrast_min_timestep: int = 600
+    # Shapes data: weight of mirrored denoising (sdlab.training.relation_contrast.mirrored_denoising): the
+    # relation samples below relation_contrast_min_timestep are also denoised under the caption turned
+    # round, against the same target, so that words no longer move objects the latents already show. 0: off.
+    relation_mirror_denoising: float = 0.0
     validation_prompts: tuple[str, ...] = ()  # empty: the captions of the validation batch
     validation_sampler: str = "Euler"
     validation_steps: int = 20
@@ -415,6 +419,11 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
         if options.relation_contrast < 0:
             raise ConfigError(f"{source}: 'unet.relation_contrast' must not be negative, got {options.relation_contrast}")
         _shapes_only(config, source, "relation_contrast", "it turns the shapes grammar's relations round")
+    if isinstance(options, UNetOptions) and options.relation_mirror_denoising:
+        if options.relation_mirror_denoising < 0:
+            raise ConfigError(f"{source}: 'unet.relation_mirror_denoising' must not be negative, "
+                              f"got {options.relation_mirror_denoising}")
+        _shapes_only(config, source, "relation_mirror_denoising", "it turns the shapes grammar's relations round")
     if isinstance(options, UNetOptions) and options.relation_contrast_temperature <= 0:
         raise ConfigError(f"{source}: 'unet.relation_contrast_temperature' must be positive, "
                           f"got {options.relation_contrast_temperature}")

@@ -64,3 +64,31 @@ def relation_contrast(denoise: Callable[[torch.Tensor, torch.Tensor, list[str]],
     loss = F.softplus(-margin / temperature)
     return loss.sum() / len(captions), {"relation_contrast": loss.mean().detach(),
                                         "relation_margin": margin.mean().detach()}
+
+
+def below_contrast(captions: list[str], timesteps: torch.Tensor, min_timestep: int) -> list[tuple[int, str]]:
+    """(index, mirrored caption) of the relation samples the contrast leaves out: timestep < `min_timestep`."""
+    pairs = contrasted(captions, timesteps, 0)
+    return [(i, mirror) for i, mirror in pairs if int(timesteps[i]) < min_timestep]
+
+
+def mirrored_denoising(denoise: Callable[[torch.Tensor, torch.Tensor, list[str]], torch.Tensor],
+                       noisy_latents: torch.Tensor, timesteps: torch.Tensor, captions: list[str],
+                       target: torch.Tensor, min_timestep: int) -> tuple[torch.Tensor, dict]:
+    """Below the contrast's timesteps, the mirrored caption must denoise the latents as they are.
+
+    Once a sampler has settled the layout, the noisy latents show where each object is, and a caption
+    that says otherwise must not move them: the pictures the model is trained on never disagree with
+    their caption, so nothing else says what to do when they do, and a model taught by the contrast to
+    follow the words draws the object a second time where the words put it. Each relation sample at a
+    timestep < `min_timestep` is also denoised under its mirrored caption against the same target; the
+    term is those squared errors summed and divided by the batch size (plain MSE, like the diffusion
+    loss's own samples)."""
+    pairs = below_contrast(captions, timesteps, min_timestep)
+    if not pairs:
+        zero = noisy_latents.new_zeros(()) * 0
+        return zero, {"mirror_denoising": zero.detach()}
+    index = torch.tensor([i for i, _ in pairs], device=noisy_latents.device)
+    mirrored = denoise(noisy_latents[index], timesteps[index], [mirror for _, mirror in pairs]).float()
+    errors = (mirrored - target[index]).pow(2).mean(dim=tuple(range(1, target.dim())))
+    return errors.sum() / len(captions), {"mirror_denoising": errors.mean().detach()}

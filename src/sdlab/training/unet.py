@@ -47,7 +47,7 @@ from .config import TrainConfig, UNetOptions
 from .data import Batch
 from .lora import loss_weights
 from .plots import image_grid
-from .relation_contrast import relation_contrast
+from .relation_contrast import mirrored_denoising, relation_contrast
 
 
 class UNetFamilyTrainer(nn.Module):
@@ -148,7 +148,7 @@ class UNetTrainer(UNetFamilyTrainer):
         if weight is not None:
             logs["mse"] = errors.mean()
         loss = (errors if weight is None else errors * weight).mean()
-        if options.relation_contrast or options.grounding_loss:
+        if options.relation_contrast or options.relation_mirror_denoising or options.grounding_loss:
             logs["diffusion"] = loss.detach()
         if options.relation_contrast:
             contrast, contrast_logs = relation_contrast(
@@ -158,6 +158,12 @@ class UNetTrainer(UNetFamilyTrainer):
                 min_timestep=options.relation_contrast_min_timestep)
             logs.update(contrast_logs)
             loss = loss + options.relation_contrast * contrast
+        if options.relation_mirror_denoising:
+            mirror, mirror_logs = mirrored_denoising(
+                lambda x, t, texts: self.unet(x, t, self.encode_text(texts, device)),
+                noisy_latents, timesteps, captions, target, min_timestep=options.relation_contrast_min_timestep)
+            logs.update(mirror_logs)
+            loss = loss + options.relation_mirror_denoising * mirror
         if options.grounding_loss:
             weights = grounding.timestep_weights(timesteps, self.model_config.schedule.num_train_timesteps,
                                                  options.grounding_weighting)
