@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains sdlab's bundled shapes models from nothing and installs them in src/sdlab/weights/:
-# VAE, text encoder, UNet, the UNet and text encoder together, the relation contrast runs and their
-# repair, then the inpainting and x4-upscaling UNets grown from that UNet, on its text encoder
+# VAE, text encoder, UNet, the UNet and text encoder together, the relation contrast runs, their
+# repair and the mirrored-caption denoising run, then the inpainting and x4-upscaling UNets grown from that UNet, on its text encoder
 # (recipes/shapes-*.toml). Each stage resumes from its last checkpoint when run again; finished stages
 # are skipped.
 #   ./scripts/train_bundled.sh [RUNS_DIR]          (default: runs/)
@@ -28,7 +28,8 @@ stage relation-b unet recipes/shapes-relation.toml --base "$runs/shapes-relation
 stage relation-c unet recipes/shapes-relation.toml --base "$runs/shapes-relation-b/last.safetensors" \
   --set unet.relation_contrast_min_timestep=850
 stage relation-repair unet recipes/shapes-relation-repair.toml --base "$runs/shapes-relation-c/last.safetensors"
-final="$runs/shapes-relation-repair/last.safetensors"
+stage relation-mirror unet recipes/shapes-relation-mirror.toml --base "$runs/shapes-relation-repair/last.safetensors"
+final="$runs/shapes-relation-mirror/last.safetensors"
 stage inpaint inpaint recipes/shapes-inpaint.toml --base "$final"
 stage upscale upscale recipes/shapes-upscale.toml --base "$final"
 $python -c "import sys, sdlab.bundled as b; print(*b.package(*sys.argv[1:]), sep='\n')" \
