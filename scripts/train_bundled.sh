@@ -2,8 +2,8 @@
 # Trains sdlab's bundled shapes models from nothing and installs them in src/sdlab/weights/:
 # VAE, text encoder, UNet, the UNet and text encoder together, the relation contrast runs, their
 # repair and the mirrored-caption denoising run, then the inpainting and x4-upscaling UNets grown
-# from that UNet, on its text encoder (recipes/shapes-*.toml). Each stage resumes from its last checkpoint when run again; finished stages
-# are skipped.
+# from that UNet, on its text encoder (recipes/shapes-*.toml). Each stage resumes from its last
+# checkpoint when run again; finished stages are skipped.
 #   ./scripts/train_bundled.sh [RUNS_DIR]          (default: runs/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
