@@ -29,7 +29,8 @@ stage relation-c unet recipes/shapes-relation.toml --base "$runs/shapes-relation
   --set unet.relation_contrast_min_timestep=850
 stage relation-repair unet recipes/shapes-relation-repair.toml --base "$runs/shapes-relation-c/last.safetensors"
 stage relation-mirror unet recipes/shapes-relation-mirror.toml --base "$runs/shapes-relation-repair/last.safetensors"
-final="$runs/shapes-relation-mirror/last.safetensors"
+stage relation-mirror-2 unet recipes/shapes-relation-mirror.toml --base "$runs/shapes-relation-mirror/last.safetensors"
+final="$runs/shapes-relation-mirror-2/last.safetensors"
 stage inpaint inpaint recipes/shapes-inpaint.toml --base "$final"
 stage upscale upscale recipes/shapes-upscale.toml --base "$final"
 $python -c "import sys, sdlab.bundled as b; print(*b.package(*sys.argv[1:]), sep='\n')" \

@@ -171,7 +171,7 @@ def test_every_stage_of_the_bundled_models_script_is_a_valid_recipe():
         overrides = dict(cli.parse_assignment(value) for flag, value in zip(rest, rest[1:]) if flag == "--set")
         stages[name] = load_config(trainer, str(RECIPES.parent / recipe), overrides)
     assert list(stages) == ["vae", "text", "unet", "unet-text", "relation-a", "relation-b", "relation-c",
-                            "relation-repair", "relation-mirror", "inpaint", "upscale"]
+                            "relation-repair", "relation-mirror", "relation-mirror-2", "inpaint", "upscale"]
     first = stages["relation-a"]
     assert (first.steps, first.lr_schedule_steps, first.ema_decay) == (750, 2000, 0)
     assert first.options.relation_contrast_min_timestep == 0
