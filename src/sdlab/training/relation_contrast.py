@@ -82,12 +82,12 @@ def mirrored_denoising(denoise: Callable[[torch.Tensor, torch.Tensor, list[str]]
     their caption, so nothing else says what to do when they do, and a model taught by the contrast to
     follow the words draws the object a second time where the words put it. Each relation sample at a
     timestep < `min_timestep` is also denoised under its mirrored caption against the same target; the
-    term is those squared errors summed and divided by the batch size (plain MSE, like the diffusion
-    loss's own samples)."""
+    term is those mean squared errors summed and divided by the batch size, unweighted (the diffusion
+    loss's min-SNR weights, which lower the least noisy samples, are not applied here)."""
     pairs = below_contrast(captions, timesteps, min_timestep)
     if not pairs:
-        zero = noisy_latents.new_zeros(()) * 0
-        return zero, {"mirror_denoising": zero.detach()}
+        zero = noisy_latents.new_zeros(())
+        return zero, {"mirror_denoising": zero}
     index = torch.tensor([i for i, _ in pairs], device=noisy_latents.device)
     mirrored = denoise(noisy_latents[index], timesteps[index], [mirror for _, mirror in pairs]).float()
     errors = (mirrored - target[index]).pow(2).mean(dim=tuple(range(1, target.dim())))
