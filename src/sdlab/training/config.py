@@ -368,6 +368,14 @@ def _shapes_only(config: TrainConfig, source: str, option: str, why: str) -> Non
         raise ConfigError(f"{source}: 'unet.{option}' is for the shapes data ({why}), not {config.data}")
 
 
+def _shapes_weight(config: TrainConfig, source: str, option: str, why: str) -> None:
+    """A shapes-only loss weight: when set, not negative and on the shapes data."""
+    weight = getattr(config.options, option)
+    if weight < 0:
+        raise ConfigError(f"{source}: 'unet.{option}' must not be negative, got {weight}")
+    _shapes_only(config, source, option, why)
+
+
 def _check_ranges(config: TrainConfig, source: str) -> None:
     positive = ("steps", "batch_size", "grad_accum", "checkpoint_every", "validation_images", "log_every")
     for key in positive:
@@ -415,15 +423,9 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
     if isinstance(options, UNetOptions) and not 0 <= options.recolour_min_timestep < 1000:
         raise ConfigError(f"{source}: 'unet.recolour_min_timestep' must be in [0, 1000), "
                           f"got {options.recolour_min_timestep}")
-    if isinstance(options, UNetOptions) and options.relation_contrast:
-        if options.relation_contrast < 0:
-            raise ConfigError(f"{source}: 'unet.relation_contrast' must not be negative, got {options.relation_contrast}")
-        _shapes_only(config, source, "relation_contrast", "it turns the shapes grammar's relations round")
-    if isinstance(options, UNetOptions) and options.relation_mirror_denoising:
-        if options.relation_mirror_denoising < 0:
-            raise ConfigError(f"{source}: 'unet.relation_mirror_denoising' must not be negative, "
-                              f"got {options.relation_mirror_denoising}")
-        _shapes_only(config, source, "relation_mirror_denoising", "it turns the shapes grammar's relations round")
+    for weight in ("relation_contrast", "relation_mirror_denoising"):
+        if isinstance(options, UNetOptions) and getattr(options, weight):
+            _shapes_weight(config, source, weight, "it turns the shapes grammar's relations round")
     if isinstance(options, UNetOptions) and options.relation_contrast_temperature <= 0:
         raise ConfigError(f"{source}: 'unet.relation_contrast_temperature' must be positive, "
                           f"got {options.relation_contrast_temperature}")
@@ -436,9 +438,7 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
         if options.text_encoder_lr <= 0:
             raise ConfigError(f"{source}: 'unet.text_encoder_lr' must be positive, got {options.text_encoder_lr}")
     if isinstance(options, UNetOptions) and options.grounding_loss:
-        if options.grounding_loss < 0:
-            raise ConfigError(f"{source}: 'unet.grounding_loss' must not be negative, got {options.grounding_loss}")
-        _shapes_only(config, source, "grounding_loss", "it finds each object by its palette colour")
+        _shapes_weight(config, source, "grounding_loss", "it finds each object by its palette colour")
         if config.gradient_checkpointing:
             raise ConfigError(f"{source}: 'unet.grounding_loss' reads attention maps that gradient checkpointing "
                               "would drop and recompute; turn one of them off")

@@ -43,6 +43,13 @@ def contrasted(captions: list[str], timesteps: torch.Tensor, min_timestep: int) 
     return pairs
 
 
+def _denoise_mirrored(denoise, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                      pairs: list[tuple[int, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, the model's float output for those samples under their mirrored captions)."""
+    index = torch.tensor([i for i, _ in pairs], device=noisy_latents.device)
+    return index, denoise(noisy_latents[index], timesteps[index], [mirror for _, mirror in pairs]).float()
+
+
 def relation_contrast(denoise: Callable[[torch.Tensor, torch.Tensor, list[str]], torch.Tensor],
                       noisy_latents: torch.Tensor, timesteps: torch.Tensor, captions: list[str],
                       target: torch.Tensor, errors: torch.Tensor, temperature: float,
@@ -55,8 +62,7 @@ def relation_contrast(denoise: Callable[[torch.Tensor, torch.Tensor, list[str]],
     if not pairs:  # the same log names every step: ranks and micro-batches average them name by name
         zero = errors.sum() * 0
         return zero, {"relation_contrast": zero.detach(), "relation_margin": zero.detach()}
-    index = torch.tensor([i for i, _ in pairs], device=noisy_latents.device)
-    mirrored = denoise(noisy_latents[index], timesteps[index], [mirror for _, mirror in pairs]).float()
+    index, mirrored = _denoise_mirrored(denoise, noisy_latents, timesteps, pairs)
     true_error = errors[index]
     mirror_error = (mirrored - target[index]).pow(2).mean(dim=tuple(range(1, target.dim())))
     scale = ((true_error + mirror_error) / 2).detach().clamp_min(torch.finfo(true_error.dtype).tiny)
@@ -88,7 +94,6 @@ def mirrored_denoising(denoise: Callable[[torch.Tensor, torch.Tensor, list[str]]
     if not pairs:
         zero = noisy_latents.new_zeros(())
         return zero, {"mirror_denoising": zero}
-    index = torch.tensor([i for i, _ in pairs], device=noisy_latents.device)
-    mirrored = denoise(noisy_latents[index], timesteps[index], [mirror for _, mirror in pairs]).float()
+    index, mirrored = _denoise_mirrored(denoise, noisy_latents, timesteps, pairs)
     errors = (mirrored - target[index]).pow(2).mean(dim=tuple(range(1, target.dim())))
     return errors.sum() / len(captions), {"mirror_denoising": errors.mean().detach()}

@@ -150,18 +150,20 @@ class UNetTrainer(UNetFamilyTrainer):
         loss = (errors if weight is None else errors * weight).mean()
         if options.relation_contrast or options.relation_mirror_denoising or options.grounding_loss:
             logs["diffusion"] = loss.detach()
+        def denoise_as(x, t, texts):  # the UNet under other captions (the relation terms' mirrors)
+            return self.unet(x, t, self.encode_text(texts, device))
+
         if options.relation_contrast:
             contrast, contrast_logs = relation_contrast(
-                lambda x, t, texts: self.unet(x, t, self.encode_text(texts, device)),
-                noisy_latents, timesteps, captions, target, errors,
+                denoise_as, noisy_latents, timesteps, captions, target, errors,
                 temperature=options.relation_contrast_temperature,
                 min_timestep=options.relation_contrast_min_timestep)
             logs.update(contrast_logs)
             loss = loss + options.relation_contrast * contrast
         if options.relation_mirror_denoising:
             mirror, mirror_logs = mirrored_denoising(
-                lambda x, t, texts: self.unet(x, t, self.encode_text(texts, device)),
-                noisy_latents, timesteps, captions, target, min_timestep=options.relation_contrast_min_timestep)
+                denoise_as, noisy_latents, timesteps, captions, target,
+                min_timestep=options.relation_contrast_min_timestep)
             logs.update(mirror_logs)
             loss = loss + options.relation_mirror_denoising * mirror
         if options.grounding_loss:
