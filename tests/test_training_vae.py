@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sdlab.checkpoint.load import load_components
+from sdlab.errors import ConfigError
 from sdlab.training import components, vae as vae_trainer
 from sdlab.training.data import Batch, ImageFolder
 from sdlab.training.discriminator import PatchDiscriminator, hinge_d_loss
@@ -122,3 +123,40 @@ def test_with_a_base_the_parts_it_does_not_train_come_from_the_base(tmp_path):
     assert all(torch.equal(result.unet.state_dict()[k], v) for k, v in base.unet.state_dict().items())
     assert not torch.equal(result.vae.decoder.conv_out.weight, base.vae.decoder.conv_out.weight)
     assert result.config.unet == base.config.unet and result.config.name == base.config.name
+
+
+def test_decoder_only_fine_tuning_keeps_the_latent_space_of_the_base(tmp_path):
+    base_path = tiny_base(tmp_path / "base.safetensors", seed=5)
+    config = tiny_config("vae", tmp_path / "run", data=str(shapes_folder(tmp_path / "data")), steps=3, batch_size=2,
+                         base=str(base_path), init_from_base=True, lr=1e-3, **{"vae.train_decoder_only": True})
+    logs = run(config)
+    assert all("kl" in entry for entry in logs)
+    base, result = load_components(base_path), load_components(tmp_path / "run" / "last.safetensors")
+    for name, value in base.vae.state_dict().items():
+        same = torch.equal(result.vae.state_dict()[name], value)
+        if name.startswith(("encoder.", "quant_conv.")):
+            assert same, name  # the encoder is frozen: latents of any image are the base's
+        elif name == "decoder.conv_out.weight":
+            assert not same  # the decoder learned
+    assert result.config.vae.scaling_factor == base.config.vae.scaling_factor  # not re-measured
+
+
+def test_decoder_only_sends_no_gradient_into_the_encoder(tmp_path):
+    base_path = tiny_base(tmp_path / "base.safetensors", seed=5)
+    config = tiny_config("vae", tmp_path, base=str(base_path), init_from_base=True, **{"vae.train_decoder_only": True})
+    trainer = vae_trainer.build(config, torch.device("cpu"))
+    loss, _ = trainer.loss(a_batch(torch.rand(2, 3, 32, 32) * 2 - 1))
+    loss.backward()
+    assert all(p.grad is None for p in [*trainer.model.encoder.parameters(), *trainer.model.quant_conv.parameters()])
+    assert trainer.model.decoder.conv_out.weight.grad is not None
+    assert trainer.model.post_quant_conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("settings", [{"init_from_base": True}, {"base": "BASE"}])
+def test_decoder_only_needs_a_base_to_start_from(tmp_path, settings):
+    base_path = tiny_base(tmp_path / "base.safetensors")
+    settings = {k: str(base_path) if v == "BASE" else v for k, v in settings.items()}
+    config = tiny_config("vae", tmp_path / "run", **settings, **{"vae.train_decoder_only": True})
+    with pytest.raises(ConfigError, match="train_decoder_only fine-tunes --base's decoder"):
+        run(config)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

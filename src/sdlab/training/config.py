@@ -54,6 +54,10 @@ class VAEOptions:
     disc_channels: int = 64  # width of the PatchGAN's first layer
     disc_layers: int = 3  # strided layers: receptive field 70 px at 3 (Isola et al. 2017)
     scale_batches: int = 4  # batches whose latents give the scaling factor 1 / std
+    # Fine-tune the decoder alone (needs init_from_base): the encoder, its quant_conv and the scaling
+    # factor stay --base's, so the latent space, and every UNet trained in it, stays valid; what changes
+    # is how latents become pixels (Stability's sd-vae-ft-mse was made this way from SD's own VAE).
+    train_decoder_only: bool = False
 
 
 @dataclass(frozen=True)

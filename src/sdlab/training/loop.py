@@ -179,11 +179,10 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
     if not resume and state_path.exists():
         raise ConfigError(f"{out} already holds a run ({STATE_FILE}); continue it with --resume or choose another --out")
     distributed.barrier()  # every rank has looked before rank 0 writes anything
+    torch.manual_seed(config.seed)  # the same initial weights on every rank and in every rerun
+    trainer = build_trainer(config, device)  # refuses a bad recipe before anything is written
     if main:
         (out / "validation").mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(config.seed)  # the same initial weights on every rank and in every rerun
-    trainer = build_trainer(config, device)
     distributed.broadcast_module(trainer.trained)
     for module in trainer.trained.modules():
         if hasattr(module, "gradient_checkpointing"):

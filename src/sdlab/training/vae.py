@@ -5,6 +5,10 @@ appendix G; the loss of `ldm/modules/losses/contperceptual.py` without its LPIPS
          + adaptive_weight * disc_weight * (-D(x̂))                                  from disc_start
     critic: hinge(D(x), D(x̂)), trained in the same step on the detached reconstruction
 
+With `train_decoder_only` the encoder is --base's and frozen: only the reconstruction terms train the
+decoder, the KL term (which only the encoder can change) is still logged, and the file keeps --base's
+scaling factor, so UNets trained in that latent space keep working.
+
 The small KL weight keeps the latent space near N(0, I) without blurring reconstructions. The adaptive
 weight (Esser et al. 2021, "Taming Transformers", eq. 7) balances the adversarial gradient against the
 reconstruction gradient at the decoder's last layer. At the end, the scaling factor that gives the UNet
@@ -56,11 +60,15 @@ class VAETrainer(nn.Module):
         else:
             self.discriminator = None
         self.trained = nn.ModuleDict(trained)
+        if self.options.train_decoder_only:
+            vae.encoder.requires_grad_(False)
+            vae.quant_conv.requires_grad_(False)
 
     def loss(self, batch: Batch):
         options: VAEOptions = self.options
         images = batch.images
-        posterior = self.model.encode(images)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not options.train_decoder_only):
+            posterior = self.model.encode(images)
         eps = batch.randn(*posterior.mean.shape[1:]).to(posterior.mean.dtype)
         latents = posterior.mean + posterior.std * eps  # a posterior sample; eps drawn for the global batch
         reconstruction = self.model.decode(latents).float()
@@ -105,8 +113,12 @@ class VAETrainer(nn.Module):
 
     def save(self, out_dir: Path, model: nn.Module, data) -> Path:
         model.eval()
-        scale = self.scaling_factor(model, data)
-        print(f"sdlab: latent scaling factor 1/std = {scale:.5f}", file=sys.stderr)
+        if self.options.train_decoder_only:  # the encoder did not move: the latents' scale is --base's
+            scale = self.model_config.vae.scaling_factor
+            print(f"sdlab: latent scaling factor kept from --base: {scale:.5f}", file=sys.stderr)
+        else:
+            scale = self.scaling_factor(model, data)
+            print(f"sdlab: latent scaling factor 1/std = {scale:.5f}", file=sys.stderr)
         config = self.model_config.replace(vae=dataclasses.replace(self.model_config.vae, scaling_factor=scale))
         return components.save_model(out_dir, config, self.config, {"vae": model})
 
@@ -114,7 +126,13 @@ class VAETrainer(nn.Module):
 def build(config: TrainConfig, device: torch.device) -> VAETrainer:
     if config.options.l1_weight <= 0 and config.options.l2_weight <= 0:
         raise ConfigError("the VAE needs a reconstruction loss: set vae.l1_weight or vae.l2_weight above 0")
-    model = components.model_config(config, "vae", components.base_config(config))
+    if config.options.train_decoder_only and not (config.init_from_base and config.base):
+        raise ConfigError("vae.train_decoder_only fine-tunes --base's decoder: set init_from_base = true "
+                          "and give --base")
+    base = components.base_config(config)
+    model = components.model_config(config, "vae", base)
+    if config.options.train_decoder_only:  # the latent space is --base's, whatever the recipe's model says
+        model = model.replace(vae=dataclasses.replace(model.vae, scaling_factor=base.vae.scaling_factor))
     vae = components.starting_part(config, "vae", model)
     if config.options.initial_logvar is not None and not config.init_from_base:
         with torch.no_grad():  # quant_conv's output is (means, log-variances), z_channels each
