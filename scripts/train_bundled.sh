@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Trains sdlab's bundled shapes models from nothing and installs them in src/sdlab/weights/:
 # VAE, text encoder, UNet, the UNet and text encoder together, the relation contrast runs, their
-# repair and the mirrored-caption denoising run, then the inpainting and x4-upscaling UNets grown
-# from that UNet, on its text encoder (recipes/shapes-*.toml). Each stage resumes from its last
+# repair and the mirrored-caption denoising runs, the VAE's decoder fine-tuned on its frozen encoder,
+# then the inpainting and x4-upscaling UNets grown from that UNet, on its text encoder and VAE
+# (recipes/shapes-*.toml). Each stage resumes from its last
 # checkpoint when run again; finished stages are skipped.
 #   ./scripts/train_bundled.sh [RUNS_DIR]          (default: runs/)
 set -euo pipefail
@@ -30,7 +31,8 @@ stage relation-c unet recipes/shapes-relation.toml --base "$runs/shapes-relation
 stage relation-repair unet recipes/shapes-relation-repair.toml --base "$runs/shapes-relation-c/last.safetensors"
 stage relation-mirror unet recipes/shapes-relation-mirror.toml --base "$runs/shapes-relation-repair/last.safetensors"
 stage relation-mirror-2 unet recipes/shapes-relation-mirror.toml --base "$runs/shapes-relation-mirror/last.safetensors"
-final="$runs/shapes-relation-mirror-2/last.safetensors"
+stage vae-decoder vae recipes/shapes-vae-decoder.toml --base "$runs/shapes-relation-mirror-2/last.safetensors"
+final="$runs/shapes-vae-decoder/last.safetensors"
 stage inpaint inpaint recipes/shapes-inpaint.toml --base "$final"
 stage upscale upscale recipes/shapes-upscale.toml --base "$final"
 $python -c "import sys, sdlab.bundled as b; print(*b.package(*sys.argv[1:]), sep='\n')" \

@@ -151,11 +151,14 @@ def test_a_model_file_named_in_a_recipe_is_found_beside_it(tmp_path):
 
 @pytest.mark.parametrize("trainer, recipe", [("vae", "vae"), ("text", "text"), ("unet", "unet"), ("unet", "unet-text"),
                                              ("unet", "relation"), ("unet", "relation-repair"),
-                                             ("unet", "relation-mirror")])
+                                             ("unet", "relation-mirror"), ("vae", "vae-decoder")])
 def test_the_shipped_recipes_load(trainer, recipe):
     config = load_config(trainer, str(RECIPES / f"shapes-{recipe}.toml"))
-    model = resolve_model_config(config.model)
-    assert model.unet.context_dim == model.text.width
+    if config.model is None:  # a fine-tuning stage: the model is --base's, as it is
+        assert config.init_from_base
+    else:
+        model = resolve_model_config(config.model)
+        assert model.unet.context_dim == model.text.width
     assert load_config(trainer, str(RECIPES / "tiny.toml")).resolution == 32
 
 
@@ -171,7 +174,8 @@ def test_every_stage_of_the_bundled_models_script_is_a_valid_recipe():
         overrides = dict(cli.parse_assignment(value) for flag, value in zip(rest, rest[1:]) if flag == "--set")
         stages[name] = load_config(trainer, str(RECIPES.parent / recipe), overrides)
     assert list(stages) == ["vae", "text", "unet", "unet-text", "relation-a", "relation-b", "relation-c",
-                            "relation-repair", "relation-mirror", "relation-mirror-2", "inpaint", "upscale"]
+                            "relation-repair", "relation-mirror", "relation-mirror-2", "vae-decoder", "inpaint",
+                            "upscale"]
     first = stages["relation-a"]
     assert (first.steps, first.lr_schedule_steps, first.ema_decay) == (750, 2000, 0)
     assert first.options.relation_contrast_min_timestep == 0
@@ -179,6 +183,8 @@ def test_every_stage_of_the_bundled_models_script_is_a_valid_recipe():
     assert not stages["relation-repair"].options.train_text_encoder
     mirror = stages["relation-mirror"].options  # the inpainter and upscaler share the repair's text encoder
     assert not mirror.train_text_encoder and mirror.relation_mirror_denoising > 0
+    decoder = stages["vae-decoder"]  # after every UNet stage, and it must not move their latent space
+    assert decoder.options.train_decoder_only and decoder.init_from_base
 
 
 def test_learning_rate_warms_up_linearly_then_holds_or_follows_a_half_cosine():
