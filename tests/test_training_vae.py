@@ -128,9 +128,12 @@ def test_with_a_base_the_parts_it_does_not_train_come_from_the_base(tmp_path):
 def test_decoder_only_fine_tuning_keeps_the_latent_space_of_the_base(tmp_path):
     base_path = tiny_base(tmp_path / "base.safetensors", seed=5)
     config = tiny_config("vae", tmp_path / "run", data=str(shapes_folder(tmp_path / "data")), steps=3, batch_size=2,
-                         base=str(base_path), init_from_base=True, lr=1e-3, **{"vae.train_decoder_only": True})
-    logs = run(config)
-    assert all("kl" in entry for entry in logs)
+                         base=str(base_path), init_from_base=True, lr=1e-3, checkpoint_every=1,
+                         **{"vae.train_decoder_only": True})
+    with pytest.raises(KeyboardInterrupt):
+        run(config, stop_at=1)
+    logs = run(config, resume=True)  # the optimizer holds the decoder alone, before and after resuming
+    assert len(logs) == 2 and all("kl" in entry for entry in logs)
     base, result = load_components(base_path), load_components(tmp_path / "run" / "last.safetensors")
     for name, value in base.vae.state_dict().items():
         same = torch.equal(result.vae.state_dict()[name], value)
