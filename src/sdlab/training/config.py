@@ -170,6 +170,11 @@ class InpaintOptions:
     caption_dropout: float = 0.1
     max_boxes: int = 3  # random rectangles per mask
     max_strokes: int = 3  # random brush strokes per mask
+    # Fraction of samples whose mask is the bounding box of one of the picture's objects, grown by 1-4 px,
+    # instead of random boxes, strokes or a full mask, so that only the caption says what goes there: the
+    # object masking of Imagen Editor (Wang et al. 2023), which made inpainting follow the prompt. Shapes
+    # data only: the objects are found by their palette colours.
+    object_masks: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -367,9 +372,9 @@ def _check_model_table(table: dict, source: str) -> None:
             _checked(ModelConfig, {key: value}, "model.", source)
 
 
-def _shapes_only(config: TrainConfig, source: str, option: str, why: str) -> None:
+def _shapes_only(config: TrainConfig, source: str, option: str, why: str, section: str = "unet") -> None:
     if config.data != "shapes":
-        raise ConfigError(f"{source}: 'unet.{option}' is for the shapes data ({why}), not {config.data}")
+        raise ConfigError(f"{source}: '{section}.{option}' is for the shapes data ({why}), not {config.data}")
 
 
 def _shapes_weight(config: TrainConfig, source: str, option: str, why: str) -> None:
@@ -420,6 +425,10 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
         if options.clean_error_weight_cap < 1:
             raise ConfigError(f"{source}: 'unet.clean_error_weight_cap' must be at least 1 (it only raises weights), "
                               f"got {options.clean_error_weight_cap}")
+    if isinstance(options, InpaintOptions) and options.object_masks:
+        if not 0 <= options.object_masks <= 1:
+            raise ConfigError(f"{source}: 'inpaint.object_masks' must be in [0, 1], got {options.object_masks}")
+        _shapes_only(config, source, "object_masks", "it finds the objects by their palette colours", "inpaint")
     if isinstance(options, UNetOptions) and options.recolour_fraction:
         if not 0 <= options.recolour_fraction <= 1:
             raise ConfigError(f"{source}: 'unet.recolour_fraction' must be in [0, 1], got {options.recolour_fraction}")
