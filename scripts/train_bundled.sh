@@ -2,8 +2,8 @@
 # Trains sdlab's bundled shapes models from nothing and installs them in src/sdlab/weights/:
 # VAE, text encoder, UNet, the UNet and text encoder together, the relation contrast runs, their
 # repair and the mirrored-caption denoising runs, the VAE's decoder fine-tuned on its frozen encoder,
-# then the inpainting and x4-upscaling UNets grown from that UNet, on its text encoder and VAE
-# (recipes/shapes-*.toml). Each stage resumes from its last
+# then the inpainting (fine-tuned twice more with object masks) and x4-upscaling UNets grown from
+# that UNet, on its text encoder and VAE (recipes/shapes-*.toml). Each stage resumes from its last
 # checkpoint when run again; finished stages are skipped.
 #   ./scripts/train_bundled.sh [RUNS_DIR]          (default: runs/)
 set -euo pipefail
@@ -34,6 +34,9 @@ stage relation-mirror-2 unet recipes/shapes-relation-mirror.toml --base "$runs/s
 stage vae-decoder vae recipes/shapes-vae-decoder.toml --base "$runs/shapes-relation-mirror-2/last.safetensors"
 final="$runs/shapes-vae-decoder/last.safetensors"
 stage inpaint inpaint recipes/shapes-inpaint.toml --base "$final"
+stage inpaint-objects inpaint recipes/shapes-inpaint-objects.toml --base "$runs/shapes-inpaint/last.safetensors"
+stage inpaint-objects-2 inpaint recipes/shapes-inpaint-objects.toml --base "$runs/shapes-inpaint-objects/last.safetensors" \
+  --set inpaint.object_masks=0.7
 stage upscale upscale recipes/shapes-upscale.toml --base "$final"
 $python -c "import sys, sdlab.bundled as b; print(*b.package(*sys.argv[1:]), sep='\n')" \
-  "$final" "$runs/shapes-inpaint/last.safetensors" "$runs/shapes-upscale/last.safetensors"
+  "$final" "$runs/shapes-inpaint-objects-2/last.safetensors" "$runs/shapes-upscale/last.safetensors"

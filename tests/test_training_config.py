@@ -151,11 +151,12 @@ def test_a_model_file_named_in_a_recipe_is_found_beside_it(tmp_path):
 
 @pytest.mark.parametrize("trainer, recipe", [("vae", "vae"), ("text", "text"), ("unet", "unet"), ("unet", "unet-text"),
                                              ("unet", "relation"), ("unet", "relation-repair"),
-                                             ("unet", "relation-mirror"), ("vae", "vae-decoder")])
+                                             ("unet", "relation-mirror"), ("vae", "vae-decoder"),
+                                             ("inpaint", "inpaint-objects")])
 def test_the_shipped_recipes_load(trainer, recipe):
     config = load_config(trainer, str(RECIPES / f"shapes-{recipe}.toml"))
-    if config.model is None:  # a fine-tuning stage: the model is --base's, as it is
-        assert config.init_from_base
+    if config.model is None:  # the model is --base's: a fine-tune, or an inpainting UNet grown from it
+        assert config.init_from_base or trainer == "inpaint"
     else:
         model = resolve_model_config(config.model)
         assert model.unet.context_dim == model.text.width
@@ -175,7 +176,7 @@ def test_every_stage_of_the_bundled_models_script_is_a_valid_recipe():
         stages[name] = load_config(trainer, str(RECIPES.parent / recipe), overrides)
     assert list(stages) == ["vae", "text", "unet", "unet-text", "relation-a", "relation-b", "relation-c",
                             "relation-repair", "relation-mirror", "relation-mirror-2", "vae-decoder", "inpaint",
-                            "upscale"]
+                            "inpaint-objects", "inpaint-objects-2", "upscale"]
     first = stages["relation-a"]
     assert (first.steps, first.lr_schedule_steps, first.ema_decay) == (750, 2000, 0)
     assert first.options.relation_contrast_min_timestep == 0
@@ -185,6 +186,7 @@ def test_every_stage_of_the_bundled_models_script_is_a_valid_recipe():
     assert not mirror.train_text_encoder and mirror.relation_mirror_denoising > 0
     decoder = stages["vae-decoder"]  # after every UNet stage, and it must not move their latent space
     assert decoder.options.train_decoder_only and decoder.init_from_base
+    assert (stages["inpaint-objects"].options.object_masks, stages["inpaint-objects-2"].options.object_masks) == (0.5, 0.7)
 
 
 def test_learning_rate_warms_up_linearly_then_holds_or_follows_a_half_cosine():
