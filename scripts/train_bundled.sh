@@ -2,7 +2,7 @@
 # Trains sdlab's bundled shapes models from nothing and installs them in src/sdlab/weights/:
 # VAE, text encoder, UNet, the UNet and text encoder together, the relation contrast runs, their
 # repair and the mirrored-caption denoising runs, the VAE's decoder fine-tuned on its frozen encoder,
-# then the inpainting (fine-tuned twice more with object masks) and x4-upscaling UNets grown from
+# then the inpainting (fine-tuned three times more with object masks) and x4-upscaling UNets grown from
 # that UNet, on its text encoder and VAE (recipes/shapes-*.toml). Each stage resumes from its last
 # checkpoint when run again; finished stages are skipped.
 #   ./scripts/train_bundled.sh [RUNS_DIR]          (default: runs/)
@@ -37,6 +37,8 @@ stage inpaint inpaint recipes/shapes-inpaint.toml --base "$final"
 stage inpaint-objects inpaint recipes/shapes-inpaint-objects.toml --base "$runs/shapes-inpaint/last.safetensors"
 stage inpaint-objects-2 inpaint recipes/shapes-inpaint-objects.toml --base "$runs/shapes-inpaint-objects/last.safetensors" \
   --set inpaint.object_masks=0.7
+stage inpaint-objects-3 inpaint recipes/shapes-inpaint-objects.toml --base "$runs/shapes-inpaint-objects-2/last.safetensors" \
+  --set inpaint.object_masks=0.7
 stage upscale upscale recipes/shapes-upscale.toml --base "$final"
 $python -c "import sys, sdlab.bundled as b; print(*b.package(*sys.argv[1:]), sep='\n')" \
-  "$final" "$runs/shapes-inpaint-objects-2/last.safetensors" "$runs/shapes-upscale/last.safetensors"
+  "$final" "$runs/shapes-inpaint-objects-3/last.safetensors" "$runs/shapes-upscale/last.safetensors"

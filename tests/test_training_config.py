@@ -176,7 +176,7 @@ def test_every_stage_of_the_bundled_models_script_is_a_valid_recipe():
         stages[name] = load_config(trainer, str(RECIPES.parent / recipe), overrides)
     assert list(stages) == ["vae", "text", "unet", "unet-text", "relation-a", "relation-b", "relation-c",
                             "relation-repair", "relation-mirror", "relation-mirror-2", "vae-decoder", "inpaint",
-                            "inpaint-objects", "inpaint-objects-2", "upscale"]
+                            "inpaint-objects", "inpaint-objects-2", "inpaint-objects-3", "upscale"]
     first = stages["relation-a"]
     assert (first.steps, first.lr_schedule_steps, first.ema_decay) == (750, 2000, 0)
     assert first.options.relation_contrast_min_timestep == 0
@@ -186,7 +186,7 @@ def test_every_stage_of_the_bundled_models_script_is_a_valid_recipe():
     assert not mirror.train_text_encoder and mirror.relation_mirror_denoising > 0
     decoder = stages["vae-decoder"]  # after every UNet stage, and it must not move their latent space
     assert decoder.options.train_decoder_only and decoder.init_from_base
-    assert (stages["inpaint-objects"].options.object_masks, stages["inpaint-objects-2"].options.object_masks) == (0.5, 0.7)
+    assert [stages[f"inpaint-objects{n}"].options.object_masks for n in ("", "-2", "-3")] == [0.5, 0.7, 0.7]
 
 
 def test_learning_rate_warms_up_linearly_then_holds_or_follows_a_half_cosine():
