@@ -111,8 +111,8 @@ def covered_shares(scene, mask: torch.Tensor) -> list[float]:
     """How much of each object of the scene the mask covers."""
     from sdlab.data.shapes import coverage
 
-    return [float((torch.from_numpy(coverage(obj, 64)) * mask[0]).sum() / coverage(obj, 64).sum())
-            for obj in scene.objects]
+    shares = [torch.from_numpy(coverage(obj, 64)) for obj in scene.objects]
+    return [float((share * mask[0]).sum() / share.sum()) for share in shares]
 
 
 def test_an_object_mask_covers_one_whole_object_and_nothing_of_the_other():

@@ -113,12 +113,11 @@ class VAETrainer(nn.Module):
 
     def save(self, out_dir: Path, model: nn.Module, data) -> Path:
         model.eval()
-        if self.options.train_decoder_only:  # the encoder did not move: the latents' scale is --base's
-            scale = self.model_config.vae.scaling_factor
-            print(f"sdlab: latent scaling factor kept from --base: {scale:.5f}", file=sys.stderr)
+        if self.options.train_decoder_only:  # the encoder did not move: build() took --base's scale
+            scale, how = self.model_config.vae.scaling_factor, "kept from --base"
         else:
-            scale = self.scaling_factor(model, data)
-            print(f"sdlab: latent scaling factor 1/std = {scale:.5f}", file=sys.stderr)
+            scale, how = self.scaling_factor(model, data), "1/std"
+        print(f"sdlab: latent scaling factor {how} = {scale:.5f}", file=sys.stderr)
         config = self.model_config.replace(vae=dataclasses.replace(self.model_config.vae, scaling_factor=scale))
         return components.save_model(out_dir, config, self.config, {"vae": model})
 
