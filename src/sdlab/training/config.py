@@ -100,6 +100,13 @@ class UNetOptions:
     # relation samples below relation_contrast_min_timestep are also denoised under the caption turned
     # round, against the same target, so that words no longer move objects the latents already show. 0: off.
     relation_mirror_denoising: float = 0.0
+    # Shapes data: weight of the scene contrast (sdlab.training.scene_contrast): each captioned two-object
+    # sample at a timestep >= scene_contrast_min_timestep is compared with a near miss of its picture (one
+    # object drawn twice, or the two colours exchanged) noised alike, and the caption must denoise its own
+    # picture better (a two-way softmax over -error / (temperature * their mean)). 0: off.
+    scene_contrast: float = 0.0
+    scene_contrast_temperature: float = 0.05
+    scene_contrast_min_timestep: int = 600
     validation_prompts: tuple[str, ...] = ()  # empty: the captions of the validation batch
     validation_sampler: str = "Euler"
     validation_steps: int = 20
@@ -439,12 +446,15 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
     for weight in ("relation_contrast", "relation_mirror_denoising"):
         if isinstance(options, UNetOptions) and getattr(options, weight):
             _shapes_weight(config, source, weight, "it turns the shapes grammar's relations round")
-    if isinstance(options, UNetOptions) and options.relation_contrast_temperature <= 0:
-        raise ConfigError(f"{source}: 'unet.relation_contrast_temperature' must be positive, "
-                          f"got {options.relation_contrast_temperature}")
-    if isinstance(options, UNetOptions) and not 0 <= options.relation_contrast_min_timestep < 1000:
-        raise ConfigError(f"{source}: 'unet.relation_contrast_min_timestep' must be in [0, 1000), "
-                          f"got {options.relation_contrast_min_timestep}")
+    if isinstance(options, UNetOptions) and options.scene_contrast:
+        _shapes_weight(config, source, "scene_contrast", "it redraws the objects by their palette colours")
+    for term in ("relation_contrast", "scene_contrast"):
+        if isinstance(options, UNetOptions) and getattr(options, f"{term}_temperature") <= 0:
+            raise ConfigError(f"{source}: 'unet.{term}_temperature' must be positive, "
+                              f"got {getattr(options, f'{term}_temperature')}")
+        if isinstance(options, UNetOptions) and not 0 <= getattr(options, f"{term}_min_timestep") < 1000:
+            raise ConfigError(f"{source}: 'unet.{term}_min_timestep' must be in [0, 1000), "
+                              f"got {getattr(options, f'{term}_min_timestep')}")
     if isinstance(options, UNetOptions) and options.text_encoder_lr is not None:
         if not options.train_text_encoder:
             raise ConfigError(f"{source}: 'unet.text_encoder_lr' needs 'unet.train_text_encoder = true'")

@@ -39,10 +39,11 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..data.shapes import mirrored_caption
 from ..models.attention import recorded_cross_attention
 from ..schedules import alphas_cumprod
 from ..tokenizer import get_tokenizer
-from . import components, grounding, recolour
+from . import components, grounding, recolour, scene_contrast
 from .config import TrainConfig, UNetOptions
 from .data import Batch
 from .lora import loss_weights
@@ -148,7 +149,8 @@ class UNetTrainer(UNetFamilyTrainer):
         if weight is not None:
             logs["mse"] = errors.mean()
         loss = (errors if weight is None else errors * weight).mean()
-        if options.relation_contrast or options.relation_mirror_denoising or options.grounding_loss:
+        if (options.relation_contrast or options.relation_mirror_denoising or options.grounding_loss
+                or options.scene_contrast):
             logs["diffusion"] = loss.detach()
         def denoise_as(x, t, texts):  # the UNet under other captions (the relation terms' mirrors)
             return self.unet(x, t, self.encode_text(texts, device))
@@ -166,6 +168,11 @@ class UNetTrainer(UNetFamilyTrainer):
                 min_timestep=options.relation_contrast_min_timestep)
             logs.update(mirror_logs)
             loss = loss + options.relation_mirror_denoising * mirror
+        if options.scene_contrast:
+            contrast, contrast_logs = self.scene_contrast_term(batch, captions, timesteps, noise, a,
+                                                               text_embeddings, errors, eps)
+            logs.update(contrast_logs)
+            loss = loss + options.scene_contrast * contrast
         if options.grounding_loss:
             weights = grounding.timestep_weights(timesteps, self.model_config.schedule.num_train_timesteps,
                                                  options.grounding_weighting)
@@ -173,6 +180,39 @@ class UNetTrainer(UNetFamilyTrainer):
                                                          options.grounding_place_words)
             loss = loss + options.grounding_loss * logs["grounding"]
         return loss, logs
+
+    def scene_contrast_term(self, batch: Batch, captions: list[str], timesteps: torch.Tensor,
+                            noise: torch.Tensor, a: torch.Tensor, text_embeddings: torch.Tensor,
+                            errors: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """`scene_contrast`: the captioned two-object samples at timesteps >= `scene_contrast_min_timestep`
+        against near misses of their pictures, noised with their own noise at their own timestep and
+        denoised under their own caption."""
+        options: UNetOptions = self.options
+        kinds, choices, places = batch.rand(), batch.rand(), batch.rand()  # drawn every step, used or not
+        chosen = [i for i, caption in enumerate(captions) if caption and mirrored_caption(caption) is not None
+                  and int(timesteps[i]) >= options.scene_contrast_min_timestep]
+        index = torch.tensor(chosen, dtype=torch.long, device=timesteps.device)
+        if chosen:
+            with torch.no_grad():
+                misses, made = scene_contrast.near_misses(batch.images[index], kinds[index], choices[index],
+                                                          places[index])
+                index, misses = index[made.to(index.device)], misses[made]
+        if len(index) == 0:
+            return scene_contrast.scene_contrast(errors[:0], errors[:0].detach(), options.scene_contrast_temperature,
+                                                 len(captions))
+        with torch.no_grad():
+            posterior = self.vae.encode(misses)
+            miss_latents = (posterior.mean + posterior.std * eps[index]).float() * self.model_config.vae.scaling_factor
+        a = a[index]
+        noisy = a.sqrt() * miss_latents + (1 - a).sqrt() * noise[index]
+        if self.model_config.prediction == "v":
+            target = a.sqrt() * noise[index] - (1 - a).sqrt() * miss_latents
+        else:
+            target = noise[index]
+        output = self.unet(noisy, timesteps[index], text_embeddings[index]).float()
+        miss_errors = (output - target).pow(2).mean(dim=(1, 2, 3))
+        return scene_contrast.scene_contrast(errors[index], miss_errors, options.scene_contrast_temperature,
+                                             len(captions))
 
     @torch.no_grad()
     def recoloured_latents(self, batch: Batch, latents: torch.Tensor, eps: torch.Tensor, keep: torch.Tensor,
