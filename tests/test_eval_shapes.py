@@ -189,3 +189,19 @@ def test_eval_upscale_and_inpaint_commands_print_their_figures(capsys):
     assert "erase" in out and "insert, loose" in out and "insert, strict" in out
     # one scene: a rate of 0 or 100% says little, and the interval says so
     assert out.count("(95% interval 0-79%)") + out.count("(95% interval 21-100%)") == 3, out
+
+
+def test_every_evaluation_samples_as_the_commands_do_by_default():
+    """The evaluations measure what a user gets: `generate`, `inpaint` and `upscale`'s default sampler."""
+    import inspect
+
+    from sdlab.cli import build_parser
+    from sdlab.eval import edit_eval
+
+    parser = build_parser()
+    defaults = {parser.parse_args(command).sampler for command in (
+        ["generate", "a red circle"], ["inpaint", "a", "--init", "in.png", "--mask", "mask.png"], ["upscale", "in.png", "a"],
+        ["eval", "shapes"], ["eval", "inpaint"], ["eval", "upscale"])}
+    functions = (evaluate, edit_eval.evaluate_inpainting, edit_eval.evaluate_upscaling)
+    defaults |= {inspect.signature(f).parameters["sampler"].default for f in functions}
+    assert defaults == {"Euler a"}
