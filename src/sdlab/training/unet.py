@@ -25,8 +25,9 @@ the two colours exchanged, the target staying the true picture: only the caption
 has which colour.
 
 On the shapes data, `grounding_loss` adds TokenCompose's token loss (see `grounding`): each object's
-words are taught where in the picture to be read, and `relation_contrast` (see `relation_contrast`) asks
-that a two-object caption predict its scene better than the same caption with its relation turned round.
+words are taught where in the picture to be read, `relation_contrast` (see `relation_contrast`) asks
+that a two-object caption predict its scene better than the same caption with its relation turned round,
+and `scene_contrast` (see `scene_contrast`) that it predict its picture better than a near miss of it.
 """
 
 from __future__ import annotations
