@@ -63,13 +63,19 @@ def relation_contrast(denoise: Callable[[torch.Tensor, torch.Tensor, list[str]],
         zero = errors.sum() * 0
         return zero, {"relation_contrast": zero.detach(), "relation_margin": zero.detach()}
     index, mirrored = _denoise_mirrored(denoise, noisy_latents, timesteps, pairs)
-    true_error = errors[index]
     mirror_error = (mirrored - target[index]).pow(2).mean(dim=tuple(range(1, target.dim())))
-    scale = ((true_error + mirror_error) / 2).detach().clamp_min(torch.finfo(true_error.dtype).tiny)
-    margin = (mirror_error - true_error) / scale
-    loss = F.softplus(-margin / temperature)
+    loss, margin = ranking_loss(errors[index], mirror_error, temperature)
     return loss.sum() / len(captions), {"relation_contrast": loss.mean().detach(),
                                         "relation_margin": margin.mean().detach()}
+
+
+def ranking_loss(true_errors: torch.Tensor, other_errors: torch.Tensor,
+                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample (n,): softplus((e - e') / (tau s)), the cross-entropy of the true pair in a two-way
+    softmax over -error / (tau s), s the two errors' mean held constant; and the margin (e' - e) / s."""
+    scale = ((true_errors + other_errors) / 2).detach().clamp_min(torch.finfo(true_errors.dtype).tiny)
+    margin = (other_errors - true_errors) / scale
+    return F.softplus(-margin / temperature), margin
 
 
 def below_contrast(captions: list[str], timesteps: torch.Tensor, min_timestep: int) -> list[tuple[int, str]]:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..data import shapes
 from .grounding import COLOUR_TOLERANCE, colour_lines
 from .recolour import MIN_SHARE, swap_object_colours
+from .relation_contrast import ranking_loss
 
 # empty pixels kept between a copied object and every other object, and between it and the border
 GAP = 2
@@ -116,7 +117,5 @@ def scene_contrast(true_errors: torch.Tensor, miss_errors: torch.Tensor, tempera
     if true_errors.numel() == 0:  # the same log names every step: ranks and micro-batches average them
         zero = true_errors.sum() * 0
         return zero, {"scene_contrast": zero.detach(), "scene_margin": zero.detach()}
-    scale = ((true_errors + miss_errors) / 2).detach().clamp_min(torch.finfo(true_errors.dtype).tiny)
-    margin = (miss_errors - true_errors) / scale
-    loss = F.softplus(-margin / temperature)
+    loss, margin = ranking_loss(true_errors, miss_errors, temperature)
     return loss.sum() / batch_size, {"scene_contrast": loss.mean().detach(), "scene_margin": margin.mean().detach()}
