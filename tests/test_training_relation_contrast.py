@@ -76,22 +76,31 @@ def test_no_contrasted_sample_adds_nothing_and_keeps_the_graph():
     loss.backward()
 
 
+def term_and_plain_trainers(tmp_path, term: dict, settings: dict, spread_output: bool = True):
+    """(trainer with the `term` options on, the same without, the list the first's UNet calls are recorded
+    in as (x, t, context), that UNet's own forward): both built from one tiny base with `settings`.
+    spread_output: the zero-initialised output layer would make every prediction 0; give it small weights."""
+    base = str(tiny_base(tmp_path / "base.safetensors"))
+    trainer = unet_trainer.build(tiny_config("unet", tmp_path / "run", base=base, **term, **settings),
+                                 torch.device("cpu"))
+    plain = unet_trainer.build(tiny_config("unet", tmp_path / "plain", base=base, **settings), torch.device("cpu"))
+    if spread_output:
+        with torch.no_grad():
+            for model in (trainer, plain):
+                weight = model.unet.out[2].weight
+                weight.copy_(torch.linspace(-0.05, 0.05, weight.numel()).view_as(weight))
+    seen = []
+    forward = trainer.unet.forward
+    trainer.unet.forward = lambda x, t, context: seen.append((x, t, context)) or forward(x, t, context)
+    return trainer, plain, seen, forward
+
+
 @pytest.mark.parametrize("train_text_encoder", [False, True])
 def test_the_trainer_adds_the_weighted_term_to_the_diffusion_loss(tmp_path, train_text_encoder):
     images, captions = scene_batch()  # "a red circle to the left of a blue square ...", then one object
     settings = {"unet.caption_dropout": 0.0, "unet.relation_contrast_min_timestep": 0,
                 "unet.train_text_encoder": train_text_encoder}
-    base = str(tiny_base(tmp_path / "base.safetensors"))
-    trainer = unet_trainer.build(tiny_config("unet", tmp_path / "run", base=base,
-                                             **{"unet.relation_contrast": 0.5, **settings}), torch.device("cpu"))
-    plain = unet_trainer.build(tiny_config("unet", tmp_path / "plain", base=base, **settings), torch.device("cpu"))
-    with torch.no_grad():  # the zero-initialised output layer would make every prediction 0
-        for model in (trainer, plain):
-            weight = model.unet.out[2].weight
-            weight.copy_(torch.linspace(-0.05, 0.05, weight.numel()).view_as(weight))
-    seen = []
-    forward = trainer.unet.forward
-    trainer.unet.forward = lambda x, t, context: seen.append((x, t, context)) or forward(x, t, context)
+    trainer, plain, seen, _ = term_and_plain_trainers(tmp_path, {"unet.relation_contrast": 0.5}, settings)
 
     loss, logs = trainer.loss(a_batch(images, captions, seed=3))
     diffusion, _ = plain.loss(a_batch(images, captions, seed=3))
@@ -146,13 +155,8 @@ def test_mirrored_denoising_is_the_mirrored_captions_error_on_the_same_target():
 def test_the_trainer_adds_weighted_mirrored_denoising_below_the_contrast(tmp_path):
     images, captions = scene_batch()  # "a red circle to the left of a blue square ...", then one object
     settings = {"unet.caption_dropout": 0.0, "unet.relation_contrast_min_timestep": 999}
-    base = str(tiny_base(tmp_path / "base.safetensors"))
-    trainer = unet_trainer.build(tiny_config("unet", tmp_path / "run", base=base,
-                                             **{"unet.relation_mirror_denoising": 0.5, **settings}), torch.device("cpu"))
-    plain = unet_trainer.build(tiny_config("unet", tmp_path / "plain", base=base, **settings), torch.device("cpu"))
-    seen = []
-    forward = trainer.unet.forward
-    trainer.unet.forward = lambda x, t, context: seen.append((x, t, context)) or forward(x, t, context)
+    trainer, plain, seen, _ = term_and_plain_trainers(tmp_path, {"unet.relation_mirror_denoising": 0.5}, settings,
+                                                      spread_output=False)
 
     batch_seed = 3
     loss, logs = trainer.loss(a_batch(images, captions, seed=batch_seed))

@@ -14,9 +14,9 @@ from sdlab.errors import ConfigError
 from sdlab.schedules import alphas_cumprod
 from sdlab.training import recolour
 from sdlab.training import scene_contrast as sc
-from sdlab.training import unet as unet_trainer
 from test_training_grounding import scene_batch
-from test_training_loop import one_thread, tiny_base, tiny_config  # noqa: F401
+from test_training_loop import one_thread, tiny_config  # noqa: F401
+from test_training_relation_contrast import term_and_plain_trainers
 from test_training_unet import a_batch
 
 
@@ -122,17 +122,7 @@ def test_no_contrasted_sample_adds_nothing():
 def test_the_trainer_contrasts_the_near_miss_noised_alike_under_the_true_caption(tmp_path):
     images, captions = scene_batch()  # "a red circle to the left of a blue square ...", then one object
     settings = {"unet.caption_dropout": 0.0, "unet.scene_contrast_min_timestep": 0}
-    base = str(tiny_base(tmp_path / "base.safetensors"))
-    trainer = unet_trainer.build(tiny_config("unet", tmp_path / "run", base=base,
-                                             **{"unet.scene_contrast": 0.5, **settings}), torch.device("cpu"))
-    plain = unet_trainer.build(tiny_config("unet", tmp_path / "plain", base=base, **settings), torch.device("cpu"))
-    with torch.no_grad():  # the zero-initialised output layer would make every prediction 0
-        for model in (trainer, plain):
-            weight = model.unet.out[2].weight
-            weight.copy_(torch.linspace(-0.05, 0.05, weight.numel()).view_as(weight))
-    seen = []
-    forward = trainer.unet.forward
-    trainer.unet.forward = lambda x, t, context: seen.append((x, t, context)) or forward(x, t, context)
+    trainer, plain, seen, forward = term_and_plain_trainers(tmp_path, {"unet.scene_contrast": 0.5}, settings)
 
     batch = a_batch(images, captions, seed=3)
     loss, logs = trainer.loss(batch)
