@@ -97,14 +97,14 @@ def near_misses(images: torch.Tensor, kinds: torch.Tensor, choices: torch.Tensor
     """For renders (B, 3, H, W): their near misses (B, 3, H, W) and a (B,) bool, which have one. Where
     `kinds` (B,) < 0.5 an object is duplicated (`duplicate_object`, with `choices` and `places`), otherwise
     the two colours are exchanged; a picture without two objects (or without room for a copy) has none."""
-    swapped, swappable = swap_object_colours(images)
-    out, made = swapped.clone(), swappable.clone()
-    for b in range(images.shape[0]):
-        if float(kinds[b]) < 0.5:
-            copy = duplicate_object(images[b], float(choices[b]), float(places[b]))
-            made[b] = copy is not None
-            if copy is not None:
-                out[b] = copy
+    out, made = images.clone(), torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+    swap = (kinds >= 0.5).to(images.device)
+    if swap.any():
+        out[swap], made[swap] = swap_object_colours(images[swap])
+    for b in torch.nonzero(~swap).flatten().tolist():
+        copy = duplicate_object(images[b], float(choices[b]), float(places[b]))
+        if copy is not None:
+            out[b], made[b] = copy, True
     return out, made
 
 

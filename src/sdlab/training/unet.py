@@ -40,7 +40,6 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..data.shapes import mirrored_caption
 from ..models.attention import recorded_cross_attention
 from ..schedules import alphas_cumprod
 from ..tokenizer import get_tokenizer
@@ -49,7 +48,7 @@ from .config import TrainConfig, UNetOptions
 from .data import Batch
 from .lora import loss_weights
 from .plots import image_grid
-from .relation_contrast import mirrored_denoising, relation_contrast
+from .relation_contrast import contrasted, mirrored_denoising, relation_contrast
 
 
 class UNetFamilyTrainer(nn.Module):
@@ -190,8 +189,8 @@ class UNetTrainer(UNetFamilyTrainer):
         denoised under their own caption."""
         options: UNetOptions = self.options
         kinds, choices, places = batch.rand(), batch.rand(), batch.rand()  # drawn every step, used or not
-        chosen = [i for i, caption in enumerate(captions) if caption and mirrored_caption(caption) is not None
-                  and int(timesteps[i]) >= options.scene_contrast_min_timestep]
+        # the two-object samples are those whose caption states a relation, as the relation contrast's
+        chosen = [i for i, _ in contrasted(captions, timesteps, options.scene_contrast_min_timestep)]
         index = torch.tensor(chosen, dtype=torch.long, device=timesteps.device)
         if chosen:
             with torch.no_grad():
