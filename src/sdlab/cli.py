@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from .config import DEFAULT_SAMPLER
 from .errors import InputError, SdlabError
 
 EXIT_USER_ERROR = 2
@@ -28,7 +29,8 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
     parser.add_argument("-o", "--output", default="out.png", help="PNG to write (batches add -1, -2, ...)")
     parser.add_argument("--negative", default="", help="negative prompt: what the image should not show")
     parser.add_argument("--model", default=None, help="checkpoint file (.safetensors/.ckpt), diffusers folder, or 'demo'")
-    parser.add_argument("--sampler", default="Euler a", help="sampler name, see `sdlab samplers` (default: Euler a)")
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER,
+                        help=f"sampler name, see `sdlab samplers` (default: {DEFAULT_SAMPLER})")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")

@@ -69,6 +69,9 @@ class TextConfig:
     pad_token_id: int = 49407  # SD1 pads with the end token, SD2 (OpenCLIP) with 0
     projection_dim: Optional[int] = None  # text_projection for contrastive training (OpenCLIP keeps one)
 
+# The sampler every command, pipeline and evaluation uses when none is named: the web UI's default.
+DEFAULT_SAMPLER = "Euler a"
+
 
 @dataclass(frozen=True)
 class ScheduleConfig:

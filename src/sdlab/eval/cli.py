@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from ..config import DEFAULT_SAMPLER
 from ..errors import InputError
 
 
@@ -40,7 +41,7 @@ def add_run_options(parser, run, seed_help: str = "seed of the scenes and of cas
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
-    parser.add_argument("--sampler", default="Euler a",
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER,
                         help="sampler name, see `sdlab samplers`; the default is the one `sdlab generate`, "
                              "`inpaint` and `upscale` use")
     parser.add_argument("--device", default=None)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..config import DEFAULT_SAMPLER
 from ..data.shapes import BACKGROUNDS, POSITIONS, Meaning, Scene, canonical_caption, format_caption, render, sample_scene
 from .shapes_check import analyse, check
 
@@ -107,7 +108,7 @@ def judge_edit(case: EditCase, result: Image.Image) -> bool:
 
 
 def evaluate_inpainting(pipe, n: int = 20, seed: int = 0, *, steps: int = 20, guidance_scale: float = 5.0,
-                        sampler: str = "Euler a", progress=None) -> dict[str, float]:
+                        sampler: str = DEFAULT_SAMPLER, progress=None) -> dict[str, float]:
     """Pass rates of the erase cases and of the insert cases, loose ("appears") and strict ("insert");
     strength 1: the masked area is fully repainted."""
     passed = {"erase": [], "appears": [], "insert": []}
@@ -130,7 +131,7 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
 
 
 def evaluate_upscaling(pipe, n: int = 10, seed: int = 0, *, low: int = 32, steps: int = 20,
-                       guidance_scale: float = 5.0, sampler: str = "Euler a", noise_level: int = 20,
+                       guidance_scale: float = 5.0, sampler: str = DEFAULT_SAMPLER, noise_level: int = 20,
                        progress=None) -> dict[str, float]:
     """PSNR (dB) against the 4x render of the model's upscale and of bicubic interpolation: mean and median."""
     rng = np.random.default_rng(seed)

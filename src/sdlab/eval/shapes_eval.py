@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..config import DEFAULT_SAMPLER
 from ..data.shapes import evaluation_captions, paraphrase, parse_caption, scene_from_caption
 from .shapes_check import check, summarize
 
@@ -44,7 +45,7 @@ def paraphrased(captions: list[tuple[str, str]], seed: int) -> list[tuple[str, s
 
 
 def evaluate(pipe, n: int = 100, seed: int = 0, *, steps: int = 20, guidance_scale: float = 5.0,
-             sampler: str = "Euler a", batch_size: int = 16, with_paraphrases: bool = True,
+             sampler: str = DEFAULT_SAMPLER, batch_size: int = 16, with_paraphrases: bool = True,
              progress: Optional[Callable[[int], None]] = None) -> list[Judged]:
     """Generate one image per evaluation caption and check it. Image i gets seed `seed + i` with the
     web UI's per-image noise, so any one of them is reproduced alone by

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .. import __version__
-from ..config import ModelConfig
+from ..config import DEFAULT_SAMPLER, ModelConfig
 from ..errors import InputError
 from ..infotext import format_infotext
 from ..noise import NOISE_MODES, noise_source
@@ -456,7 +456,7 @@ def generate(
     width: Optional[int] = None,
     height: Optional[int] = None,
     batch_size: int = 1,
-    sampler: str = "Euler a",
+    sampler: str = DEFAULT_SAMPLER,
     noise: str = "diffusers",
     latents: Optional[torch.Tensor] = None,
     clip_skip: int = 1,

@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..config import DEFAULT_SAMPLER
 from .common import GenerationResult, Pipeline, generate, image_seeds  # noqa: F401  (image_seeds: public here before)
 
 
@@ -20,7 +21,7 @@ def txt2img(
     width: Optional[int] = None,
     height: Optional[int] = None,
     batch_size: int = 1,
-    sampler: str = "Euler a",
+    sampler: str = DEFAULT_SAMPLER,
     noise: str = "diffusers",
     latents: Optional[torch.Tensor] = None,
     clip_skip: int = 1,

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from ..checkpoint.detect import X4_SCALING_FACTOR, X4_SCHEDULE
-from ..config import OPEN_CLIP_H, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
+from ..config import DEFAULT_SAMPLER, OPEN_CLIP_H, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
 from ..errors import InputError
 from ..schedules import alphas_cumprod
 from .common import GenerationResult, Pipeline, Run, Start, check_seed, generate, random_seed, with_tiled_vae
@@ -100,7 +100,7 @@ def upscale(
     steps: int = 20,
     guidance_scale: float = 9.0,
     seed: Optional[int] = None,
-    sampler: str = "Euler a",
+    sampler: str = DEFAULT_SAMPLER,
     noise: str = "diffusers",
     latents: Optional[torch.Tensor] = None,
     clip_skip: int = 1,
