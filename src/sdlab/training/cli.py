@@ -28,6 +28,7 @@ TRAINER_HELP = {
     "dreambooth": "fine-tune --base on a few images of a subject, with prior preservation",
     "inpaint": "a 9-channel inpainting UNet grown from --base's UNet",
     "upscale": "an x4-upscaler-style UNet conditioned on the 4x smaller image",
+    "dpo": "preference fine-tuning of --base's UNet on its own shapes pictures, judged right or wrong (Diffusion-DPO)",
 }
 
 # flag destination -> recipe key

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 from ..config import (
-    PRESETS, SD1, ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, from_dict, to_dict,
+    DEFAULT_SAMPLER, PRESETS, SD1, ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, from_dict, to_dict,
 )
 from ..errors import ConfigError
 
@@ -194,14 +194,32 @@ class UpscaleOptions:
     crop: Optional[int] = None  # train on random crop x crop windows of each full-size image (SD's x4: 512 px)
 
 
+@dataclass(frozen=True)
+class DPOOptions:
+    """`sdlab train dpo`: preference fine-tuning on --base's own pictures, judged by the shapes checker
+    (Diffusion-DPO, Wallace et al. 2023; sdlab.training.dpo)."""
+
+    beta: float = 5000.0  # how hard the ranking pulls against staying near the reference (the paper: 5000 for SD 1.5)
+    pair_captions: int = 640  # two-object captions --base draws before training
+    samples_per_caption: int = 4  # pictures of each; a caption with right and wrong ones gives pairs
+    pairs_per_caption: int = 3  # at most this many (right, wrong) pairs per caption
+    sampler: str = DEFAULT_SAMPLER  # how --base draws them: as `sdlab generate` does by default
+    sample_steps: int = 20
+    sample_guidance: float = 5.0
+    validation_prompts: tuple[str, ...] = ()  # empty: the captions of the first pairs
+    validation_sampler: str = DEFAULT_SAMPLER
+    validation_steps: int = 20
+    validation_guidance: float = 5.0
+
+
 TRAINER_OPTIONS = {"vae": VAEOptions, "text": TextOptions, "unet": UNetOptions, "lora": LoraOptions,
                    "textual_inversion": TextualInversionOptions, "dreambooth": DreamBoothOptions,
-                   "inpaint": InpaintOptions, "upscale": UpscaleOptions}
+                   "inpaint": InpaintOptions, "upscale": UpscaleOptions, "dpo": DPOOptions}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    trainer: Literal["vae", "text", "unet", "lora", "textual_inversion", "dreambooth", "inpaint", "upscale"]
+    trainer: Literal["vae", "text", "unet", "lora", "textual_inversion", "dreambooth", "inpaint", "upscale", "dpo"]
     data: str = "shapes"  # a folder of images with same-named .txt captions, or "shapes"
     out: Optional[str] = None  # run folder; unset: runs/<trainer>
     base: Optional[str] = None  # checkpoint whose parts this run does not train (unet: the VAE and text encoder)
@@ -460,11 +478,27 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
             raise ConfigError(f"{source}: 'unet.text_encoder_lr' needs 'unet.train_text_encoder = true'")
         if options.text_encoder_lr <= 0:
             raise ConfigError(f"{source}: 'unet.text_encoder_lr' must be positive, got {options.text_encoder_lr}")
+    if isinstance(options, DPOOptions):
+        _check_dpo(config, options, source)
     if isinstance(options, UNetOptions) and options.grounding_loss:
         _shapes_weight(config, source, "grounding_loss", "it finds each object by its palette colour")
         if config.gradient_checkpointing:
             raise ConfigError(f"{source}: 'unet.grounding_loss' reads attention maps that gradient checkpointing "
                               "would drop and recompute; turn one of them off")
+
+
+def _check_dpo(config: TrainConfig, options: DPOOptions, source: str) -> None:
+    if config.data != "shapes":
+        raise ConfigError(f"{source}: `sdlab train dpo` judges --base's pictures of shapes captions with the shapes "
+                          f"checker: data must be 'shapes', not {config.data}")
+    if options.beta <= 0:
+        raise ConfigError(f"{source}: 'dpo.beta' must be positive, got {options.beta}")
+    for key in ("pair_captions", "samples_per_caption", "pairs_per_caption", "sample_steps"):
+        if getattr(options, key) < 1:
+            raise ConfigError(f"{source}: 'dpo.{key}' must be at least 1, got {getattr(options, key)}")
+    if options.samples_per_caption < 2:
+        raise ConfigError(f"{source}: 'dpo.samples_per_caption' must be at least 2: a pair needs a right and a "
+                          f"wrong picture of one caption, got {options.samples_per_caption}")
 
 
 # -- reading -----------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ A trainer (vae.py, text.py, unet.py) is an nn.Module built by `build(config, dev
                                  loss itself unless logs has a "loss" entry)
     validate(model, examples, step, out_dir)   write a picture of how `model` does (rank 0, no grad)
     save(out_dir, model, data) -> path         write the result (rank 0), e.g. OUT/last.safetensors
+    training_data(size) (optional)             its own data source instead of the recipe's `data` (dpo:
+                                               pairs of pictures it drew while being built)
 Frozen networks (the UNet trainer's VAE and text encoder) live on the trainer outside `trained`.
 
 Resumable state, OUT/train_state.pt: trained weights, EMA, optimizer, grad scaler, step, RNG states and
@@ -230,8 +232,11 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
         del state
 
     size = config.resolution or trainer.resolution
-    data = open_data(config.data, size, config.crop, config.flip, config.seed, verbose=main,
-                     single_object_fraction=config.single_object_fraction)
+    if hasattr(trainer, "training_data"):
+        data = trainer.training_data(size)
+    else:
+        data = open_data(config.data, size, config.crop, config.flip, config.seed, verbose=main,
+                         single_object_fraction=config.single_object_fraction)
     validation_examples = data.validation_examples(config.validation_images)
     micro_batches = batches(data, start_step, config.steps, config.batch_size, config.grad_accum, ctx.rank,
                             ctx.world_size, config.num_workers, config.seed, device)
