@@ -2,8 +2,9 @@
 # Trains sdlab's bundled shapes models from nothing and installs them in src/sdlab/weights/:
 # VAE, text encoder, UNet, the UNet and text encoder together, the relation contrast runs, their
 # repair and the mirrored-caption denoising runs, the VAE's decoder fine-tuned on its frozen encoder,
-# then the inpainting (fine-tuned three times more with object masks) and x4-upscaling UNets grown from
-# that UNet, on its text encoder and VAE (recipes/shapes-*.toml). Each stage resumes from its last
+# preference fine-tuning (DPO) on the model's own pictures judged by the shapes checker, then the
+# inpainting (fine-tuned three times more with object masks) and x4-upscaling UNets grown from that
+# UNet, on its text encoder and VAE (recipes/shapes-*.toml). Each stage resumes from its last
 # checkpoint when run again; finished stages are skipped.
 #   ./scripts/train_bundled.sh [RUNS_DIR]          (default: runs/)
 set -euo pipefail
@@ -32,7 +33,8 @@ stage relation-repair unet recipes/shapes-relation-repair.toml --base "$runs/sha
 stage relation-mirror unet recipes/shapes-relation-mirror.toml --base "$runs/shapes-relation-repair/last.safetensors"
 stage relation-mirror-2 unet recipes/shapes-relation-mirror.toml --base "$runs/shapes-relation-mirror/last.safetensors"
 stage vae-decoder vae recipes/shapes-vae-decoder.toml --base "$runs/shapes-relation-mirror-2/last.safetensors"
-final="$runs/shapes-vae-decoder/last.safetensors"
+stage dpo dpo recipes/shapes-dpo.toml --base "$runs/shapes-vae-decoder/last.safetensors"
+final="$runs/shapes-dpo/last.safetensors"
 stage inpaint inpaint recipes/shapes-inpaint.toml --base "$final"
 stage inpaint-objects inpaint recipes/shapes-inpaint-objects.toml --base "$runs/shapes-inpaint/last.safetensors"
 stage inpaint-objects-2 inpaint recipes/shapes-inpaint-objects.toml --base "$runs/shapes-inpaint-objects/last.safetensors" \

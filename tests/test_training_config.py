@@ -152,7 +152,7 @@ def test_a_model_file_named_in_a_recipe_is_found_beside_it(tmp_path):
 @pytest.mark.parametrize("trainer, recipe", [("vae", "vae"), ("text", "text"), ("unet", "unet"), ("unet", "unet-text"),
                                              ("unet", "relation"), ("unet", "relation-repair"),
                                              ("unet", "relation-mirror"), ("vae", "vae-decoder"),
-                                             ("inpaint", "inpaint-objects")])
+                                             ("inpaint", "inpaint-objects"), ("dpo", "dpo")])
 def test_the_shipped_recipes_load(trainer, recipe):
     config = load_config(trainer, str(RECIPES / f"shapes-{recipe}.toml"))
     if config.model is None:  # the model is --base's: a fine-tune, or an inpainting UNet grown from it
@@ -175,7 +175,7 @@ def test_every_stage_of_the_bundled_models_script_is_a_valid_recipe():
         overrides = dict(cli.parse_assignment(value) for flag, value in zip(rest, rest[1:]) if flag == "--set")
         stages[name] = load_config(trainer, str(RECIPES.parent / recipe), overrides)
     assert list(stages) == ["vae", "text", "unet", "unet-text", "relation-a", "relation-b", "relation-c",
-                            "relation-repair", "relation-mirror", "relation-mirror-2", "vae-decoder", "inpaint",
+                            "relation-repair", "relation-mirror", "relation-mirror-2", "vae-decoder", "dpo", "inpaint",
                             "inpaint-objects", "inpaint-objects-2", "inpaint-objects-3", "upscale"]
     first = stages["relation-a"]
     assert (first.steps, first.lr_schedule_steps, first.ema_decay) == (750, 2000, 0)
@@ -186,6 +186,8 @@ def test_every_stage_of_the_bundled_models_script_is_a_valid_recipe():
     assert not mirror.train_text_encoder and mirror.relation_mirror_denoising > 0
     decoder = stages["vae-decoder"]  # after every UNet stage, and it must not move their latent space
     assert decoder.options.train_decoder_only and decoder.init_from_base
+    preference = stages["dpo"]  # from the last full model: its pictures are judged through the final decoder
+    assert preference.init_from_base and preference.options.samples_per_caption >= 2 and preference.data == "shapes"
     assert [stages[f"inpaint-objects{n}"].options.object_masks for n in ("", "-2", "-3")] == [0.5, 0.7, 0.7]
 
 
