@@ -34,7 +34,8 @@ stage relation-mirror unet recipes/shapes-relation-mirror.toml --base "$runs/sha
 stage relation-mirror-2 unet recipes/shapes-relation-mirror.toml --base "$runs/shapes-relation-mirror/last.safetensors"
 stage vae-decoder vae recipes/shapes-vae-decoder.toml --base "$runs/shapes-relation-mirror-2/last.safetensors"
 stage dpo dpo recipes/shapes-dpo.toml --base "$runs/shapes-vae-decoder/last.safetensors"
-final="$runs/shapes-dpo/last.safetensors"
+stage dpo-2 dpo recipes/shapes-dpo.toml --base "$runs/shapes-dpo/last.safetensors" --set seed=6
+final="$runs/shapes-dpo-2/last.safetensors"
 stage inpaint inpaint recipes/shapes-inpaint.toml --base "$final"
 stage inpaint-objects inpaint recipes/shapes-inpaint-objects.toml --base "$runs/shapes-inpaint/last.safetensors"
 stage inpaint-objects-2 inpaint recipes/shapes-inpaint-objects.toml --base "$runs/shapes-inpaint-objects/last.safetensors" \

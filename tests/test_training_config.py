@@ -175,7 +175,7 @@ def test_every_stage_of_the_bundled_models_script_is_a_valid_recipe():
         overrides = dict(cli.parse_assignment(value) for flag, value in zip(rest, rest[1:]) if flag == "--set")
         stages[name] = load_config(trainer, str(RECIPES.parent / recipe), overrides)
     assert list(stages) == ["vae", "text", "unet", "unet-text", "relation-a", "relation-b", "relation-c",
-                            "relation-repair", "relation-mirror", "relation-mirror-2", "vae-decoder", "dpo", "inpaint",
+                            "relation-repair", "relation-mirror", "relation-mirror-2", "vae-decoder", "dpo", "dpo-2", "inpaint",
                             "inpaint-objects", "inpaint-objects-2", "inpaint-objects-3", "upscale"]
     first = stages["relation-a"]
     assert (first.steps, first.lr_schedule_steps, first.ema_decay) == (750, 2000, 0)
@@ -188,6 +188,7 @@ def test_every_stage_of_the_bundled_models_script_is_a_valid_recipe():
     assert decoder.options.train_decoder_only and decoder.init_from_base
     preference = stages["dpo"]  # from the last full model: its pictures are judged through the final decoder
     assert preference.init_from_base and preference.options.samples_per_caption >= 2 and preference.data == "shapes"
+    assert stages["dpo-2"].seed != preference.seed  # the second round draws other captions
     assert [stages[f"inpaint-objects{n}"].options.object_masks for n in ("", "-2", "-3")] == [0.5, 0.7, 0.7]
 
 
