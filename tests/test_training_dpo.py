@@ -218,3 +218,19 @@ def test_it_needs_a_base_to_start_from_and_a_known_sampler(tmp_path, base, overr
     with pytest.raises((ConfigError, InputError), match=message):
         dpo.build(dpo_config(tmp_path / "run", **{"base": base, **overrides}), torch.device("cpu"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_reuses_its_pairs_and_a_changed_recipe_is_refused_before_they_are_touched(tmp_path, base,
+                                                                                                  monkeypatch):
+    calls = []
+    monkeypatch.setattr(dpo, "draw_and_judge", lambda *a, **k: calls.append(1) or rendered_pictures(*a[1:4]))
+    config = dpo_config(tmp_path / "run", base, steps=3, checkpoint_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, stop_at=1)
+    path = tmp_path / "run" / dpo.PAIRS_FILE
+    stamp = path.stat().st_mtime_ns
+    with pytest.raises(ConfigError, match="cannot resume"):
+        run(dpo_config(tmp_path / "run", base, steps=3, checkpoint_every=1, **{"dpo.sample_guidance": 3.0}),
+            resume=True)
+    assert len(calls) == 1 and path.stat().st_mtime_ns == stamp
+    assert len(run(config, resume=True)) == 2 and len(calls) == 1

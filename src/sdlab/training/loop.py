@@ -180,6 +180,9 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
         raise ConfigError(f"nothing to resume: {state_path} does not exist; start without --resume")
     if not resume and state_path.exists():
         raise ConfigError(f"{out} already holds a run ({STATE_FILE}); continue it with --resume or choose another --out")
+    if resume:  # before building: a trainer may write into OUT as it is built (class images, preference pairs)
+        check_resumable(torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)["config"],
+                        config, state_path)
     distributed.barrier()  # every rank has looked before rank 0 writes anything
     torch.manual_seed(config.seed)  # the same initial weights on every rank and in every rerun
     trainer = build_trainer(config, device)  # refuses a bad recipe before anything is written
@@ -215,7 +218,6 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
     start_step, history = 0, {}
     if resume:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        check_resumable(state["config"], config, state_path)
         if sharded:
             sharding.load_full_model_state(trainer.trained, state["trained"])
             sharding.load_full_optimizer_state(trainer.trained, optimizer, state["optimizer"])
