@@ -493,7 +493,7 @@ def _check_dpo(config: TrainConfig, options: DPOOptions, source: str) -> None:
                           f"checker: data must be 'shapes', not {config.data}")
     if options.beta <= 0:
         raise ConfigError(f"{source}: 'dpo.beta' must be positive, got {options.beta}")
-    for key in ("pair_captions", "samples_per_caption", "pairs_per_caption", "sample_steps"):
+    for key in ("pair_captions", "pairs_per_caption", "sample_steps"):
         if getattr(options, key) < 1:
             raise ConfigError(f"{source}: 'dpo.{key}' must be at least 1, got {getattr(options, key)}")
     if options.samples_per_caption < 2:

@@ -26,6 +26,7 @@ the wrong place), which pictures rendered from captions never show it.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import os
@@ -105,11 +106,12 @@ def pair_settings(config: TrainConfig) -> dict:
             "sample_guidance": options.sample_guidance}
 
 
-def read_pairs(path: Path) -> dict:
-    """The arrays of a pairs file (no pickled objects are read), with its settings decoded."""
+def read_pairs(path: Path, keys: Optional[tuple[str, ...]] = None) -> dict:
+    """The arrays of a pairs file (all, or only `keys`; no pickled objects are read), its settings decoded."""
     with np.load(path, allow_pickle=False) as stored:
-        arrays = {key: stored[key] for key in stored.files}
-    arrays["settings"] = json.loads(str(arrays["settings"]))
+        arrays = {key: stored[key] for key in (keys or stored.files)}
+    if "settings" in arrays:
+        arrays["settings"] = json.loads(str(arrays["settings"]))
     return arrays
 
 
@@ -121,7 +123,7 @@ def make_pairs(path: Path, config: TrainConfig, model_config: ModelConfig, unet:
     from ..progress import ProgressBar
 
     settings = pair_settings(config)
-    if path.exists() and read_pairs(path)["settings"] == settings:
+    if path.exists() and read_pairs(path, keys=("settings",))["settings"] == settings:
         return path
     if int(os.environ.get("RANK", "0")) == 0:
         options: DPOOptions = config.options
@@ -174,9 +176,12 @@ class PreferencePairs:
         images = torch.from_numpy(self.images[[right, wrong]].copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
         return images, self.captions[right // self.samples]
 
+    @functools.lru_cache(maxsize=4)
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+
     def __getitem__(self, n: int) -> tuple[torch.Tensor, str]:
-        order = np.random.default_rng([self.seed, n // len(self.pairs)]).permutation(len(self.pairs))
-        return self.pair(int(order[n % len(self.pairs)]))
+        return self.pair(int(self._order(n // len(self.pairs))[n % len(self.pairs)]))
 
     def validation_examples(self, count: int) -> list[tuple[torch.Tensor, str]]:
         return [self.pair(i % len(self.pairs)) for i in range(count)]
