@@ -43,6 +43,7 @@ from ..errors import ConfigError, InputError
 from . import components, distributed
 from .config import DPOOptions, TrainConfig
 from .data import Batch
+from .lora import noised
 from .loop import atomic_write
 from .unet import UNetFamilyTrainer, UNetTrainer
 
@@ -224,8 +225,7 @@ class DPOTrainer(UNetFamilyTrainer):
         noise = batch.randn(*latents.shape[1:]).repeat_interleave(2, dim=0)  # one noise and timestep per pair
         timesteps = batch.randint(self.model_config.schedule.num_train_timesteps).repeat_interleave(2)
         a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * latents if self.model_config.prediction == "v" else noise
+        noisy, target = noised(latents, noise, a, self.model_config.prediction)
         errors = self.errors(self.unet, noisy, timesteps, text, target).view(b, 2)
         with torch.no_grad():
             reference = self.errors(self.reference, noisy, timesteps, text, target).view(b, 2)

@@ -70,6 +70,14 @@ def drop_captions(captions: list[str], batch: Batch, dropout: float) -> list[str
     return [caption if k else "" for caption, k in zip(captions, keep.tolist())]
 
 
+def noised(latents: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_t, the UNet's target) for clean latents, noise and alphas_cumprod `a` (b, 1, 1, 1):
+    z_t = sqrt(a) z0 + sqrt(1 - a) eps (Ho et al. 2020, eq. 4); the target is eps, or
+    v = sqrt(a) eps - sqrt(1 - a) z0 for v-prediction (Salimans & Ho 2022)."""
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    return noisy, (a.sqrt() * noise - (1 - a).sqrt() * latents if prediction == "v" else noise)
+
+
 def noised_prediction_loss(unet: nn.Module, latents: torch.Tensor, text_embeddings: torch.Tensor, batch: Batch,
                            schedule: torch.Tensor, prediction: str, min_snr_gamma: Optional[float] = None,
                            **conditioning) -> torch.Tensor:
@@ -79,9 +87,8 @@ def noised_prediction_loss(unet: nn.Module, latents: torch.Tensor, text_embeddin
     noise = batch.randn(*latents.shape[1:])
     timesteps = batch.randint(len(schedule))
     a = schedule[timesteps].view(-1, 1, 1, 1)
-    noisy_latents = a.sqrt() * latents + (1 - a).sqrt() * noise
+    noisy_latents, target = noised(latents, noise, a, prediction)
     model_output = unet(noisy_latents, timesteps, text_embeddings, **conditioning).float()
-    target = a.sqrt() * noise - (1 - a).sqrt() * latents if prediction == "v" else noise
     per_sample = (model_output - target).pow(2).mean(dim=(1, 2, 3))
     weights = loss_weights(a.view(-1), prediction, min_snr_gamma)
     return per_sample if weights is None else per_sample * weights

@@ -46,7 +46,7 @@ from ..tokenizer import get_tokenizer
 from . import components, grounding, recolour, scene_contrast
 from .config import TrainConfig, UNetOptions
 from .data import Batch
-from .lora import loss_weights
+from .lora import loss_weights, noised
 from .plots import image_grid
 from .relation_contrast import contrasted, mirrored_denoising, relation_contrast
 
@@ -131,18 +131,14 @@ class UNetTrainer(UNetFamilyTrainer):
         timesteps = batch.randint(self.model_config.schedule.num_train_timesteps)
         a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         if options.recolour_fraction:
-            noised = self.recoloured_latents(batch, latents, eps, keep, timesteps)
+            recoloured = self.recoloured_latents(batch, latents, eps, keep, timesteps)
             # the noise that takes the true latents to the noisy ones: the target
-            noise = noise + (a / (1 - a)).sqrt() * (noised - latents)
-        noisy_latents = a.sqrt() * latents + (1 - a).sqrt() * noise
+            noise = noise + (a / (1 - a)).sqrt() * (recoloured - latents)
+        noisy_latents, target = noised(latents, noise, a, self.model_config.prediction)
         recording = (recorded_cross_attention(self.unet) if options.grounding_loss
                      else contextlib.nullcontext([]))
         with recording as maps:
             model_output = self.unet(noisy_latents, timesteps, text_embeddings).float()  # noise_pred, or v_pred
-        if self.model_config.prediction == "v":
-            target = a.sqrt() * noise - (1 - a).sqrt() * latents
-        else:
-            target = noise
         errors = (model_output - target).pow(2).mean(dim=(1, 2, 3))  # (b,)
         logs = {}
         weight = self.sample_weights(a.view(-1))
@@ -204,11 +200,7 @@ class UNetTrainer(UNetFamilyTrainer):
             posterior = self.vae.encode(misses)
             miss_latents = (posterior.mean + posterior.std * eps[index]).float() * self.model_config.vae.scaling_factor
         a = a[index]
-        noisy = a.sqrt() * miss_latents + (1 - a).sqrt() * noise[index]
-        if self.model_config.prediction == "v":
-            target = a.sqrt() * noise[index] - (1 - a).sqrt() * miss_latents
-        else:
-            target = noise[index]
+        noisy, target = noised(miss_latents, noise[index], a, self.model_config.prediction)
         output = self.unet(noisy, timesteps[index], text_embeddings[index]).float()
         miss_errors = (output - target).pow(2).mean(dim=(1, 2, 3))
         return scene_contrast.scene_contrast(errors[index], miss_errors, options.scene_contrast_temperature,
