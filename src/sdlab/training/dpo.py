@@ -43,7 +43,7 @@ from ..errors import ConfigError, InputError
 from . import components, distributed
 from .config import DPOOptions, TrainConfig
 from .data import Batch
-from .lora import noised
+from .lora import encode_text, noised
 from .loop import atomic_write
 from .unet import UNetFamilyTrainer, UNetTrainer
 
@@ -221,7 +221,8 @@ class DPOTrainer(UNetFamilyTrainer):
         b = batch.size
         with torch.no_grad():
             latents = self.vae.encode(batch.images.flatten(0, 1)).mean.float() * self.model_config.vae.scaling_factor
-            text = self.text_encoder(self.token_ids(batch.captions).to(batch.images.device)).repeat_interleave(2, dim=0)
+            text = encode_text(self.text_encoder, self.model_config, batch.captions,
+                               batch.images.device).repeat_interleave(2, dim=0)
         noise = batch.randn(*latents.shape[1:]).repeat_interleave(2, dim=0)  # one noise and timestep per pair
         timesteps = batch.randint(self.model_config.schedule.num_train_timesteps).repeat_interleave(2)
         a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
@@ -231,7 +232,6 @@ class DPOTrainer(UNetFamilyTrainer):
             reference = self.errors(self.reference, noisy, timesteps, text, target).view(b, 2)
         return dpo_loss(errors, reference, options.beta)
 
-    token_ids = UNetTrainer.token_ids
     validate = UNetTrainer.validate
 
 
