@@ -58,12 +58,56 @@ def test_same_seed_same_image_and_batch_files(tmp_path):
         (["--model", "demo", "--size", "65x64"], "multiple of 8"),
         (["--model", "demo", "--steps", "0"], "steps"),
         (["--model", "demo", "--noise", "quantum"], "noise"),
+        (["--model", "demo", "--size", "0x64"], "size must be positive"),
+        (["--model", "demo", "--cfg", "abc"], "invalid float value: 'abc'"),
     ],
 )
 def test_bad_generation_input_is_one_line(tmp_path, args, fragment):
     code, _, stderr = run_cli("generate", "a cat", "-o", str(tmp_path / "x.png"), *args)
     assert_one_line_error(code, stderr, fragment)
     assert os.listdir(tmp_path) == []
+
+
+def assert_one_line_pointing_at_help(capsys, run, fragment, command):
+    """A mistake argparse catches: one line naming it and the command's --help, exit 2, no usage dump."""
+    with pytest.raises(SystemExit) as exited:
+        run()
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert_one_line_error(2, stderr, fragment)
+    assert stderr.strip().endswith(f"; see `{command} --help`"), stderr
+
+
+@pytest.mark.parametrize(
+    "args, fragment, command",
+    [
+        (["generate", "x", "--cfg", "abc"], "argument --cfg: invalid float value: 'abc'", "sdlab generate"),
+        (["generate", "x", "--size", "big"], "size must look like 512x512, got 'big'", "sdlab generate"),
+        (["generate", "x", "--size", "0x64"], "size must be positive", "sdlab generate"),
+        (["generate", "x", "--size", "64x0"], "size must be positive", "sdlab generate"),
+        (["generate", "x", "--size=-8x64"], "size must be positive", "sdlab generate"),
+        (["generate", "x", "--bogus"], "unrecognized arguments: --bogus", "sdlab generate"),
+        (["generate"], "the following arguments are required: prompt", "sdlab generate"),
+        (["upscale", "low.png", "x", "--size", "0x0"], "size must be positive", "sdlab upscale"),
+        (["train", "unet", "--steps", "x"], "argument --steps: invalid int value: 'x'", "sdlab train unet"),
+        (["train", "unet", "--nope"], "unrecognized arguments: --nope", "sdlab train unet"),
+        (["train"], "the following arguments are required", "sdlab train"),
+        (["eval", "shapes", "-n", "x"], "invalid int value: 'x'", "sdlab eval shapes"),
+        (["generat", "x"], "invalid choice: 'generat'", "sdlab"),
+        ([], "the following arguments are required: command", "sdlab"),
+    ],
+)
+def test_argument_mistakes_are_one_line_pointing_at_the_commands_help(capsys, args, fragment, command):
+    assert_one_line_pointing_at_help(capsys, lambda: main(args), fragment, command)
+
+
+def test_the_training_module_points_at_its_own_help(capsys):
+    """`python -m sdlab.training` (what torchrun starts) reports argument mistakes the same way."""
+    from sdlab.cli.train import main as train_main
+
+    assert_one_line_pointing_at_help(capsys, lambda: train_main(["unet", "--steps", "x"]),
+                                     "invalid int value: 'x'", "python -m sdlab.training train unet")
 
 
 def test_empty_prompt_without_negative_is_refused(tmp_path):
@@ -129,7 +173,7 @@ def test_embeddings_loras_and_prompt_editing_from_the_command_line(tmp_path):
 
 
 def test_out_of_memory_is_one_line_not_a_traceback(monkeypatch, capsys):
-    import sdlab.cli as cli
+    import sdlab.cli.info as cli
 
     def exhausted(args):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "

@@ -9,7 +9,7 @@ from PIL import Image
 
 from sdlab.cli import main
 from sdlab.infotext import parse_infotext
-from test_cli import assert_one_line_error, run_cli
+from test_cli import assert_one_line_error, assert_one_line_pointing_at_help, run_cli
 from test_img2img import sample_image
 
 
@@ -115,3 +115,16 @@ def test_the_installed_command_refuses_a_missing_init_in_one_line(tmp_path):
                               "-o", str(tmp_path / "x.png"))
     assert_one_line_error(code, stderr, "init image not found")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, fragment, command", [
+    (["img2img", "x", "--init", "in.png", "--strength", "half"], "invalid float value: 'half'", "sdlab img2img"),
+    (["img2img", "x", "--init", "in.png", "--resize-mode", "zoom"], "invalid choice: 'zoom'", "sdlab img2img"),
+    (["inpaint", "x", "--init", "in.png"], "the following arguments are required: --mask", "sdlab inpaint"),
+    (["inpaint", "x", "--init", "in.png", "--mask", "m.png", "--size", "0x64"], "size must be positive",
+     "sdlab inpaint"),
+    (["outpaint", "x", "--init", "in.png", "--extend", "left=64", "--overlap", "x"], "invalid int value: 'x'",
+     "sdlab outpaint"),
+])
+def test_argument_mistakes_are_one_line_pointing_at_the_commands_help(capsys, args, fragment, command):
+    assert_one_line_pointing_at_help(capsys, lambda: main(args), fragment, command)

@@ -143,8 +143,8 @@ def test_a_size_that_cannot_be_decoded_whole_asks_for_the_tiled_vae_before_the_f
 def test_generate_options_run_the_hires_fix(tmp_path):
     import argparse
 
-    from sdlab.cli import add_generation_options
-    from sdlab.pipelines.upscale_cli import add_hires_options, cmd_hires
+    from sdlab.cli.common import add_generation_options
+    from sdlab.cli.upscale import add_hires_options, cmd_hires
 
     parser = argparse.ArgumentParser()
     add_generation_options(parser)

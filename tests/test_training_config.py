@@ -10,7 +10,7 @@ import pytest
 
 from sdlab.config import SD1, SD2_BASE, ModelConfig, to_json
 from sdlab.errors import ConfigError
-from sdlab.training import cli
+from sdlab.cli import train as cli
 from sdlab.training.config import (
     TextOptions, UNetOptions, VAEOptions, build_config, load_config, parse_assignment, resolve_model_config,
 )

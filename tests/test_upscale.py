@@ -291,7 +291,7 @@ def test_upscale_command_writes_a_png_four_times_larger_with_its_parameters(mode
     import argparse
 
     from sdlab.infotext import parse_infotext
-    from sdlab.pipelines.upscale_cli import add_upscale_command
+    from sdlab.cli.upscale import add_upscale_command
 
     _, _, folder = models
     parser = argparse.ArgumentParser()

@@ -1,6 +1,6 @@
 """Command-line pieces for super-resolution: `sdlab upscale` and the hires-fix options of `sdlab generate`.
 
-cli.py hooks them into its parser (build_parser) and hands `generate --hires-scale` to cmd_hires.
+generate.py adds the hires options to `sdlab generate` and hands `--hires-scale` to cmd_hires.
 """
 
 from __future__ import annotations
@@ -9,12 +9,7 @@ import argparse
 import time
 
 from ..errors import InputError
-
-
-def add_tiled_vae_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tiled-vae", action=argparse.BooleanOptionalAction, default=None,
-                        help="decode (and encode) in tiles: the same image in about half the memory; default: "
-                             "only above a megapixel or when the image would not fit")
+from .common import add_generation_options, add_tiled_vae_option, check_output, load_for, run_and_save
 
 
 def add_hires_options(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +33,7 @@ def _common_kwargs(args) -> dict:
 
 def cmd_hires(args) -> int:
     """`sdlab generate ... --hires-scale S`: txt2img, then the hires pass; one progress bar for both."""
-    from ..cli import check_output, load_for, run_and_save
-    from .hires import hires_fix
+    from ..pipelines.hires import hires_fix
 
     check_output(args.output)
     started = time.perf_counter()
@@ -53,9 +47,8 @@ def cmd_hires(args) -> int:
 
 
 def cmd_upscale(args) -> int:
-    from ..cli import check_output, load_for, run_and_save
-    from .images import load_image
-    from .upscale import upscale
+    from ..pipelines.images import load_image
+    from ..pipelines.upscale import upscale
 
     check_output(args.output)
     if args.size is not None or args.batch != 1:
@@ -71,8 +64,6 @@ def cmd_upscale(args) -> int:
 
 def add_upscale_command(commands) -> None:
     """`sdlab upscale low.png PROMPT --model x4-upscaler-ema.safetensors -o big.png`."""
-    from ..cli import add_generation_options
-
     parser = commands.add_parser("upscale", help="4x super-resolution with the SD x4 upscaler model",
                                  description="4x super-resolution with the SD x4 upscaler model; --cfg defaults "
                                              "to 9 here, diffusers' default for it")

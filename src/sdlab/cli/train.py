@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import TRAINER_OPTIONS, load_config, parse_assignment
+from ..training.config import TRAINER_OPTIONS, load_config, parse_assignment
+from .common import CommandParser, run_reporting_errors
 
 TRAINER_HELP = {
     "vae": "the KL autoencoder: reconstruction + KL (+ PatchGAN), then its latent scaling factor",
@@ -89,7 +90,7 @@ def config_from_args(args):
 
 
 def run_train(args) -> int:
-    from .loop import train
+    from ..training.loop import train
 
     train(config_from_args(args), resume=args.resume, quiet=args.quiet)
     return 0
@@ -100,9 +101,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and (argv[0] in TRAINER_OPTIONS or argv[0] in TRAINER_HELP):
         argv = ["train", *argv]
-    parser = argparse.ArgumentParser(prog="python -m sdlab.training", description="sdlab's training loop")
+    parser = CommandParser(prog="python -m sdlab.training", description="sdlab's training loop")
     add_train_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    from ..cli import run_reporting_errors
-
     return run_reporting_errors(args, "sdlab: interrupted; the last checkpoint is intact, continue with --resume")

@@ -1,0 +1,35 @@
+"""The `sdlab` command. User errors print one line and exit non-zero; never a traceback.
+
+Each command lives in a module of its own and registers itself on the subcommand table below; the
+modules share only common.py and never import this file.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .common import CommandParser, run_reporting_errors
+from .eval import add_eval_command
+from .generate import add_generate_commands
+from .info import add_info_commands
+from .train import add_train_command
+from .upscale import add_upscale_command
+
+
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="sdlab", description="Stable Diffusion from scratch: generate, inspect, train.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_generate_commands(commands)  # generate, img2img, inpaint, outpaint
+    add_info_commands(commands)  # tokenize, samplers
+    add_upscale_command(commands)
+    add_train_command(commands)
+    add_eval_command(commands)
+    return parser
+
+
+def main(argv=None) -> int:
+    return run_reporting_errors(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

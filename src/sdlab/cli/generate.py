@@ -1,0 +1,177 @@
+"""`sdlab generate`, `img2img`, `inpaint` and `outpaint`: the commands that paint an image from a prompt."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from ..errors import InputError
+from .common import add_generation_options, check_output, load_for, output_paths, run_and_save
+from .upscale import add_hires_options, cmd_hires
+
+
+def add_generate_commands(commands) -> None:
+    """Register generate, img2img, inpaint and outpaint on sdlab's subcommands."""
+    generate = commands.add_parser("generate", help="text to image")
+    add_generation_options(generate)
+    generate.add_argument("--attention-maps", metavar="PNG", default=None,
+                          help="also write where each word of the prompt was read (cross-attention, first image)")
+    add_hires_options(generate)
+    generate.set_defaults(run=cmd_generate)
+
+    img2img = commands.add_parser("img2img", help="repaint an image towards a prompt")
+    add_generation_options(img2img, default_size="the image's")
+    add_init_options(img2img, strength=0.75)
+    img2img.set_defaults(run=cmd_img2img)
+
+    inpaint = commands.add_parser("inpaint", help="repaint the white part of a mask")
+    add_generation_options(inpaint, default_size="the image's; with --only-masked the model's")
+    add_init_options(inpaint, strength=0.75)
+    inpaint.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
+    add_mask_options(inpaint)
+    inpaint.add_argument("--only-masked", action="store_true",
+                         help="inpaint a box around the mask at --size (default: the model's), paste it back")
+    inpaint.add_argument("--padding", type=int, default=32,
+                         help="with --only-masked: pixels around the mask (default 32)")
+    inpaint.add_argument("--invert-mask", action="store_true", help="repaint the black part instead")
+    inpaint.set_defaults(run=cmd_inpaint)
+
+    outpaint = commands.add_parser("outpaint", help="extend an image's canvas and paint the new margins")
+    add_generation_options(outpaint, default_size="the image's plus --extend; not settable")
+    add_init_options(outpaint, strength=0.8, resize=False)
+    outpaint.add_argument("--extend", required=True, help="pixels per side, e.g. left=64,right=0,top=0,bottom=64")
+    outpaint.add_argument("--overlap", type=int, default=8,
+                          help="pixels of the image repainted along the seam (default 8)")
+    add_mask_options(outpaint)
+    outpaint.set_defaults(run=cmd_outpaint)
+
+
+def add_init_options(parser: argparse.ArgumentParser, strength: float, resize: bool = True) -> None:
+    """Options of the commands that start from an image."""
+    parser.add_argument("--init", required=True, help="the image to start from (PNG, JPEG, WebP)")
+    parser.add_argument("--strength", type=float, default=strength,
+                        help=f"denoising strength: 0 keeps the image, 1 repaints it fully (default {strength})")
+    if resize:
+        parser.add_argument("--resize-mode", default="just", choices=("just", "crop", "fill"),
+                            help="how the image meets --size: stretch, crop the overflow, or fit and stretch "
+                                 "the edges into the borders (default just)")
+
+
+def add_mask_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mask-blur", type=float, default=4, help="Gaussian blur of the mask edge in pixels (default 4)")
+    parser.add_argument("--fill", default="original", choices=("original", "fill", "latent-noise", "latent-nothing"),
+                        help="what the masked area starts from below strength 1 (default original)")
+
+
+def generation_kwargs(args) -> dict:
+    """The `generate` options as keyword arguments of every pipeline."""
+    width, height = args.size or (None, None)
+    return dict(steps=args.steps, guidance_scale=args.cfg, seed=args.seed, width=width, height=height,
+                batch_size=args.batch, sampler=args.sampler, noise=args.noise, clip_skip=args.clip_skip, eta=args.eta,
+                loras=args.lora, lora_dirs=args.lora_dir, lora_mode=args.lora_mode,
+                tiled_vae=getattr(args, "tiled_vae", None))
+
+
+def cmd_generate(args) -> int:
+    if args.hires_scale and args.attention_maps:
+        raise InputError("--attention-maps maps one sampling pass; leave out --hires-scale")
+    if args.hires_scale:
+        return cmd_hires(args)
+    check_output(args.output)
+    if args.attention_maps:
+        check_output(args.attention_maps)
+        if os.path.abspath(args.attention_maps) in map(os.path.abspath, output_paths(args.output, args.batch)):
+            raise InputError(f"--attention-maps {args.attention_maps} is also an image output; give it its own file")
+    started = time.perf_counter()
+    pipe = load_for(args)
+
+    def run(step):
+        return pipe.txt2img(args.prompt, args.negative, callback=step, **generation_kwargs(args))
+
+    if args.attention_maps:
+        return run_and_save(args, started, lambda step: run_saving_attention_maps(args, pipe, run, step), args.steps)
+    return run_and_save(args, started, run, args.steps)
+
+
+def run_saving_attention_maps(args, pipe, run, step):
+    """`run(step)` with the UNet's cross-attention recorded; writes the first image's word maps to
+    --attention-maps (temp file, then rename) and returns run's result."""
+    from ..models.attention import recorded_cross_attention
+    from ..pipelines.attention_maps import WordMaps, attention_sheet, prompt_words
+
+    words = prompt_words(args.prompt, args.steps)
+    if not words:
+        raise InputError("--attention-maps needs a prompt with words to map")
+    maps = WordMaps(batch_size=args.batch, count=len(words))
+    with recorded_cross_attention(pipe.unet, sink=maps):
+        result = run(step)
+    path = args.attention_maps
+    partial = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial")
+    attention_sheet(result.images[0], maps.mean(), words).save(partial, format="PNG")
+    os.replace(partial, path)
+    print(f"wrote {path}")
+    return result
+
+
+def denoising_steps(args) -> int:
+    from ..pipelines.common import check_strength
+
+    check_strength(args.strength)
+    return min(int(args.steps * args.strength), args.steps)
+
+
+def cmd_img2img(args) -> int:
+    from ..pipelines.images import load_image, resize_mode_key
+
+    check_output(args.output)
+    started = time.perf_counter()
+    image = load_image(args.init, "init image")  # bad input fails before the model loads
+    resize_mode_key(args.resize_mode)
+    steps = denoising_steps(args)
+    pipe = load_for(args)
+    return run_and_save(args, started, lambda step: pipe.img2img(
+        args.prompt, image, args.negative, strength=args.strength, resize_mode=args.resize_mode, callback=step,
+        **generation_kwargs(args)), steps)
+
+
+def cmd_inpaint(args) -> int:
+    import warnings
+
+    from ..pipelines.images import load_image, load_mask, resize_mode_key
+
+    check_output(args.output)
+    started = time.perf_counter()
+    image = load_image(args.init, "init image")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mask = load_mask(args.mask, image.size)
+    for warning in caught:
+        print(f"sdlab: warning: {warning.message}", file=sys.stderr)
+    resize_mode_key(args.resize_mode)
+    steps = denoising_steps(args)
+    pipe = load_for(args, "inpaint")
+    return run_and_save(args, started, lambda step: pipe.inpaint(
+        args.prompt, image, mask, args.negative, strength=args.strength, mask_blur=args.mask_blur,
+        only_masked=args.only_masked, padding=args.padding, fill=args.fill, invert_mask=args.invert_mask,
+        resize_mode=args.resize_mode, callback=step, **generation_kwargs(args)), steps)
+
+
+def cmd_outpaint(args) -> int:
+    from ..pipelines.images import load_image
+    from ..pipelines.outpaint import parse_extend
+
+    check_output(args.output)
+    if args.size:
+        raise InputError("outpaint takes its size from the image and --extend; leave out --size")
+    started = time.perf_counter()
+    image = load_image(args.init, "init image")
+    extend = parse_extend(args.extend)
+    steps = denoising_steps(args)
+    pipe = load_for(args)
+    options = generation_kwargs(args)
+    del options["width"], options["height"]
+    return run_and_save(args, started, lambda step: pipe.outpaint(
+        args.prompt, image, args.negative, extend=extend, overlap=args.overlap, strength=args.strength,
+        mask_blur=args.mask_blur, fill=args.fill, callback=step, **options), steps)
