@@ -634,6 +634,34 @@ def test_yaml_schedule_and_scale_factor_are_read(tmp_path, sd1):
         load_components(path)
 
 
+# Stability's configs/stable-diffusion/x4-upscaling.yaml, the fields sdlab reads or checks.
+X4_UPSCALING_YAML = {"model": {"target": "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion", "params": {
+    "parameterization": "v", "linear_start": 0.0001, "linear_end": 0.02, "timesteps": 1000, "scale_factor": 0.08333,
+    "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+        "num_classes": 1000, "image_size": 128, "in_channels": 7, "out_channels": 4, "model_channels": 256,
+        "attention_resolutions": [2, 4, 8], "num_res_blocks": 2, "channel_mult": [1, 2, 2, 4],
+        "disable_self_attentions": [True, True, True, False], "num_heads": 8, "use_spatial_transformer": True,
+        "transformer_depth": 1, "context_dim": 1024, "legacy": False, "use_linear_in_transformer": True}},
+    "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {"embed_dim": 4, "ddconfig": {
+        "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+        "ch_mult": [1, 2, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}}},
+    "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                          "params": {"freeze": True, "layer": "penultimate"}},
+}}}
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "x4"])
+def test_the_published_configs_describe_the_presets(name):
+    from sdlab.checkpoint.ldm_yaml import apply_sidecar, parse_sidecar
+    from sdlab.pipelines.upscale import X4_UPSCALER
+
+    preset, document = {"sd1": (SD1, ldm_document(SD1)), "sd2": (SD2, ldm_document(SD2)),
+                        "x4": (X4_UPSCALER, X4_UPSCALING_YAML)}[name]
+    sidecar = parse_sidecar(document, Path(f"{name}.yaml"))
+    assert sidecar.prediction == preset.prediction
+    assert apply_sidecar(preset, sidecar, {}) == preset
+
+
 def _unet_params(document):
     return document["model"]["params"]["unet_config"]["params"]
 

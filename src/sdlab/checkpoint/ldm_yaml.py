@@ -40,7 +40,7 @@ from .detect import schedule_from_betas
 PARAMETERIZATIONS = {"eps": "epsilon", "v": "v"}  # ldm's names -> sdlab's
 TEXT_ENCODERS = {"FrozenCLIPEmbedder": "clip", "FrozenOpenCLIPEmbedder": "open_clip"}  # cond_stage_config targets
 
-# YAML name -> (part, field) of ModelConfig, for the numbers the weights determine.
+# YAML name -> ModelConfig field, for the numbers the weights determine (checked, never taken).
 UNET_SHAPES = {
     "in_channels": "in_channels", "out_channels": "out_channels", "model_channels": "model_channels",
     "channel_mult": "channel_mult", "num_res_blocks": "num_res_blocks", "transformer_depth": "transformer_depth",
@@ -58,7 +58,7 @@ class Stated:
 
     name: str  # as the YAML spells it, e.g. "unet_config model_channels"
     part: str  # "unet", "vae", "text"
-    field: str  # the ModelConfig field
+    attribute: str  # the field of that part of ModelConfig
     value: Any
 
 
@@ -150,7 +150,7 @@ def apply_sidecar(config: ModelConfig, sidecar: Sidecar, buffers: Mapping[str, t
     """`config` (read from the weights, prediction already settled) with the YAML's heads, schedule and
     latent scale, after checking that every shape the YAML states is the weights' own."""
     for stated in sidecar.shapes:
-        found = getattr(getattr(config, stated.part), stated.field)
+        found = getattr(getattr(config, stated.part), stated.attribute)
         if stated.value != found:
             raise _contradiction(sidecar.path, stated.name, stated.value, found, checkpoint)
     unet = config.unet
