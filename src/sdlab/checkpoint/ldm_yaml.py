@@ -4,12 +4,12 @@ The SD web UI (AUTOMATIC1111) builds a checkpoint from `<path without extension>
 exists, and fine-tunes are shipped that way. The YAML (CompVis `v1-inference.yaml`, Stability
 `v2-inference-v.yaml`, `x4-upscaling.yaml`) says what the weights cannot:
 
-    model.params.parameterization       "eps" or "v"   -> prediction ("eps", ldm's default, when absent)
-    model.params.linear_start/_end      betas' ends    -> schedule.beta_start / beta_end
-    model.params.timesteps              1000           -> schedule.num_train_timesteps
-    model.params.scale_factor           0.18215        -> vae.scaling_factor
-    unet_config.params.num_heads        8 (SD1)        -> unet.num_heads, head_channels None
-    unet_config.params.num_head_channels 64 (SD2)      -> unet.head_channels (wins over num_heads, as in ldm)
+    model.params.parameterization          "eps" or "v"  -> prediction ("eps", ldm's default, when absent)
+    model.params.linear_start, linear_end  betas' ends   -> schedule.beta_start, beta_end
+    model.params.timesteps                 1000          -> schedule.num_train_timesteps
+    model.params.scale_factor              0.18215       -> vae.scaling_factor
+    unet_config.params.num_heads           8 (SD1)       -> unet.num_heads, head_channels None
+    unet_config.params.num_head_channels   64 (SD2)      -> unet.head_channels (wins over num_heads, as in ldm)
 
 Every shape it states (`model_channels`, `context_dim`, `in_channels`, ...) must be the weights' own;
 a YAML written for another model is refused, naming the field and both values.
