@@ -94,6 +94,11 @@ def ldm_state_dict(config: ModelConfig, unet, vae, text_encoder, ema_unet=None) 
 
 def ldm_yaml(config: ModelConfig) -> str:
     """The original (ldm) inference YAML of `config`, as diffusers' `original_config` reads it."""
+    return yaml.safe_dump(ldm_document(config))
+
+
+def ldm_document(config: ModelConfig) -> dict:
+    """The document of `ldm_yaml`, laid out as CompVis `v1-inference.yaml` / Stability `v2-inference-v.yaml`."""
     unet, vae, text = config.unet, config.vae, config.text
     unet_params = {
         "image_size": config.resolution // vae.downsample_factor,
@@ -133,7 +138,7 @@ def ldm_yaml(config: ModelConfig) -> str:
             "cond_stage_config": {"target": cond},
         },
     }}
-    return yaml.safe_dump(document)
+    return document
 
 
 def write_tokenizer(folder: Path, text: TextConfig) -> None:

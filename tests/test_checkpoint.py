@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoint_fixtures import (
-    TINY_SD1, TINY_SD2, ldm_state_dict, ldm_yaml, random_modules, randomize, schedule_buffers,
-    write_diffusers_configs,
+    SCHEDULE_BUFFERS, TINY_SD1, TINY_SD2, ldm_document, ldm_state_dict, ldm_yaml, random_modules, randomize,
+    schedule_buffers, write_diffusers_configs,
 )
 from sdlab.checkpoint import convert
 from sdlab.checkpoint.detect import detect_config
@@ -29,7 +29,7 @@ from sdlab.checkpoint.load import (
     build_components, clean_state_dict, ema_key_to_unet_key, load_components, read_checkpoint,
 )
 from sdlab.checkpoint.save import save_single_file
-from sdlab.config import SD1, SD2, ModelConfig, ScheduleConfig, from_json, to_json
+from sdlab.config import SD1, SD2, ModelConfig, ScheduleConfig, VAEConfig, from_json, to_json
 from sdlab.errors import CheckpointError, InputError
 from sdlab.models import build_text_encoder, build_unet, build_vae
 
@@ -539,6 +539,193 @@ def test_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, sd1, monkeyp
 def test_save_refuses_what_it_cannot_write(tmp_path, sd1, name, message):
     with pytest.raises(CheckpointError, match=message):
         save_single_file(tmp_path / name, TINY_SD1, *sd1)
+
+
+# -- the ldm config YAML beside a single file (the SD web UI's model.yaml) ---------------------------------------
+
+# SD1's layout built with 4 attention heads where SD1's rule says 8: nothing in the weights shows it.
+FOUR_HEADS = TINY_SD1.replace(unet=dataclasses.replace(TINY_SD1.unet, num_heads=4))
+
+
+def write_yaml(path: Path, document: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def unet_output(unet) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    context = torch.randn(1, 5, TINY_SD1.unet.context_dim, generator=generator)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([500]), context)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_yaml_beside_the_file_gives_the_heads_the_weights_cannot_show(tmp_path, suffix):
+    import sdlab
+
+    modules = random_modules(FOUR_HEADS, seed=9)
+    with torch.no_grad():  # trained models attend sharply; N(0, 0.05^2) queries and keys attend almost uniformly,
+        for name, param in modules[0].named_parameters():  # where the number of heads hardly shows
+            if name.endswith(("to_q.weight", "to_k.weight")):
+                param.mul_(20)
+    path = tmp_path / f"four-heads{suffix}"
+    state = ldm_state_dict(FOUR_HEADS, *modules)
+    save_file(state, path) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
+    guessed = load_components(path)
+    assert guessed.config.unet.num_heads == 8
+    assert (unet_output(guessed.unet) - unet_output(modules[0])).abs().max() > 1e-3
+
+    (tmp_path / "four-heads.yaml").write_text(ldm_yaml(FOUR_HEADS))
+    components = load_components(path)
+    assert components.config == FOUR_HEADS
+    assert_modules_hold(components, FOUR_HEADS, *modules)
+    torch.testing.assert_close(unet_output(components.unet), unet_output(modules[0]))  # float32 rounding only
+    assert sdlab.load(str(path)).config.unet.num_heads == 4  # what `sdlab --model four-heads.safetensors` loads
+
+
+def test_yaml_wins_over_the_metadata_sdlab_writes(tmp_path, sd1):
+    path = save_single_file(tmp_path / "model.safetensors", TINY_SD1, *sd1)
+    document = ldm_document(TINY_SD1.replace(unet=dataclasses.replace(TINY_SD1.unet, head_channels=16)))
+    write_yaml(tmp_path / "model.yaml", document)
+    unet = load_components(path).config.unet
+    assert (unet.head_channels, unet.heads_at(64)) == (16, (4, 16))  # num_head_channels decides, as in ldm
+    document["model"]["params"]["unet_config"]["params"].update(num_heads=2, num_head_channels=-1)
+    write_yaml(tmp_path / "model.yaml", document)
+    unet = load_components(path).config.unet
+    assert (unet.num_heads, unet.head_channels) == (2, None)
+
+
+def test_yaml_parameterization_sets_the_prediction_unless_the_caller_names_one(tmp_path, sd1, sd2):
+    save_file(ldm_state_dict(TINY_SD1, *sd1), tmp_path / "sd1-v.safetensors")
+    write_yaml(tmp_path / "sd1-v.yaml", ldm_document(TINY_SD1.replace(prediction="v")))
+    assert load_components(tmp_path / "sd1-v.safetensors").config == TINY_SD1.replace(prediction="v")
+    assert load_components(tmp_path / "sd1-v.safetensors", prediction="epsilon").config.prediction == "epsilon"
+    # Stability's v2-inference.yaml for the 512 px SD2 base models states no parameterization: ldm's eps
+    save_file(ldm_state_dict(TINY_SD2, *sd2), tmp_path / "sd2-base.safetensors")
+    document = ldm_document(TINY_SD2)
+    del document["model"]["params"]["parameterization"]
+    write_yaml(tmp_path / "sd2-base.yaml", document)
+    assert load_components(tmp_path / "sd2-base.safetensors").config == TINY_SD2.replace(
+        prediction="epsilon", resolution=512, name="sd2-base")
+    assert load_components(tmp_path / "sd2-base.safetensors", prediction="v").config == TINY_SD2
+
+
+def test_yaml_schedule_and_scale_factor_are_read(tmp_path, sd1):
+    # a file without ldm's schedule buffers (pruned by some merge tools): only the YAML knows the schedule
+    state = {k: v for k, v in ldm_state_dict(TINY_SD1, *sd1).items() if k not in SCHEDULE_BUFFERS}
+    path = tmp_path / "pruned.safetensors"
+    save_file(state, path)
+    document = ldm_document(TINY_SD1)
+    document["model"]["params"].update(linear_start="1e-4", linear_end=0.02, timesteps=1000, scale_factor=0.13025)
+    write_yaml(tmp_path / "pruned.yaml", document)  # "1e-4": PyYAML reads it as a string, OmegaConf as a number
+    config = load_components(path).config
+    assert config.schedule == ScheduleConfig(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02)
+    assert config.vae.scaling_factor == 0.13025
+    # ldm's scale_by_std stores the estimated factor as a buffer; the YAML's number was only where it started
+    save_file({**state, "scale_factor": torch.tensor(0.2)}, path)
+    assert load_components(path).config.vae.scaling_factor == pytest.approx(0.2)
+    # the file's betas buffer is the schedule it was trained with: a YAML saying otherwise is refused
+    save_file(ldm_state_dict(TINY_SD1, *sd1), path)
+    with pytest.raises(CheckpointError, match=r"schedule .* is 0.0001..0.02 over 1000 steps there but "
+                                              r"0.00085..0.012 over 1000 steps by its betas buffer in pruned"):
+        load_components(path)
+
+
+# Stability's configs/stable-diffusion/x4-upscaling.yaml, the fields sdlab reads or checks.
+X4_UPSCALING_YAML = {"model": {"target": "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion", "params": {
+    "parameterization": "v", "linear_start": 0.0001, "linear_end": 0.02, "timesteps": 1000, "scale_factor": 0.08333,
+    "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+        "num_classes": 1000, "image_size": 128, "in_channels": 7, "out_channels": 4, "model_channels": 256,
+        "attention_resolutions": [2, 4, 8], "num_res_blocks": 2, "channel_mult": [1, 2, 2, 4],
+        "disable_self_attentions": [True, True, True, False], "num_heads": 8, "use_spatial_transformer": True,
+        "transformer_depth": 1, "context_dim": 1024, "legacy": False, "use_linear_in_transformer": True}},
+    "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {"embed_dim": 4, "ddconfig": {
+        "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+        "ch_mult": [1, 2, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}}},
+    "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                          "params": {"freeze": True, "layer": "penultimate"}},
+}}}
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "x4"])
+def test_the_published_configs_describe_the_presets(name):
+    from sdlab.checkpoint.ldm_yaml import apply_sidecar, parse_sidecar
+    from sdlab.pipelines.upscale import X4_UPSCALER
+
+    preset, document = {"sd1": (SD1, ldm_document(SD1)), "sd2": (SD2, ldm_document(SD2)),
+                        "x4": (X4_UPSCALER, X4_UPSCALING_YAML)}[name]
+    sidecar = parse_sidecar(document, Path(f"{name}.yaml"))
+    assert sidecar.prediction == preset.prediction
+    assert apply_sidecar(preset, sidecar, {}) == preset
+
+
+def _unet_params(document):
+    return document["model"]["params"]["unet_config"]["params"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: _unet_params(d).update(model_channels=64), "unet_config model_channels is 64 there but 32"),
+    (lambda d: _unet_params(d).update(context_dim=1024), "unet_config context_dim is 1024 there but 64"),
+    (lambda d: _unet_params(d).update(in_channels=9), "unet_config in_channels is 9 there but 4"),
+    (lambda d: _unet_params(d).update(channel_mult=[1, 2, 4]), r"unet_config channel_mult is \[1, 2, 4\] there but \[1, 2, 2\]"),
+    (lambda d: _unet_params(d).update(attention_resolutions=[4, 2, 1]), r"unet_config attention_resolutions is \[1, 2, 4\] there but \[1, 2\]"),
+    (lambda d: _unet_params(d).update(use_linear_in_transformer=True), "unet_config use_linear_in_transformer is True there but False"),
+    (lambda d: d["model"]["params"]["first_stage_config"]["params"]["ddconfig"].update(ch=128),
+     "first_stage_config ddconfig ch is 128 there but 32"),
+    (lambda d: d["model"]["params"]["cond_stage_config"].update(
+        target="ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"),
+     "cond_stage_config target FrozenOpenCLIPEmbedder is open_clip there but clip"),
+])
+def test_yaml_that_contradicts_the_weights_is_refused(tmp_path, sd1, change, message):
+    save_file(ldm_state_dict(TINY_SD1, *sd1), tmp_path / "model.safetensors")
+    document = ldm_document(TINY_SD1)
+    change(document)
+    write_yaml(tmp_path / "model.yaml", document)
+    with pytest.raises(CheckpointError, match="model.yaml contradicts the weights: " + message) as error:
+        load_components(tmp_path / "model.safetensors")
+    assert "in model.safetensors" in str(error.value) and "fix or delete this YAML" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  params: [unclosed\n", r"not valid YAML \(line 3: "),
+    ("model:\n\tparams: {}\n", "not valid YAML"),
+    ("", "not an ldm model config"),
+    ("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n", "no 'model params:' section"),
+    ("model:\n  params:\n    parameterization: x0\n", "parameterization 'x0' is not one sdlab samples with"),
+    ("model:\n  params:\n    beta_schedule: cosine\n", "beta_schedule 'cosine' is not SD's"),
+    ("model:\n  params:\n    linear_end: high\n", "linear_end must be a number, got 'high'"),
+    ("model:\n  params:\n    unet_config:\n      params:\n        num_heads: eight\n",
+     "unet_config num_heads must be a positive integer, got 'eight'"),
+    ("model:\n  params:\n    unet_config:\n      params:\n        num_heads: 3\n",
+     "unet_config num_heads 3 does not divide the 32 channels"),
+])
+def test_malformed_yaml_is_refused_in_one_line(tmp_path, sd1, text, message):
+    save_file(ldm_state_dict(TINY_SD1, *sd1), tmp_path / "model.safetensors")
+    (tmp_path / "model.yaml").write_text(text)
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_components(tmp_path / "model.safetensors")
+    assert str(error.value).startswith(str(tmp_path / "model.yaml"))
+    assert "fix or delete this YAML" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_only_the_yaml_named_like_the_checkpoint_is_read(tmp_path, sd1):
+    """The web UI's rule: `<path without extension>.yaml`. A diffusers folder has its own configs."""
+    save_file(ldm_state_dict(TINY_SD1, *sd1), tmp_path / "model.fp16.safetensors")
+    (tmp_path / "model.yaml").write_text("not: [valid")
+    (tmp_path / "model.fp16.yml").write_text("not: [valid")
+    assert load_components(tmp_path / "model.fp16.safetensors").config == TINY_SD1
+    folder = write_diffusers_configs(tmp_path / "folder", TINY_SD1)
+    parts = convert.original_to_diffusers(ldm_state_dict(TINY_SD1, *sd1), TINY_SD1)
+    for part, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")):
+        save_file({k: v.contiguous() for k, v in parts[part].items()}, folder / part / f"{name}.safetensors")
+    write_yaml(tmp_path / "folder.yaml", ldm_document(FOUR_HEADS.replace(prediction="v")))
+    (folder / "model.yaml").write_text("not: [valid")
+    assert load_components(folder).config == TINY_SD1
 
 
 # -- interoperability with diffusers ------------------------------------------------------------------------------

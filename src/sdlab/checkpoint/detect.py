@@ -7,6 +7,7 @@ at every level, SD2 (OpenCLIP) 64 channels per head; SD2 defaults to v-predictio
 the caller overrides for the 512 px epsilon models (`prediction="epsilon"`), because the
 prediction target leaves no trace in the weights. A file sdlab wrote carries its exact config in
 the safetensors metadata (`sdlab_config`); it is used after checking that it agrees with the shapes.
+An ldm config YAML beside the file overrides both (`ldm_yaml.py`, applied by `load.read_checkpoint`).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def detect_config(
         unet=unet,
         vae=vae,
         text=text,
-        schedule=_schedule(buffers.get("betas"), X4_SCHEDULE if upscaler else ScheduleConfig()),
+        schedule=schedule_from_betas(buffers.get("betas")) or (X4_SCHEDULE if upscaler else ScheduleConfig()),
     )
     if metadata and METADATA_KEY in metadata:
         config = _from_metadata(metadata[METADATA_KEY], detected)
@@ -261,15 +262,15 @@ def _text_config(state_dict: Mapping[str, torch.Tensor], kind: str) -> TextConfi
                       projection_dim=None if projection is None else projection[1])
 
 
-def _schedule(betas: Optional[torch.Tensor], default: ScheduleConfig) -> ScheduleConfig:
+def schedule_from_betas(betas: Optional[torch.Tensor]) -> Optional[ScheduleConfig]:
     """The training schedule from ldm's `betas` buffer when it is SD's scaled-linear one
-    (sqrt(beta) linear in t, Rombach et al. 2022 app. E), else the family's default."""
+    (sqrt(beta) linear in t, Rombach et al. 2022 app. E), else None (the family's default applies)."""
     if betas is None or betas.ndim != 1 or len(betas) < 2:
-        return default
+        return None
     betas = betas.double()
     roots = torch.linspace(betas[0].sqrt().item(), betas[-1].sqrt().item(), len(betas), dtype=torch.float64)
     if not torch.allclose(roots**2, betas, rtol=1e-2, atol=0):
-        return default
+        return None
     # 3 significant digits undo float32/float16 storage (0.00085 and 0.012 in every SD config)
     return ScheduleConfig(num_train_timesteps=len(betas), beta_start=float(f"{betas[0].item():.3g}"),
                           beta_end=float(f"{betas[-1].item():.3g}"))

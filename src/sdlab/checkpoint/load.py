@@ -4,10 +4,12 @@
     components.unet, components.vae, components.text_encoder, components.config
 
 A single file is read (memory-mapped), cleaned (EMA weights swapped in, training leftovers dropped),
-detected (`detect.py`) and split by key prefix. A diffusers folder is read part by part and renamed to
-the original layout (`convert.py`). Modules are then built on the meta device, so no random weights
-are ever allocated, and receive the file's tensors with `load_state_dict(strict=True, assign=True)`:
-the tensors become the parameters, with no second copy unless a dtype cast or device move asks for one.
+detected (`detect.py`), completed by the ldm config YAML beside it if there is one (`ldm_yaml.py`:
+heads, prediction, schedule, latent scale) and split by key prefix. A diffusers folder is read part
+by part and renamed to the original layout (`convert.py`). Modules are then built on the meta device,
+so no random weights are ever allocated, and receive the file's tensors with
+`load_state_dict(strict=True, assign=True)`: the tensors become the parameters, with no second copy
+unless a dtype cast or device move asks for one.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..models import build_text_encoder, build_unet, build_vae
 from . import convert
 from .detect import X4_SCALING_FACTOR, check_prediction, describe, detect_config, is_x4_upscaler, with_family_defaults
 from .io import read_state_dict
+from .ldm_yaml import apply_sidecar, read_sidecar
 from .save import SHARED_PARTS_KEY
 
 StateDict = dict[str, torch.Tensor]
@@ -75,7 +78,8 @@ def load_components(
 ) -> Components:
     """Build UNet, VAE and text encoder from a `.safetensors`/`.ckpt` file or a diffusers folder.
 
-    prediction: "epsilon" or "v", overriding what the file says or SD's default for its family.
+    prediction: "epsilon" or "v", overriding the `.yaml` beside the file, what the file says, or SD's
+    default for its family.
     dtype: None keeps fp32 files in fp32 and brings half-precision files to the device's compute
     dtype (fp32 on CPU); a dtype casts every floating-point weight to it.
     """
@@ -91,7 +95,12 @@ def read_checkpoint(path: str | os.PathLike, prediction: Optional[str] = None) -
     state_dict, metadata = read_state_dict(path)
     state_dict = _with_shared_parts(path, state_dict, metadata)
     state_dict, buffers, ema = clean_state_dict(state_dict)
-    config = detect_config(state_dict, metadata, prediction, buffers)
+    sidecar = read_sidecar(path)  # model.yaml beside model.safetensors, as the SD web UI reads it
+    if sidecar is None:
+        config = detect_config(state_dict, metadata, prediction, buffers)
+    else:
+        config = detect_config(state_dict, metadata, prediction or sidecar.prediction, buffers)
+        config = apply_sidecar(config, sidecar, buffers, path.name)
     parts = convert.split_original(state_dict, config)
     return Checkpoint(config, parts["unet"], parts["vae"], parts["text_encoder"], buffers, ema, str(path))
 
