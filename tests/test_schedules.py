@@ -3,13 +3,17 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+import scipy.stats
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
+from diffusers.schedulers.scheduling_utils import AysSchedules
 
 from sdlab.config import ScheduleConfig
 from sdlab.errors import InputError
 from sdlab.schedules import (
-    alphas_cumprod, discrete_sigmas, get_sigmas, get_sigmas_karras, karras_sigmas, sigma_to_t, spaced_timesteps,
-    t_to_sigma,
+    AYS_SD15_SIGMAS, SCHEDULE_TYPES, _beta_quantiles, align_your_steps_sigmas, alphas_cumprod, beta_sigmas,
+    ddim_uniform_sigmas, discrete_sigmas, exponential_sigmas, get_sigmas, get_sigmas_karras, karras_sigmas,
+    list_schedules, normal_sigmas, resolve_schedule, sgm_uniform_sigmas, sigma_to_t, simple_sigmas, spaced_timesteps,
+    t_to_sigma, uniform_sigmas,
 )
 
 SD = ScheduleConfig()
@@ -109,3 +113,112 @@ def test_bad_spacing_and_step_counts_are_input_errors():
     for steps in (0, 1001, 2.5):
         with pytest.raises(InputError, match="steps"):
             spaced_timesteps(SD, steps, "linspace")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8, 50])
+def test_lcm_spacing_is_lcm_schedulers_timesteps(steps):
+    lcm = LCMScheduler(**SD_DIFFUSERS)
+    lcm.set_timesteps(steps)
+    assert np.array_equal(spaced_timesteps(SD, steps, "lcm"), lcm.timesteps.numpy())
+    with pytest.raises(InputError, match="at most 50"):
+        spaced_timesteps(SD, 51, "lcm")
+
+
+# -- schedule types --------------------------------------------------------------------------------
+
+WEB_UI_SCHEDULES = ["Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform", "Simple", "Normal", "DDIM", "Beta",
+                    "Align Your Steps"]
+
+
+def test_schedule_types_are_the_web_uis_with_cli_names():
+    assert [label for _, label in list_schedules()] == WEB_UI_SCHEDULES
+    assert [key for key, _ in list_schedules()] == [
+        "automatic", "uniform", "karras", "exponential", "sgm-uniform", "simple", "normal", "ddim-uniform", "beta",
+        "align-your-steps"]
+
+
+@pytest.mark.parametrize("name, key", [
+    ("karras", "karras"), ("Karras", "karras"), ("SGM Uniform", "sgm-uniform"), ("sgm_uniform", "sgm-uniform"),
+    ("DDIM", "ddim-uniform"), ("ddim_uniform", "ddim-uniform"), ("Align Your Steps", "align-your-steps"),
+    ("ays", "align-your-steps"), (" BETA ", "beta"), (None, "automatic"),
+])
+def test_schedule_names_resolve_case_insensitively(name, key):
+    assert resolve_schedule(name).key == key
+
+
+def test_unknown_schedule_type_is_an_input_error_listing_them():
+    with pytest.raises(InputError) as error:
+        resolve_schedule("cosine")
+    assert all(label in str(error.value) for label in WEB_UI_SCHEDULES)
+
+
+@pytest.mark.parametrize("kind", SCHEDULE_TYPES[1:], ids=lambda kind: kind.key)
+@pytest.mark.parametrize("steps", [1, 7, 10, 30])
+def test_every_schedule_type_decreases_to_zero(kind, steps):
+    sigmas = kind.function(SD, steps)
+    assert sigmas.shape == (steps + 1,) and sigmas.dtype == torch.float32
+    assert sigmas[-1] == 0 and torch.all(sigmas.diff() < 0)
+    assert sigmas[0] <= discrete_sigmas(SD)[-1] + 1e-3
+
+
+@pytest.mark.parametrize("steps", [5, 10, 25])
+@pytest.mark.parametrize("option, ours", [
+    ("use_karras_sigmas", karras_sigmas), ("use_exponential_sigmas", exponential_sigmas),
+    ("use_beta_sigmas", beta_sigmas),
+])
+def test_karras_exponential_and_beta_are_diffusers_sigma_options(steps, option, ours):
+    euler = EulerDiscreteScheduler(**SD_DIFFUSERS, **{option: True})
+    euler.set_timesteps(steps)
+    assert torch.allclose(ours(SD, steps), euler.sigmas, rtol=1e-6, atol=2e-6)
+
+
+def test_beta_quantiles_are_scipys():
+    p = np.linspace(0, 1, 101)
+    for a, b in ((0.6, 0.6), (0.5, 0.5), (2.0, 0.7)):
+        assert np.allclose(_beta_quantiles(p, a, b), scipy.stats.beta.ppf(p, a, b), atol=1e-6)
+    with pytest.raises(InputError, match="at least 0.5"):
+        beta_sigmas(SD, 10, alpha=0.3)
+
+
+def test_uniform_is_the_euler_familys_own_and_normal_its_log_interpolated_twin():
+    table = discrete_sigmas(SD)
+    assert torch.equal(uniform_sigmas(SD, 12), get_sigmas(SD, 12, "linspace"))
+    t = np.linspace(999, 0, 12)
+    expected = np.exp(np.interp(t, np.arange(1000), table.double().log().numpy()))
+    assert np.allclose(normal_sigmas(SD, 12)[:-1].numpy(), expected, rtol=1e-6)
+    assert torch.allclose(normal_sigmas(SD, 12), uniform_sigmas(SD, 12), rtol=1e-4)
+
+
+@pytest.mark.parametrize("steps", [4, 10, 15])
+def test_sgm_uniform_is_evenly_spaced_in_t_without_t0_and_rounds_to_dpm_solvers(steps):
+    sigmas = sgm_uniform_sigmas(SD, steps)
+    t = sigma_to_t(sigmas[:-1], SD)
+    assert np.allclose(t.numpy(), np.linspace(999, 0, steps + 1)[:-1], atol=2e-3)
+    assert np.array_equal(t.round().numpy(), spaced_timesteps(SD, steps, "sgm_uniform"))
+
+
+@pytest.mark.parametrize("steps", [3, 10, 20, 30])
+def test_simple_takes_every_nth_table_sigma_from_the_top(steps):
+    table = discrete_sigmas(SD)
+    expected = [table[999 - int(i * 1000 / steps)].item() for i in range(steps)]
+    assert simple_sigmas(SD, steps)[:-1].tolist() == expected
+
+
+@pytest.mark.parametrize("steps", [10, 20, 25, 50])
+def test_ddim_uniform_is_the_web_uis_ddim_schedule_and_sds_ddim_timesteps(steps):
+    table, stride = discrete_sigmas(SD), 1000 // steps
+    web_ui = [table[t].item() for t in range(1, 1000, stride)][::-1] + [0.0]  # the web UI's loop
+    assert ddim_uniform_sigmas(SD, steps).tolist() == web_ui
+    ddim = DDIMScheduler(**SD_DIFFUSERS)
+    ddim.set_timesteps(steps)
+    assert torch.equal(ddim_uniform_sigmas(SD, steps)[:-1], table[ddim.timesteps])
+
+
+def test_align_your_steps_at_10_steps_is_the_published_schedule():
+    published = torch.tensor(AYS_SD15_SIGMAS[:-1] + (0.0,))
+    assert torch.allclose(align_your_steps_sigmas(SD, 10), published, rtol=1e-6)
+    assert torch.allclose(align_your_steps_sigmas(SD, 10), torch.tensor(AysSchedules["StableDiffusionSigmas"]))
+    # 20 steps interpolate log-linearly: every other sigma is a published one, the rest their geometric means
+    sigmas = align_your_steps_sigmas(SD, 20)
+    assert torch.allclose(sigmas[:-1:2], torch.tensor(AYS_SD15_SIGMAS[:-1]), rtol=1e-6)
+    assert torch.allclose(sigmas[1:-1:2], (sigmas[:-2:2] * sigmas[2::2].clamp(min=0.029)).sqrt(), rtol=1e-6)
