@@ -116,14 +116,14 @@ def check_vae_fits(vae: nn.Module, state_dict: Mapping[str, torch.Tensor], info:
     config: VAEConfig = vae.config
     if info.latent_channels is not None and info.latent_channels != config.z_channels:
         raise CheckpointError(
-            f"{info.name}: this VAE has {info.latent_channels} latent channels, the model {config.z_channels}; "
+            f"{info.path}: this VAE has {info.latent_channels} latent channels, the model {config.z_channels}; "
             "it was made for another family of models (SD3 and Flux VAEs have 16): use a VAE made for this "
             "model's latents, e.g. one for Stable Diffusion 1.x/2.x"
         )
     problems = key_problems(vae.state_dict(), state_dict)
     if problems:
         raise CheckpointError(
-            f"{info.name} does not fit this model's VAE (widths {config.ch}x{list(config.ch_mult)}, "
+            f"{info.path} does not fit this model's VAE (widths {config.ch}x{list(config.ch_mult)}, "
             f"num_res_blocks {config.num_res_blocks}, {config.z_channels} latent channels): " + "; ".join(problems)
         )
 
