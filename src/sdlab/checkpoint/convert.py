@@ -33,6 +33,16 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIXES = {"clip": "cond_stage_model.transformer.", "open_clip": "cond_stage_model.model."}
 
 
+# The weights file of each part of a diffusers folder, in the order they are looked for (fp16 variants last).
+DIFFUSERS_WEIGHT_FILES = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
+}
+
+
 def split_original(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, StateDict]:
     """{"unet", "vae", "text_encoder"} -> prefix-stripped state dicts; keys outside the three are left out."""
     prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIXES[config.text.kind]}

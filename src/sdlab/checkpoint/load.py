@@ -34,8 +34,10 @@ from ..models import build_text_encoder, build_unet, build_vae
 from . import convert
 from .detect import X4_SCALING_FACTOR, check_prediction, describe, detect_config, is_x4_upscaler, with_family_defaults
 from .io import read_state_dict
+from .keys import key_problems
 from .ldm_yaml import apply_sidecar, read_sidecar
 from .save import SHARED_PARTS_KEY
+from .vae_file import VAEFile, apply_vae_file
 
 StateDict = dict[str, torch.Tensor]
 
@@ -68,6 +70,7 @@ class Components:
     schedule_buffers: StateDict = field(default_factory=dict)
     ema: bool = False
     source: str = ""
+    vae_file: Optional[VAEFile] = None  # the VAE file that replaced the checkpoint's own VAE
 
 
 def load_components(
@@ -75,6 +78,7 @@ def load_components(
     prediction: Optional[str] = None,
     device: str | torch.device = "cpu",
     dtype: Optional[torch.dtype] = None,
+    vae: Optional[str | os.PathLike] = None,
 ) -> Components:
     """Build UNet, VAE and text encoder from a `.safetensors`/`.ckpt` file or a diffusers folder.
 
@@ -82,8 +86,13 @@ def load_components(
     default for its family.
     dtype: None keeps fp32 files in fp32 and brings half-precision files to the device's compute
     dtype (fp32 on CPU); a dtype casts every floating-point weight to it.
+    vae: a VAE file or folder whose weights replace the checkpoint's VAE (`vae_file.py`); the
+    model's latent scale stays.
     """
-    return build_components(read_checkpoint(path, prediction), device, dtype)
+    components = build_components(read_checkpoint(path, prediction), device, dtype)
+    if vae is not None:
+        components.vae_file = apply_vae_file(components.vae, vae)
+    return components
 
 
 def read_checkpoint(path: str | os.PathLike, prediction: Optional[str] = None) -> Checkpoint:
@@ -183,20 +192,7 @@ def _default_target(checkpoint: Checkpoint, device: torch.device) -> torch.dtype
 
 def _check_keys(module: nn.Module, state_dict: Mapping, prefix: str, config: ModelConfig, source: str) -> None:
     """Raise one CheckpointError naming the missing and unexpected keys and the differing shapes."""
-    expected = module.state_dict()
-    missing = [prefix + k for k in expected if k not in state_dict]
-    unexpected = [prefix + k for k in state_dict if k not in expected]
-    shapes = [
-        f"{prefix + k} is {tuple(state_dict[k].shape)} in the file, {tuple(v.shape)} in the model"
-        for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-    if shapes:
-        problems.append(f"{len(shapes)} shapes differ ({'; '.join(shapes[:3])})")
+    problems = key_problems(module.state_dict(), state_dict, prefix)
     if problems:
         raise CheckpointError(
             f"{source or 'checkpoint'} does not fit the model detected from it ({describe(config)}): "
@@ -278,14 +274,6 @@ def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[StateDict,
 
 # -- diffusers folders ---------------------------------------------------------------------------------------
 
-_WEIGHT_FILES = {
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
-    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-            "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
-    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
-}
-
 
 def is_diffusers_folder(path: str | os.PathLike) -> bool:
     path = Path(path)
@@ -319,10 +307,10 @@ def _read_diffusers_folder(folder: Path, prediction: Optional[str]) -> Checkpoin
     config = config.replace(name=with_family_defaults(config, config.prediction).name)
     weights = {}
     for part in PARTS:
-        candidates = [folder / part / name for name in _WEIGHT_FILES[part]]
-        found = next((p for p in candidates if p.is_file()), None)
+        names = convert.DIFFUSERS_WEIGHT_FILES[part]
+        found = next((folder / part / name for name in names if (folder / part / name).is_file()), None)
         if found is None:
-            raise CheckpointError(f"{folder / part} has no weights ({' or '.join(_WEIGHT_FILES[part][::2])})")
+            raise CheckpointError(f"{folder / part} has no weights ({' or '.join(names[::2])})")
         weights[part], _ = read_state_dict(found)
     return Checkpoint(
         config,
