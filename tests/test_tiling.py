@@ -21,6 +21,7 @@ from sdlab.devices import vae_decode_bytes
 from sdlab.errors import InputError
 from sdlab.models import tiling
 from sdlab.models.tiling import Box, TiledVAE, decode_tiled, encode_tiled, tile_grid
+from sdlab.models.vae import ResnetBlock
 from test_img2img import sample_image
 from test_vae import random_vae
 
@@ -115,6 +116,31 @@ def test_tiled_encode_is_the_untiled_posterior(config):
         tiled = encode_tiled(vae, images, tile=8)
     torch.testing.assert_close(tiled.mean, whole.mean, rtol=0, atol=1e-5)
     torch.testing.assert_close(tiled.logvar, whole.logvar, rtol=0, atol=1e-5)
+
+
+def test_tiles_run_the_vae_s_own_blocks(monkeypatch):
+    """A change to ResnetBlock.forward reaches the tiled VAE: it runs the blocks, it does not restate them."""
+    vae = random_vae(TWO_LEVELS)
+    latents = picture_latents(vae, 64, 48)
+    images = torch.rand(1, 3, 48, 64) * 2 - 1
+    forward, calls = ResnetBlock.forward, []
+
+    def brighter(block, x):
+        calls.append(block)
+        return forward(block, x) + 0.5
+
+    monkeypatch.setattr(ResnetBlock, "forward", brighter)
+    with torch.no_grad():
+        whole, whole_latents = vae.decode(latents), vae.encode(images).mean
+        calls.clear()
+        tiled, tiled_latents = decode_tiled(vae, latents, tile=8), encode_tiled(vae, images, tile=8).mean
+        monkeypatch.undo()
+        plain = vae.decode(latents)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-4)
+    torch.testing.assert_close(tiled_latents, whole_latents, rtol=0, atol=1e-5)
+    assert (tiled - plain).abs().max() > 0.1  # the patch changed the image
+    blocks = {m for m in vae.modules() if isinstance(m, ResnetBlock)}
+    assert set(calls) == blocks  # every block, the mid blocks included, through its own forward
 
 
 def test_tiles_cover_the_image_once():
