@@ -210,5 +210,6 @@ def test_group_norm_takes_statistics_from_outside_inside_the_block_only():
     with norm_statistics(norm, lambda n, h: n.moments(h)):
         torch.testing.assert_close(norm(x), reference)
     with norm_statistics(norm, lambda n, h: (torch.zeros(2, 4), torch.ones(2, 4))):
-        torch.testing.assert_close(norm(x), x * norm.weight[:, None, None] + norm.bias[:, None, None], atol=1e-5, rtol=0)
+        expected = x * norm.weight[:, None, None] + norm.bias[:, None, None]
+        torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=0)
     assert norm.statistics is None and torch.equal(norm(x), reference)
