@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import sdlab
+from sdlab import devices
 from sdlab.errors import InputError
 from sdlab.infotext import parse_infotext
-from sdlab.models import tiling
 from sdlab.noise import noise_source
 from sdlab.pipelines.common import encode_posterior
 from sdlab.pipelines.hires import hires_fix, second_pass_steps
@@ -132,7 +132,7 @@ def test_bad_settings_are_refused_before_anything_runs(pipe, options, message):
 
 
 def test_a_size_that_cannot_be_decoded_whole_asks_for_the_tiled_vae_before_the_first_pass(pipe, monkeypatch):
-    monkeypatch.setattr(tiling, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda device: 1000)
     steps = {1: [], 2: []}
     with pytest.raises(InputError, match="use the tiled VAE"):
         hires_fix(pipe, "x", steps=2, width=BASE, height=BASE, tiled_vae=False,

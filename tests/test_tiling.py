@@ -15,12 +15,13 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
+from sdlab import devices
 from sdlab.config import VAEConfig
+from sdlab.devices import vae_decode_bytes
 from sdlab.errors import InputError
 from sdlab.models import tiling
-from sdlab.models.tiling import (
-    Box, TiledVAE, decode_tiled, encode_tiled, tile_grid, untiled_peak_bytes, wants_tiles,
-)
+from sdlab.models.tiling import Box, TiledVAE, decode_tiled, encode_tiled, tile_grid
+from sdlab.models.vae import ResnetBlock
 from test_img2img import sample_image
 from test_vae import random_vae
 
@@ -117,6 +118,31 @@ def test_tiled_encode_is_the_untiled_posterior(config):
     torch.testing.assert_close(tiled.logvar, whole.logvar, rtol=0, atol=1e-5)
 
 
+def test_tiles_run_the_vae_s_own_blocks(monkeypatch):
+    """A change to ResnetBlock.forward reaches the tiled VAE: it runs the blocks, it does not restate them."""
+    vae = random_vae(TWO_LEVELS)
+    latents = picture_latents(vae, 64, 48)
+    images = torch.rand(1, 3, 48, 64) * 2 - 1
+    forward, calls = ResnetBlock.forward, []
+
+    def brighter(block, x):
+        calls.append(block)
+        return forward(block, x) + 0.5
+
+    monkeypatch.setattr(ResnetBlock, "forward", brighter)
+    with torch.no_grad():
+        whole, whole_latents = vae.decode(latents), vae.encode(images).mean
+        calls.clear()
+        tiled, tiled_latents = decode_tiled(vae, latents, tile=8), encode_tiled(vae, images, tile=8).mean
+        monkeypatch.undo()
+        plain = vae.decode(latents)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-4)
+    torch.testing.assert_close(tiled_latents, whole_latents, rtol=0, atol=1e-5)
+    assert (tiled - plain).abs().max() > 0.1  # the patch changed the image
+    blocks = {m for m in vae.modules() if isinstance(m, ResnetBlock)}
+    assert set(calls) == blocks  # every block, the mid blocks included, through its own forward
+
+
 def test_tiles_cover_the_image_once():
     cores = tile_grid(50, 33, 16)
     covered = torch.zeros(50, 33, dtype=torch.int)
@@ -198,26 +224,12 @@ def test_tiles_need_about_half_the_memory(config, size):
             with peak_memory() as memory:
                 run()
             peaks[name] = memory.peak
-    assert peaks["decode"] == pytest.approx(untiled_peak_bytes(config, height, width), rel=0.1)
+    assert peaks["decode"] == pytest.approx(vae_decode_bytes(config, height, width), rel=0.1)
     assert peaks["decode_tiled"] < 0.55 * peaks["decode"]
     assert peaks["encode_tiled"] < 0.55 * peaks["encode"]
 
 
-# -- when to tile -------------------------------------------------------------------------------------
-
-
-def test_tiling_is_chosen_by_size_or_by_the_free_memory(monkeypatch):
-    config, cpu = SD_SHAPED, torch.device("cpu")
-    choose = lambda h, w, tiled: wants_tiles(config, h, w, 1, torch.float32, cpu, tiled)  # noqa: E731
-    monkeypatch.setattr(tiling, "available_memory", lambda device: 10 * 2**30)
-    assert not choose(1024, 1024, None) and choose(1024, 1032, None)  # above a megapixel
-    assert choose(64, 64, True) and not choose(2048, 2048, False)
-    monkeypatch.setattr(tiling, "available_memory", lambda device: 2**20)
-    assert choose(64, 128, None)  # an untiled pass would not fit: tile even a small image
-    with pytest.raises(InputError, match="would need about .* GiB for 128x64 images .* use the tiled VAE"):
-        choose(64, 128, False)
-    monkeypatch.setattr(tiling, "available_memory", lambda device: None)  # unknown (e.g. MPS): by size only
-    assert not choose(1024, 1024, None)
+# -- the wrapper ------------------------------------------------------------------------------------
 
 
 def test_the_wrapper_tiles_as_told_and_gives_the_same_images(monkeypatch):
@@ -234,7 +246,7 @@ def test_the_wrapper_tiles_as_told_and_gives_the_same_images(monkeypatch):
         TiledVAE(vae, tiled=True).decode(latents)
         TiledVAE(vae, tiled=True).encode(images)
         assert calls == ["decode", "encode"]
-        monkeypatch.setattr(tiling, "AUTO_TILE_PIXELS", 32 * 32)
+        monkeypatch.setattr(devices, "AUTO_TILE_PIXELS", 32 * 32)
         TiledVAE(vae).decode(latents)
         assert calls[-1] == "decode"
     assert next(TiledVAE(vae).parameters()) is next(vae.parameters())  # the pipeline reads the dtype from it

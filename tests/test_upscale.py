@@ -19,11 +19,11 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import sdlab
+from sdlab import devices
 from sdlab.checkpoint import convert
 from sdlab.checkpoint.detect import detect_config
 from sdlab.config import ScheduleConfig, TextConfig
 from sdlab.errors import InputError
-from sdlab.models import tiling
 from sdlab.pipelines.upscale import LOW_RES_SCHEDULE, X4_UPSCALER, noise_low_res, upscale
 from sdlab.schedules import alphas_cumprod
 from checkpoint_fixtures import schedule_buffers, write_tokenizer
@@ -271,7 +271,7 @@ def test_images_of_one_batch_must_share_a_size(models):
 
 def test_a_size_that_cannot_be_decoded_whole_asks_for_the_tiled_vae_before_sampling(models, monkeypatch):
     _, pipe, _ = models
-    monkeypatch.setattr(tiling, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda device: 1000)
     steps = []
     with pytest.raises(InputError, match="tiled VAE"):
         upscale(pipe, sample_image(*LOW_RES), "x", steps=2, tiled_vae=False, callback=steps.append)

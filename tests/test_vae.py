@@ -1,5 +1,7 @@
 """The KL autoencoder: ldm checkpoint layout, and the same numbers as diffusers' AutoencoderKL."""
 
+import itertools
+
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
@@ -11,7 +13,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from sdlab.config import VAEConfig
 from sdlab.models import build_vae
-from sdlab.models.vae import AutoencoderKL, DiagonalGaussian
+from sdlab.models.vae import AutoencoderKL, DiagonalGaussian, GroupNorm, norm_statistics
 
 SD_VAE = VAEConfig()  # ch 128, ch_mult (1, 2, 4, 4), 2 ResBlocks per level, 4 latent channels
 TINY_CONFIGS = [
@@ -185,3 +187,29 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain, checkpointed = gradients(False), gradients(True)
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_stages_in_order_are_forward():
+    """The tiled VAE runs `stages()`; run whole, they are the encoder and decoder, bit for bit."""
+    vae = random_vae(VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2))
+    images, latents = torch.rand(2, 3, 48, 40) * 2 - 1, torch.randn(2, 4, 12, 10)
+    with torch.no_grad():
+        for coder, x in ((vae.encoder, images), (vae.decoder, latents)):
+            h = x
+            for module in itertools.chain.from_iterable(coder.stages()):
+                h = module(h)
+            assert torch.equal(h, coder(x))
+
+
+def test_group_norm_takes_statistics_from_outside_inside_the_block_only():
+    norm = GroupNorm(4, 8, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 8, 5, 6)
+    reference = torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, 1e-6)
+    with norm_statistics(norm, lambda n, h: n.moments(h)):
+        torch.testing.assert_close(norm(x), reference)
+    with norm_statistics(norm, lambda n, h: (torch.zeros(2, 4), torch.ones(2, 4))):
+        expected = x * norm.weight[:, None, None] + norm.bias[:, None, None]
+        torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=0)
+    assert norm.statistics is None and torch.equal(norm(x), reference)

@@ -1,17 +1,24 @@
-"""Which device and dtype to compute in, chosen by detection, never by assumption.
+"""Which device and dtype to compute in, and what fits in its memory, by detection, never by assumption.
 
 On CPUs, bf16 is only fast where the processor has native bf16 instructions (AVX512-BF16 or AMX); on
 AVX2-only CPUs torch's bf16 kernels are ~40x slower than fp32. fp16 matmuls on CPU are emulated and
 slow everywhere. So the CPU default is fp32; bf16 is offered where the hardware has it.
+
+Memory: `available_memory_bytes` says what a device has free; estimates of what a step needs (so far
+the VAE's decode, `vae_decode_bytes`) are compared with it before the work starts, so a request that
+cannot fit is refused or run another way (the tiled VAE) instead of failing half-way.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import platform
+from typing import Optional
 
 import torch
 
+from .config import VAEConfig
 from .errors import InputError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,3 +94,55 @@ def resolve(device: str | None, dtype: str | None) -> tuple[torch.device, torch.
     if dev.type == "cpu" and dtype == "bf16" and not cpu_has_native_bf16():
         raise InputError("this CPU has no native bf16 (AVX512-BF16/AMX), where bf16 is ~40x slower; use --dtype fp32")
     return dev, DTYPES[dtype]
+
+
+# -- memory ------------------------------------------------------------------------------------------
+
+AUTO_TILE_PIXELS = 1024 * 1024  # above one megapixel, SD's untiled fp32 decode needs several GiB
+
+
+def available_memory_bytes(device: torch.device) -> Optional[int]:
+    """Bytes free for new tensors on `device`: CUDA's free memory, Linux's MemAvailable; None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def vae_decode_bytes(config: VAEConfig, height: int, width: int, batch_size: int = 1,
+                     dtype: torch.dtype = torch.float32) -> int:
+    """About what an untiled decode of a (height, width) image holds at its peak: six activations of
+    its widest full-resolution layer (input, normalised, activated and convolved copies around the
+    first block after the last upsampler), the measured peak of ResnetBlock chains (tests/test_tiling.py)."""
+    widest = max(config.ch * m * (height >> i) * (width >> i) for i, m in enumerate(config.ch_mult))
+    return 6 * batch_size * widest * torch.empty((), dtype=dtype).element_size()
+
+
+def wants_tiled_vae(config: VAEConfig, height: int, width: int, batch_size: int, dtype: torch.dtype,
+                    device: torch.device, tiled: Optional[bool]) -> bool:
+    """Whether (height, width) images should go through the VAE in tiles.
+
+    `tiled` True or False decides; None tiles above AUTO_TILE_PIXELS or when an untiled pass would
+    not fit in the free memory. Raises InputError when tiling is refused and the images cannot fit.
+    """
+    needed = vae_decode_bytes(config, height, width, batch_size, dtype)
+    free = available_memory_bytes(device)
+    too_big = free is not None and needed > free
+    if tiled is None:
+        return too_big or height * width > AUTO_TILE_PIXELS
+    if not tiled and too_big:
+        raise InputError(
+            f"the VAE would need about {needed / 2**30:.1f} GiB for {width}x{height} images but "
+            f"{free / 2**30:.1f} GiB is free: use the tiled VAE (tiled_vae=True, --tiled-vae) or a smaller size"
+        )
+    return bool(tiled)

@@ -12,6 +12,9 @@ Both directions work on *unscaled* latents; the pipeline multiplies by `config.s
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Iterator, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,8 +31,53 @@ EPS = 1e-6
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=EPS, affine=True)
+Statistics = tuple[torch.Tensor, torch.Tensor]  # mean, var per sample and group: (B, groups) each
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm whose mean and variance can be given from outside.
+
+    With `statistics` unset (always, outside `norm_statistics`) it is nn.GroupNorm, bit for bit. The
+    tiled VAE sets it so that every tile is normalised with the statistics of the whole image.
+    """
+
+    statistics: Optional[Callable[["GroupNorm", torch.Tensor], Statistics]] = None
+
+    def moments(self, x: torch.Tensor) -> Statistics:
+        """Mean and (biased) variance of each sample's groups in x (B, C, h, w), in float32."""
+        groups = x.unflatten(1, (self.num_groups, -1)).float()  # a view, also of a tile's core
+        var, mean = torch.var_mean(groups, dim=(2, 3, 4), correction=0)
+        return mean, var
+
+    def normalise(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """x normalised with the given per-group statistics (B, groups), then scaled and shifted."""
+        b, c = x.shape[:2]
+        scale = torch.rsqrt(var.float() + self.eps)[:, :, None]
+        # one new tensor, the rest in place: the tiled VAE runs this on every tile
+        normed = (x.reshape(b, self.num_groups, -1).float() - mean.float()[:, :, None]).mul_(scale).view(x.shape)
+        return normed.mul_(self.weight.view(1, c, 1, 1)).add_(self.bias.view(1, c, 1, 1)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.statistics is None:
+            return super().forward(x)
+        return self.normalise(x, *self.statistics(self, x))
+
+
+@contextlib.contextmanager
+def norm_statistics(module: nn.Module, source: Callable[[GroupNorm, torch.Tensor], Statistics]) -> Iterator[None]:
+    """Inside the block, every GroupNorm in `module` normalises x with `source(norm, x)` -> (mean, var)."""
+    norms = [m for m in module.modules() if isinstance(m, GroupNorm)]
+    for norm in norms:
+        norm.statistics = source
+    try:
+        yield
+    finally:
+        for norm in norms:
+            del norm.statistics  # back to the class's None
+
+
+def group_norm(channels: int, groups: int) -> GroupNorm:
+    return GroupNorm(groups, channels, eps=EPS, affine=True)
 
 
 class ResnetBlock(nn.Module):
@@ -140,8 +188,11 @@ class MidBlock(nn.Module):
         self.attn_1 = AttnBlock(channels, groups)
         self.block_2 = ResnetBlock(channels, channels, groups)
 
+    def layers(self) -> list[nn.Module]:
+        return [self.block_1, self.attn_1, self.block_2]
+
     def forward(self, h: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
-        for module in (self.block_1, self.attn_1, self.block_2):
+        for module in self.layers():
             h = _run(module, h, use_checkpoint)
         return h
 
@@ -169,6 +220,15 @@ class Encoder(nn.Module):
             h = level(h, use_checkpoint)
         h = self.mid(h, use_checkpoint)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def stages(self) -> list[list[nn.Module]]:
+        """The modules forward runs, in its order, in lists cut after each downsampler, where the
+        activation is smallest: conv_in and level 0, level 1, ..., then the mid block (its attention
+        sees the whole latent) and the output layers. The tiled VAE runs the lists one after another."""
+        stages = [list(level.block) + ([level.downsample] if isinstance(level.downsample, Downsample) else [])
+                  for level in self.down]
+        stages[0].insert(0, self.conv_in)
+        return stages + [[*self.mid.layers(), self.norm_out, nn.SiLU(), self.conv_out]]
 
 
 class Decoder(nn.Module):
@@ -198,6 +258,18 @@ class Decoder(nn.Module):
         for level in reversed(self.up):
             h = level(h, use_checkpoint)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def stages(self) -> list[list[nn.Module]]:
+        """The modules forward runs, in its order, in lists cut before each upsampler, where the
+        activation is smallest: conv_in and the mid block (its attention sees the whole latent), then
+        the deepest level's blocks, each upsampler with the blocks of the level it feeds, and the
+        output layers after level 0. The tiled VAE runs the lists one after another."""
+        stages, upsampler = [[self.conv_in, *self.mid.layers()]], []
+        for level in reversed(self.up):
+            stages.append(upsampler + list(level.block))
+            upsampler = [level.upsample] if isinstance(level.upsample, Upsample) else []
+        stages[-1] += [self.norm_out, nn.SiLU(), self.conv_out]
+        return stages
 
 
 class DiagonalGaussian:

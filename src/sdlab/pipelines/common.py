@@ -205,11 +205,12 @@ def make_denoiser(pipe: Pipeline, cond, uncond, guidance_scale: float, sampler=N
 def with_tiled_vae(pipe: Pipeline, tiled_vae: Optional[bool], width: int, height: int, batch_size: int) -> Pipeline:
     """The pipeline with its VAE tiling as `tiled_vae` says (None: above a megapixel or when an untiled
     pass would not fit). Checked now, so a size that cannot fit fails before sampling."""
-    from ..models.tiling import TiledVAE, wants_tiles
+    from ..devices import wants_tiled_vae
+    from ..models.tiling import TiledVAE
 
     vae = pipe.vae.vae if isinstance(pipe.vae, TiledVAE) else pipe.vae
     vae_dtype = next(vae.parameters()).dtype
-    tiled = wants_tiles(pipe.config.vae, height, width, batch_size, vae_dtype, pipe.device, tiled_vae)
+    tiled = wants_tiled_vae(pipe.config.vae, height, width, batch_size, vae_dtype, pipe.device, tiled_vae)
     return dataclasses.replace(pipe, vae=TiledVAE(vae, tiled))
 
 
