@@ -331,7 +331,8 @@ def test_demo_is_described_as_random_and_refused_as_a_training_base(capsys, tmp_
 
 def test_top_help_lists_every_trainer_and_version(capsys):
     text = help_text(capsys)
-    assert "train a model part or adapter: vae, text, unet, lora, textual-inversion, dreambooth, inpaint, upscale, dpo" in text
+    trainers = "vae, text, unet, lora, textual-inversion, dreambooth, inpaint, upscale, dpo"
+    assert f"train a model part or adapter: {trainers}" in text
     code, stdout, _ = run_cli("--version")
     assert code == 0 and stdout.strip() == "sdlab 0.1.0"
 
@@ -362,7 +363,8 @@ def test_every_option_has_help():
 
 @pytest.mark.parametrize("args, fragment", [
     (["generate", "x", "--cfg", "-3"], "argument --cfg: the CFG scale must be 0 or more, got -3"),
-    (["generate", "x", "--lora", "{tmp}/nope.safetensors:0.5"], "argument --lora: LoRA file not found: {tmp}/nope.safetensors"),
+    (["generate", "x", "--lora", "{tmp}/nope.safetensors:0.5"],
+     "argument --lora: LoRA file not found: {tmp}/nope.safetensors"),
     (["upscale", "low.png", "x", "--cfg=-1"], "the CFG scale must be 0 or more"),
 ])
 def test_negative_cfg_and_missing_lora_are_one_line(capsys, tmp_path, args, fragment):

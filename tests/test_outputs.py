@@ -96,7 +96,8 @@ def test_save_image_replaces_atomically_and_refuses_unknown_extensions(tmp_path)
 
 
 def test_day_folder_is_the_web_uis_layout():
-    assert day_folder("outputs", "txt2img", datetime.date(2026, 12, 7)) == os.path.join("outputs", "txt2img", "2026-12-07")
+    expected = os.path.join("outputs", "txt2img", "2026-12-07")
+    assert day_folder("outputs", "txt2img", datetime.date(2026, 12, 7)) == expected
     assert day_folder("o", "extras").endswith(datetime.date.today().isoformat())
     with pytest.raises(ValueError):
         day_folder("o", "painting")

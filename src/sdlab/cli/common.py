@@ -100,7 +100,8 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
                              "current folder)")
     parser.add_argument("--model", default=None,
                         help="checkpoint file (.safetensors/.ckpt), diffusers folder, or 'demo': a tiny model with "
-                             "random weights that draws noise, for trying the commands (default: the bundled model)")
+                             "random weights that draws noise, for trying the commands (default: the bundled model "
+                             "for the command)")
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER,
                         help=f"sampler name, see `sdlab samplers` (default: {DEFAULT_SAMPLER})")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")

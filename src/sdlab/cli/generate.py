@@ -84,7 +84,7 @@ def cmd_generate(args) -> int:
     if args.attention_maps:
         check_writable_file(args.attention_maps)
         if not args.attention_maps.lower().endswith(".png"):
-            raise InputError(f"--attention-maps writes a PNG; give it a .png name, got '{args.attention_maps}'")
+            raise InputError(f"--attention-maps must be a .png file, got '{args.attention_maps}'")
         images = output_paths(args.output, args.batch) + [grid_path(args.output)] if args.output else []
         if os.path.abspath(args.attention_maps) in map(os.path.abspath, images):
             raise InputError(f"--attention-maps {args.attention_maps} is also an image output; give it its own file")

@@ -9,7 +9,8 @@ import argparse
 import time
 
 from ..errors import InputError
-from .common import add_generation_options, add_tiled_vae_option, check_image_file, load_for, prepare_generation, run_and_save
+from .common import (add_generation_options, add_tiled_vae_option, check_image_file, load_for, prepare_generation,
+                     run_and_save)
 
 
 def add_hires_options(parser: argparse.ArgumentParser) -> None:
