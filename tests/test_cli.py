@@ -189,3 +189,202 @@ def test_out_of_memory_is_one_line_not_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_samplers", broken)
     with pytest.raises(RuntimeError, match="programming error"):
         main(["samplers"])
+
+
+# -- where images go: the web UI's numbered outputs folder, PNG/JPEG/WebP, grids, styles -----------------
+
+TINY = ["--model", "demo", "--steps", "2", "--size", "32x32", "--quiet"]
+
+
+def today_folder(root, kind="txt2img"):
+    import datetime
+
+    return root / "outputs" / kind / datetime.date.today().isoformat()
+
+
+def test_without_o_images_are_numbered_in_the_outputs_folder_and_never_overwritten(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    folder = today_folder(tmp_path)
+    assert main(["generate", "x", "--seed", "7", *TINY]) == 0
+    assert main(["generate", "x", "--seed", "7", *TINY]) == 0
+    assert sorted(os.listdir(folder)) == ["00000-7.png", "00001-7.png"]
+    (folder / "00041-3.png").write_bytes(b"someone else's")  # numbering goes on from the highest, as the web UI's
+    assert main(["generate", "x", "--seed", "5", "--batch", "2", *TINY]) == 0  # diffusers noise: one seed per batch
+    assert {"00042-5.png", "00043-5.png"} <= set(os.listdir(folder))
+    assert (folder / "00041-3.png").read_bytes() == b"someone else's"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2:] == [f"wrote {os.path.join('outputs', 'txt2img', folder.name, name)}"
+                            for name in ("00042-5.png", "00043-5.png")]
+    assert Image.open(folder / "00042-5.png").text["parameters"].startswith("x\nSteps: 2")
+
+
+def test_outdir_and_the_commands_subfolder(tmp_path, capsys):
+    init = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), "red").save(init)
+    assert main(["img2img", "x", "--init", str(init), "--seed", "1", "--outdir", str(tmp_path / "mine"), *TINY]) == 0
+    assert os.listdir(tmp_path / "mine" / "img2img" / today_folder(tmp_path).name) == ["00000-1.png"]
+
+
+@pytest.mark.parametrize("args, name, pillow_format", [
+    (["-o", "{tmp}/a.jpg"], "a.jpg", "JPEG"),
+    (["-o", "{tmp}/a.webp"], "a.webp", "WEBP"),
+    (["-o", "{tmp}/a.jpeg", "--format", "jpg"], "a.jpeg", "JPEG"),
+    (["--format", "webp", "--outdir", "{tmp}/outputs"], "outputs/txt2img/{day}/00000-3.webp", "WEBP"),
+])
+def test_jpeg_and_webp_carry_the_parameters_in_exif(tmp_path, args, name, pillow_format):
+    from sdlab.outputs import read_parameters
+
+    day = today_folder(tmp_path).name
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert main(["generate", "a cat", "--seed", "3", *TINY, *args]) == 0
+    path = tmp_path / name.format(day=day)
+    with Image.open(path) as image:
+        assert image.format == pillow_format
+        assert "parameters" not in image.info
+    assert read_parameters(str(path)).startswith("a cat\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 3, Size: 32x32")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["-o", "{tmp}/a.gif"], "-o must name a .png, .jpg or .webp file"),
+    (["-o", "{tmp}/a.png", "--format", "jpg"], "--format jpg but -o {tmp}/a.png is a .png file"),
+    (["--outdir", "{tmp}/file.txt/sub"], "is a file, not a folder"),
+])
+def test_bad_output_options_are_one_line(tmp_path, capsys, args, fragment):
+    (tmp_path / "file.txt").write_text("")
+    code = main(["generate", "x", *TINY, *[a.format(tmp=tmp_path) for a in args]])
+    assert_one_line_error(code, capsys.readouterr().err, fragment.format(tmp=tmp_path))
+    assert os.listdir(tmp_path) == ["file.txt"]
+
+
+def test_grid_tiles_the_batch_as_the_web_ui_and_carries_the_first_images_parameters(tmp_path):
+    assert main(["generate", "x", "--seed", "4", "--batch", "3", "--grid", "--outdir", str(tmp_path), *TINY]) == 0
+    folder = tmp_path / "txt2img" / today_folder(tmp_path).name
+    assert sorted(os.listdir(folder)) == ["00000-4.png", "00001-4.png", "00002-4.png", "grid-00000.png"]
+    with Image.open(folder / "grid-00000.png") as grid, Image.open(folder / "00000-4.png") as first:
+        assert grid.size == (64, 64)  # 3 images: round(sqrt(3)) = 2 rows of 2
+        assert grid.text["parameters"] == first.text["parameters"]
+        assert grid.crop((0, 0, 32, 32)).tobytes() == first.convert("RGB").tobytes()
+
+    assert main(["generate", "x", "--seed", "4", "--batch", "2", "--grid", "-o", str(tmp_path / "b.jpg"), *TINY]) == 0
+    assert {"b.jpg", "b-1.jpg", "b-grid.png"} <= set(os.listdir(tmp_path))
+    with Image.open(tmp_path / "b-grid.png") as grid:
+        assert grid.size == (64, 32)
+
+
+def test_styles_expand_the_prompt_written_into_the_image(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "styles.csv").write_text('name,prompt,negative_prompt\n'
+                                         'film,"{prompt}, film grain",cartoon\n'
+                                         'sharp,sharp focus,blurry\n', encoding="utf-8-sig")
+    assert main(["generate", "a cat", "--negative", "dog", "--style", "film", "--style", "sharp", "-o", "s.png",
+                 "--seed", "1", *TINY]) == 0
+    text = Image.open(tmp_path / "s.png").text["parameters"]
+    assert text.startswith("a cat, film grain, sharp focus\nNegative prompt: dog, cartoon, blurry\nSteps: 2")
+
+    code = main(["generate", "a cat", "--style", "noir", "-o", "t.png", *TINY])
+    assert_one_line_error(code, capsys.readouterr().err, "unknown style 'noir'; the styles file has: film, sharp")
+    other = tmp_path / "other.csv"
+    other.write_text("name,prompt,negative_prompt\nwarm,warm light,\n")
+    assert main(["generate", "a cat", "--styles-file", str(other), "--style", "warm", "-o", "w.png", *TINY]) == 0
+    assert Image.open(tmp_path / "w.png").text["parameters"].startswith("a cat, warm light\n")
+    os.remove(tmp_path / "styles.csv")
+    code = main(["generate", "a cat", "--style", "film", "-o", "u.png", *TINY])
+    assert_one_line_error(code, capsys.readouterr().err, "--style needs a styles file")
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["s.png", "w.png"]
+
+
+# -- help and messages that say what the code does -----------------------------------------------------
+
+
+def help_text(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main([*args, "--help"])
+    assert exited.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_upscale_help_gives_the_cfg_it_uses(capsys, monkeypatch):
+    assert "classifier-free guidance scale, 0 or more (default 9)" in help_text(capsys, "upscale")
+    assert "classifier-free guidance scale, 0 or more (default 7)" in help_text(capsys, "generate")
+    from sdlab.cli import build_parser
+
+    assert build_parser().parse_args(["upscale", "low.png", "x"]).cfg == 9.0
+
+
+def test_size_help_and_the_size_error_agree(capsys):
+    assert "multiples of the model's VAE factor: 8 for SD models and the demo, 4 for the bundled model" in \
+        help_text(capsys, "generate")
+    from sdlab.bundled import BUNDLED_MODEL
+
+    if not os.path.isfile(BUNDLED_MODEL):
+        pytest.skip("the bundled model is not installed")
+    assert main(["generate", "x", "--size", "66x64", "--steps", "1", "--quiet", "-o", "never.png"]) == 2
+    assert "width 66 is not a multiple of 4" in capsys.readouterr().err
+
+
+def test_demo_is_described_as_random_and_refused_as_a_training_base(capsys, tmp_path):
+    assert "'demo': a tiny model with random weights that draws noise" in help_text(capsys, "generate")
+    code = main(["train", "unet", "--data", "shapes", "--base", "demo", "--out", str(tmp_path / "run")])
+    assert_one_line_error(code, capsys.readouterr().err, "'demo' is not a base to train on: its weights are random")
+    assert not (tmp_path / "run").exists()
+
+
+def test_top_help_lists_every_trainer_and_version(capsys):
+    text = help_text(capsys)
+    trainers = "vae, text, unet, lora, textual-inversion, dreambooth, inpaint, upscale, dpo"
+    assert f"train a model part or adapter: {trainers}" in text
+    code, stdout, _ = run_cli("--version")
+    assert code == 0 and stdout.strip() == "sdlab 0.1.0"
+
+
+def test_eval_help_names_each_default_once(capsys):
+    text = help_text(capsys, "eval", "shapes")
+    assert "checkpoint (default: the bundled model)" in text and "(default: None)" not in text
+    assert "images per sampling run (default: 16)" in text
+
+
+def test_every_option_has_help():
+    import argparse
+
+    from sdlab.cli import build_parser
+
+    def parsers(parser, name):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from parsers(sub, f"{name} {sub_name}")
+
+    missing = [f"{name} {action.option_strings or action.dest}" for name, parser in parsers(build_parser(), "sdlab")
+               for action in parser._actions
+               if not isinstance(action, argparse._SubParsersAction) and not action.help]
+    assert missing == []
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["generate", "x", "--cfg", "-3"], "argument --cfg: the CFG scale must be 0 or more, got -3"),
+    (["generate", "x", "--lora", "{tmp}/nope.safetensors:0.5"],
+     "argument --lora: LoRA file not found: {tmp}/nope.safetensors"),
+    (["upscale", "low.png", "x", "--cfg=-1"], "the CFG scale must be 0 or more"),
+])
+def test_negative_cfg_and_missing_lora_are_one_line(capsys, tmp_path, args, fragment):
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert_one_line_pointing_at_help(capsys, lambda: main(args), fragment.format(tmp=tmp_path), f"sdlab {args[0]}")
+
+
+def test_a_folder_given_as_an_image_says_so(tmp_path, capsys):
+    code = main(["img2img", "x", "--init", str(tmp_path), "-o", str(tmp_path / "x.png"), *TINY])
+    assert_one_line_error(code, capsys.readouterr().err, f"init image {tmp_path} is a directory; give an image file")
+    code = main(["upscale", str(tmp_path), "x", "-o", str(tmp_path / "x.png"), "--quiet"])
+    assert_one_line_error(code, capsys.readouterr().err, "is a directory; give an image file")
+
+
+def test_tokenize_shows_what_the_encoder_receives_of_a_weighted_prompt():
+    code, stdout, _ = run_cli("tokenize", "(red:1.3) circle")
+    assert code == 0
+    lines = stdout.splitlines()
+    assert lines[0] == "'(red:1.3) circle': 8 tokens as written"
+    assert "encoder input (weights applied): red×1.3 circle" in lines
+    assert "  2 tokens in 1 chunk of 75" in lines
+    code, stdout, _ = run_cli("tokenize", "--json", "(red:1.3) circle")
+    assert json.loads(stdout) == [[263, 736, 281, 272, 269, 274, 264, 7117]], "--json keeps its id lists"

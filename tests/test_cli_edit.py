@@ -128,3 +128,19 @@ def test_the_installed_command_refuses_a_missing_init_in_one_line(tmp_path):
 ])
 def test_argument_mistakes_are_one_line_pointing_at_the_commands_help(capsys, args, fragment, command):
     assert_one_line_pointing_at_help(capsys, lambda: main(args), fragment, command)
+
+
+def test_without_o_each_command_has_its_outputs_subfolder(files, tmp_path):
+    import datetime
+
+    init, mask, _ = files
+    outdir = tmp_path / "outputs"
+    for command, extra in [("img2img", []), ("inpaint", ["--mask", str(mask)]), ("outpaint", ["--extend", "left=16"])]:
+        assert main([command, "x", "--init", str(init), *extra, "--outdir", str(outdir), *BASE]) == 0
+        assert os.listdir(outdir / command / datetime.date.today().isoformat()) == ["00000-3.png"]
+
+
+def test_a_folder_given_as_the_mask_says_so(files, tmp_path, capsys):
+    init, _, out = files
+    code = main(["inpaint", "x", "--init", str(init), "--mask", str(tmp_path), "-o", str(out / "m.png"), *BASE])
+    assert_one_line_error(code, capsys.readouterr().err, f"mask {tmp_path} is a directory; give an image file")

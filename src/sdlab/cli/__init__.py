@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from .. import __version__
 from .common import CommandParser, run_reporting_errors
 from .eval import add_eval_command
 from .generate import add_generate_commands
@@ -18,6 +19,7 @@ from .upscale import add_upscale_command
 
 def build_parser() -> CommandParser:
     parser = CommandParser(prog="sdlab", description="Stable Diffusion from scratch: generate, inspect, train.")
+    parser.add_argument("--version", action="version", version=f"sdlab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_commands(commands)  # generate, img2img, inpaint, outpaint
     add_info_commands(commands)  # tokenize, samplers

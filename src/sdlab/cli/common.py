@@ -1,5 +1,5 @@
-"""What every `sdlab` command shares: its parser class, the generation options, writing images, and
-turning a user's mistake into one line and exit code 2."""
+"""What every `sdlab` command shares: its parser class, the generation options, running a generation
+and writing its images, and turning a user's mistake into one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 
 from ..config import DEFAULT_SAMPLER
 from ..errors import InputError, SdlabError
+from .saving import add_output_options, check_output_options, save_results
 
 EXIT_USER_ERROR = 2
 
@@ -40,6 +41,18 @@ class CommandParser(argparse.ArgumentParser):
         return namespace
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help unless the help already names its default or there is
+    none to name (argparse's ArgumentDefaultsHelpFormatter adds it even after "(default: ...)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or not action.option_strings or nothing:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """`--size WIDTHxHEIGHT` as (width, height), both positive."""
     try:
@@ -51,27 +64,53 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def guidance_scale(text: str) -> float:
+    """`--cfg`: a number, 0 or more (0 ignores the prompt; below 0 would steer away from it)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: '{text}'") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"the CFG scale must be 0 or more, got {text}")
+    return value
+
+
 def lora_option(text: str):
     """`--lora FILE[:WEIGHT]`; the adapters (and torch) load only when the option is given."""
     from ..adapters import parse_lora_option
 
-    return parse_lora_option(text)
+    path, weight = parse_lora_option(text)
+    if not os.path.exists(path):
+        raise argparse.ArgumentTypeError(f"LoRA file not found: {path}")
+    return path, weight
 
 
-def add_generation_options(parser: argparse.ArgumentParser, default_size: str = "the model's") -> None:
-    """Options shared by every command that runs the denoising loop."""
+def add_generation_options(parser: argparse.ArgumentParser, default_size: str = "the model's",
+                           kind: str = "txt2img", cfg: float = 7.0) -> None:
+    """Options shared by every command that runs the denoising loop; `kind` names its outputs subfolder."""
     parser.add_argument("prompt", help="what the image should show; (word:1.3) emphasises, [word] de-emphasises, "
                         "[from:to:when] and [a|b] edit it across steps, <lora:name:0.8> applies a LoRA")
-    parser.add_argument("-o", "--output", default="out.png", help="PNG to write (batches add -1, -2, ...)")
+    add_output_options(parser, kind)
     parser.add_argument("--negative", default="", help="negative prompt: what the image should not show")
-    parser.add_argument("--model", default=None, help="checkpoint file (.safetensors/.ckpt), diffusers folder, or 'demo'")
+    parser.add_argument("--style", action="append", default=[], metavar="NAME",
+                        help="apply a style of --styles-file to the prompt and negative prompt, as the web UI does; "
+                             "repeatable")
+    parser.add_argument("--styles-file", default=None, metavar="CSV",
+                        help="the web UI's styles.csv (name,prompt,negative_prompt) (default: styles.csv in the "
+                             "current folder)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint file (.safetensors/.ckpt), diffusers folder, or 'demo': a tiny model with "
+                             "random weights that draws noise, for trying the commands (default: the bundled model "
+                             "for the command)")
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER,
                         help=f"sampler name, see `sdlab samplers` (default: {DEFAULT_SAMPLER})")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    parser.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
+    parser.add_argument("--cfg", type=guidance_scale, default=cfg,
+                        help=f"classifier-free guidance scale, 0 or more (default {cfg:g})")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
     parser.add_argument("--size", type=parse_size, default=None,
-                        help=f"WIDTHxHEIGHT, multiples of 8 (default: {default_size})")
+                        help="WIDTHxHEIGHT, multiples of the model's VAE factor: 8 for SD models and the demo, 4 for "
+                             f"the bundled model (default: {default_size})")
     parser.add_argument("--batch", type=int, default=1, help="images per run")
     parser.add_argument("--prediction", choices=("epsilon", "v"), default=None,
                         help="override the model's prediction type (SD2 768 models are v)")
@@ -98,21 +137,24 @@ def add_tiled_vae_option(parser: argparse.ArgumentParser) -> None:
                              "only above a megapixel or when the image would not fit")
 
 
-def output_paths(output: str, count: int) -> list[str]:
-    if count == 1:
-        return [output]
-    stem, ext = os.path.splitext(output)
-    return [output] + [f"{stem}-{i}{ext or '.png'}" for i in range(1, count)]
+def prepare_generation(args) -> None:
+    """What every generating command does before its model loads: refuse output options that would fail
+    later, and expand --style into the prompt and negative prompt (which the image's parameters then
+    carry, as the web UI's do)."""
+    check_output_options(args)
+    if args.style:
+        from ..styles import apply_styles, default_styles_file, load_styles
+
+        path = args.styles_file or default_styles_file()
+        if path is None:
+            raise InputError("--style needs a styles file: give --styles-file or put styles.csv in the current folder")
+        args.prompt, args.negative = apply_styles(args.prompt, args.negative, args.style, load_styles(path))
 
 
-def check_output(path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise InputError(f"output folder does not exist: {directory}")
-    if not os.access(directory, os.W_OK):
-        raise InputError(f"cannot write to the output folder: {directory}")
-    if not path.lower().endswith(".png"):
-        raise InputError(f"output must be a .png file (it carries the generation parameters), got '{path}'")
+def check_image_file(path: str, what: str) -> None:
+    """A folder given where an image belongs says so (opening it would say 'not found')."""
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path} is a directory; give an image file")
 
 
 def progress_callback(total: int, quiet: bool, desc: str = "sampling "):
@@ -136,15 +178,12 @@ def load_for(args, task: str = "txt2img"):
 
 def run_and_save(args, started: float, run, steps: int) -> int:
     """Run `run(callback)` under a progress bar of `steps` steps and write its images with their parameters."""
-    from ..infotext import save_png
-
     step, close = progress_callback(steps, args.quiet)
     try:
         result = run(step)
     finally:
         close()
-    for path, image, infotext in zip(output_paths(args.output, len(result.images)), result.images, result.infotexts):
-        save_png(image, path, infotext)
+    for path in save_results(args, result):
         print(f"wrote {path}")
     print(f"seed {result.seeds[0]}, {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0

@@ -8,7 +8,8 @@ import sys
 import time
 
 from ..errors import InputError
-from .common import add_generation_options, check_output, load_for, output_paths, run_and_save
+from .common import add_generation_options, check_image_file, load_for, prepare_generation, run_and_save
+from .saving import check_writable_file, grid_path, output_paths
 from .upscale import add_hires_options, cmd_hires
 
 
@@ -22,12 +23,12 @@ def add_generate_commands(commands) -> None:
     generate.set_defaults(run=cmd_generate)
 
     img2img = commands.add_parser("img2img", help="repaint an image towards a prompt")
-    add_generation_options(img2img, default_size="the image's")
+    add_generation_options(img2img, default_size="the image's", kind="img2img")
     add_init_options(img2img, strength=0.75)
     img2img.set_defaults(run=cmd_img2img)
 
     inpaint = commands.add_parser("inpaint", help="repaint the white part of a mask")
-    add_generation_options(inpaint, default_size="the image's; with --only-masked the model's")
+    add_generation_options(inpaint, default_size="the image's; with --only-masked the model's", kind="inpaint")
     add_init_options(inpaint, strength=0.75)
     inpaint.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
     add_mask_options(inpaint)
@@ -39,7 +40,7 @@ def add_generate_commands(commands) -> None:
     inpaint.set_defaults(run=cmd_inpaint)
 
     outpaint = commands.add_parser("outpaint", help="extend an image's canvas and paint the new margins")
-    add_generation_options(outpaint, default_size="the image's plus --extend; not settable")
+    add_generation_options(outpaint, default_size="the image's plus --extend; not settable", kind="outpaint")
     add_init_options(outpaint, strength=0.8, resize=False)
     outpaint.add_argument("--extend", required=True, help="pixels per side, e.g. left=64,right=0,top=0,bottom=64")
     outpaint.add_argument("--overlap", type=int, default=8,
@@ -79,10 +80,13 @@ def cmd_generate(args) -> int:
         raise InputError("--attention-maps maps one sampling pass; leave out --hires-scale")
     if args.hires_scale:
         return cmd_hires(args)
-    check_output(args.output)
+    prepare_generation(args)
     if args.attention_maps:
-        check_output(args.attention_maps)
-        if os.path.abspath(args.attention_maps) in map(os.path.abspath, output_paths(args.output, args.batch)):
+        check_writable_file(args.attention_maps)
+        if not args.attention_maps.lower().endswith(".png"):
+            raise InputError(f"--attention-maps must be a .png file, got '{args.attention_maps}'")
+        images = output_paths(args.output, args.batch) + [grid_path(args.output)] if args.output else []
+        if os.path.abspath(args.attention_maps) in map(os.path.abspath, images):
             raise InputError(f"--attention-maps {args.attention_maps} is also an image output; give it its own file")
     started = time.perf_counter()
     pipe = load_for(args)
@@ -125,7 +129,8 @@ def denoising_steps(args) -> int:
 def cmd_img2img(args) -> int:
     from ..pipelines.images import load_image, resize_mode_key
 
-    check_output(args.output)
+    prepare_generation(args)
+    check_image_file(args.init, "init image")
     started = time.perf_counter()
     image = load_image(args.init, "init image")  # bad input fails before the model loads
     resize_mode_key(args.resize_mode)
@@ -141,7 +146,9 @@ def cmd_inpaint(args) -> int:
 
     from ..pipelines.images import load_image, load_mask, resize_mode_key
 
-    check_output(args.output)
+    prepare_generation(args)
+    check_image_file(args.init, "init image")
+    check_image_file(args.mask, "mask")
     started = time.perf_counter()
     image = load_image(args.init, "init image")
     with warnings.catch_warnings(record=True) as caught:
@@ -162,9 +169,10 @@ def cmd_outpaint(args) -> int:
     from ..pipelines.images import load_image
     from ..pipelines.outpaint import parse_extend
 
-    check_output(args.output)
+    prepare_generation(args)
     if args.size:
         raise InputError("outpaint takes its size from the image and --extend; leave out --size")
+    check_image_file(args.init, "init image")
     started = time.perf_counter()
     image = load_image(args.init, "init image")
     extend = parse_extend(args.extend)

@@ -1,4 +1,5 @@
-"""`sdlab train vae|text|unet`: the command line of the training loop.
+"""`sdlab train vae|text|unet|inpaint|upscale|dreambooth|lora|textual-inversion|dpo`: the command line
+of the training loop.
 
     sdlab train vae  --data shapes --model-config recipes/shapes-model.json --out runs/vae
     sdlab train text --data shapes --base runs/vae/last.safetensors --out runs/text
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import ConfigError
 from ..training.config import TRAINER_OPTIONS, load_config, parse_assignment
 from .common import CommandParser, run_reporting_errors
 
@@ -46,7 +48,8 @@ FLAG_KEYS = {
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML recipe (see recipes/); flags override it")
     parser.add_argument("--data", help="folder of images with same-named .txt captions, or 'shapes'")
-    parser.add_argument("--base", help="checkpoint providing the parts this run does not train (required by unet)")
+    parser.add_argument("--base", help="checkpoint providing the parts this run does not train (required by unet); "
+                        "not 'demo', whose weights are random")
     parser.add_argument("--out", help="run folder: checkpoints, validation/, loss.png, last.safetensors")
     parser.add_argument("--model-config", help="model sizes: a preset (sd1, sd2-base, sd2-v) or a ModelConfig JSON file")
     parser.add_argument("--steps", type=int, help="optimizer steps in all")
@@ -74,8 +77,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_train_command(subparsers) -> None:
-    """Register `train vae|text|unet` on an argparse subparsers object (sdlab's main parser's)."""
-    train = subparsers.add_parser("train", help="train the VAE, the text encoder or the UNet (CPU, GPU, torchrun)")
+    """Register `train vae|text|...|dpo` on an argparse subparsers object (sdlab's main parser's)."""
+    train = subparsers.add_parser("train", help=f"train a model part or adapter: {', '.join(TRAINER_HELP)} "
+                                                "(CPU, GPU, torchrun)")
     trainers = train.add_subparsers(dest="trainer", required=True, metavar="{" + ",".join(TRAINER_HELP) + "}")
     for name, help_text in TRAINER_HELP.items():
         parser = trainers.add_parser(name, help=help_text, description=help_text)
@@ -86,7 +90,14 @@ def add_train_command(subparsers) -> None:
 def config_from_args(args):
     overrides = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items()}
     overrides.update(parse_assignment(text) for text in args.set)
-    return load_config(args.trainer, args.config, overrides)
+    config = load_config(args.trainer, args.config, overrides)
+    if config.base == "demo":
+        from ..bundled import BUNDLED_MODEL
+
+        # the demo's VAE and text encoder are random: nothing trained on them could be used
+        raise ConfigError(f"'demo' is not a base to train on: its weights are random. Give --base a checkpoint file, "
+                          f"e.g. the bundled model {BUNDLED_MODEL} or a run's last.safetensors")
+    return config
 
 
 def run_train(args) -> int:
@@ -97,7 +108,7 @@ def run_train(args) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m sdlab.training [train] vae|text|unet ...`, also as each process of torchrun."""
+    """`python -m sdlab.training [train] vae|text|unet|... ...`, also as each process of torchrun."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and (argv[0] in TRAINER_OPTIONS or argv[0] in TRAINER_HELP):
         argv = ["train", *argv]

@@ -9,7 +9,8 @@ import argparse
 import time
 
 from ..errors import InputError
-from .common import add_generation_options, add_tiled_vae_option, check_output, load_for, run_and_save
+from .common import (add_generation_options, add_tiled_vae_option, check_image_file, load_for, prepare_generation,
+                     run_and_save)
 
 
 def add_hires_options(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +36,7 @@ def cmd_hires(args) -> int:
     """`sdlab generate ... --hires-scale S`: txt2img, then the hires pass; one progress bar for both."""
     from ..pipelines.hires import hires_fix
 
-    check_output(args.output)
+    prepare_generation(args)
     started = time.perf_counter()
     hires_steps = args.steps if args.hires_steps is None else args.hires_steps
     pipe = load_for(args)
@@ -50,10 +51,11 @@ def cmd_upscale(args) -> int:
     from ..pipelines.images import load_image
     from ..pipelines.upscale import upscale
 
-    check_output(args.output)
+    prepare_generation(args)
     if args.size is not None or args.batch != 1:
         raise InputError("upscale takes its size from the image (4 times larger) and one image per run; "
                          "leave out --size and --batch")
+    check_image_file(args.image, "image to upscale")
     started = time.perf_counter()
     image = load_image(args.image, "image to upscale")  # bad input fails before the model loads
     pipe = load_for(args, "upscale")
@@ -68,9 +70,9 @@ def add_upscale_command(commands) -> None:
                                  description="4x super-resolution with the SD x4 upscaler model; --cfg defaults "
                                              "to 9 here, diffusers' default for it")
     parser.add_argument("image", help="the low-resolution image (PNG, JPEG, WebP)")
-    add_generation_options(parser, default_size="4 times the image")
+    add_generation_options(parser, default_size="4 times the image", kind="extras", cfg=9.0)
     parser.add_argument("--noise-level", type=int, default=20,
                         help="noise added to the image before upscaling, 0-350 (default 20): more repairs "
                              "artefacts and invents more detail")
     add_tiled_vae_option(parser)
-    parser.set_defaults(run=cmd_upscale, cfg=9.0)
+    parser.set_defaults(run=cmd_upscale)
