@@ -41,7 +41,7 @@ def test_a_misspelt_option_is_a_type_error_that_lists_the_options(demo):
 
 
 def test_keywords_are_read_into_the_options_and_each_pipelines_own_settings():
-    options, edit = read_options("img2img", {"prompt": "a cat", "steps": 3, "strength": 0.4}, EditOptions)
+    options, edit = read_options("img2img", "a cat", "", {"steps": 3, "strength": 0.4}, EditOptions)
     assert options == GenerationOptions(prompt="a cat", steps=3)
     assert edit == EditOptions(strength=0.4)
 
@@ -52,3 +52,10 @@ def test_generate_takes_the_options_object_and_load_gives_a_pipeline(demo):
     by_object = generate(demo, GenerationOptions(prompt="a red circle", steps=2, seed=3, width=32, height=32))
     assert by_keywords.infotexts == by_object.infotexts
     assert (by_keywords.latents == by_object.latents).all()
+
+
+def test_upscale_refuses_the_sizes_its_images_give(demo):
+    from PIL import Image
+
+    with pytest.raises(InputError, match="upscale sets width itself"):
+        demo.upscale(Image.new("RGB", (8, 8)), "x", width=64)

@@ -19,7 +19,8 @@ def check_size(width: int, height: int, factor: int) -> None:
     for name, value in (("width", width), ("height", height)):
         check_side(name, value)
         if value % factor:
-            raise InputError(f"{name} {value} is not a multiple of {factor}; try {max(factor, round(value / factor) * factor)}")
+            nearest = max(factor, round(value / factor) * factor)
+            raise InputError(f"{name} {value} is not a multiple of {factor}; try {nearest}")
 
 
 def size_or_default(pipe: Pipeline, width: Optional[int], height: Optional[int]) -> tuple[int, int]:

@@ -92,8 +92,7 @@ def hires_fix(pipe: Pipeline, prompt, negative_prompt="", **settings) -> Generat
     as in upscale(); checked for the large size before anything runs.
     The parameters written are the first pass's with the web UI's hires fields added.
     """
-    options, hires = read_options("hires_fix", dict(prompt=prompt, negative_prompt=negative_prompt, **settings),
-                                  HiresOptions)
+    options, hires = read_options("hires_fix", prompt, negative_prompt, settings, HiresOptions)
     key = hires_upscaler_key(hires.hires_upscaler)
     label, mode = HIRES_UPSCALERS[key]
     width, height = size_or_default(pipe, options.width, options.height)

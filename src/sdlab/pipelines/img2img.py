@@ -44,8 +44,7 @@ def img2img(pipe: Pipeline, prompt, init_image, negative_prompt="", **settings) 
     height: 'just', 'crop', 'fill'; images.resize_image), and every txt2img option (GenerationOptions);
     width and height default to the image's size, and `latents` replace the noise added to the image.
     """
-    options, edit = read_options("img2img", dict(prompt=prompt, negative_prompt=negative_prompt, **settings),
-                                 EditOptions)
+    options, edit = read_options("img2img", prompt, negative_prompt, settings, EditOptions)
     image = load_image(init_image, "init image")
     mode = resize_mode_key(edit.resize_mode)
     width, height = working_size(pipe, image.size, options.width, options.height)

@@ -65,8 +65,7 @@ def inpaint(pipe: Pipeline, prompt, init_image, mask, negative_prompt="", **sett
     brought to width x height (default: its own size, rounded down to pipe.size_multiple) by `resize_mode`.
     Every txt2img option works too.
     """
-    options, edit, masking = read_options(
-        "inpaint", dict(prompt=prompt, negative_prompt=negative_prompt, **settings), EditOptions, MaskOptions)
+    options, edit, masking = read_options("inpaint", prompt, negative_prompt, settings, EditOptions, MaskOptions)
     return inpaint_image(pipe, init_image, mask, options, edit, masking)
 
 

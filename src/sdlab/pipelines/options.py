@@ -83,14 +83,15 @@ class UpscaleOptions:
     noise_level: int = 20  # 0..350: noise added to the low-resolution image before the model sees it
 
 
-def read_options(pipeline: str, settings: dict, *extras: type) -> tuple:
-    """A pipeline's keyword arguments -> (GenerationOptions, one of each `extras` dataclass), each name
-    given to the dataclass that has it. A name none of them has is a TypeError, as Python's own for a
-    misspelt keyword, that lists the names the pipeline takes."""
+def read_options(pipeline: str, prompt, negative_prompt, settings: dict, *extras: type) -> tuple:
+    """A pipeline's prompts and keyword arguments -> (GenerationOptions, one of each `extras` dataclass),
+    each name given to the dataclass that has it. A name none of them has is a TypeError, as Python's
+    own for a misspelt keyword, that lists the names the pipeline takes."""
     types = (GenerationOptions, *extras)
     owner = {f.name: kind for kind in types for f in fields(kind)}
     unknown = [name for name in settings if name not in owner]
     if unknown:
         raise TypeError(f"{pipeline}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
                         f"it takes {', '.join(owner)}")
+    settings = {"prompt": prompt, "negative_prompt": negative_prompt, **settings}
     return tuple(kind(**{name: value for name, value in settings.items() if owner[name] is kind}) for kind in types)

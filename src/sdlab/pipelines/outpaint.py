@@ -84,8 +84,8 @@ def outpaint(pipe: Pipeline, prompt, init_image, negative_prompt="", **settings)
     for name in ("width", "height", "resize_mode", "params"):
         if name in settings:
             raise InputError(f"outpaint sets {name} itself from the image and the extension")
-    options, outpainting, masking = read_options(
-        "outpaint", dict(prompt=prompt, negative_prompt=negative_prompt, **settings), OutpaintOptions, MaskOptions)
+    options, outpainting, masking = read_options("outpaint", prompt, negative_prompt, settings,
+                                                 OutpaintOptions, MaskOptions)
     image = load_image(init_image, "init image")
     overlap = outpainting.overlap
     if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:

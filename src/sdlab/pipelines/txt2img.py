@@ -18,5 +18,5 @@ def txt2img(pipe: Pipeline, prompt, negative_prompt="", **settings) -> Generatio
     ([file | (file, weight)]) and `<lora:name:weight>` tags in the prompt (files found by stem in
     `lora_dirs`), merged into the weights or applied on the fly (`lora_mode` "merge" | "dynamic").
     """
-    (options,) = read_options("txt2img", dict(prompt=prompt, negative_prompt=negative_prompt, **settings))
+    (options,) = read_options("txt2img", prompt, negative_prompt, settings)
     return generate(pipe, options)

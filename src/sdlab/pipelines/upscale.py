@@ -105,8 +105,8 @@ def upscale(pipe: Pipeline, image, prompt, negative_prompt="", **settings) -> Ge
     for name in ("width", "height", "batch_size"):
         if name in settings:
             raise InputError(f"upscale sets {name} itself: 4 times the image's size, one image per input image")
-    settings = {"prompt": prompt, "negative_prompt": negative_prompt, "guidance_scale": 9.0, **settings}
-    options, upscaling = read_options("upscale", settings, UpscaleOptions)
+    settings = {"guidance_scale": 9.0, **settings}  # diffusers' default for this model
+    options, upscaling = read_options("upscale", prompt, negative_prompt, settings, UpscaleOptions)
     check_upscaler(pipe)
     noise_level = check_noise_level(upscaling.noise_level)
     pixels = low_res_pixels(image)
