@@ -86,7 +86,7 @@ def test_the_vae_gives_back_every_colour_on_every_background(pipe):
     """Rendered scenes, encoded and decoded: the checker reads each object's colour back. Measured 108 of
     108; the VAE shipped before its decoder was fine-tuned turned 5 orange objects on white yellow."""
     from sdlab.data.shapes import BACKGROUNDS, COLOURS, render, scene_from_caption, to_tensor
-    from sdlab.pipelines.common import decode_latents, encode_posterior
+    from sdlab.pipelines.latents import decode_latents, encode_posterior
 
     rng = np.random.default_rng(0)
     captions = [f"a {size} {colour} {shape} in the center on a {background} background"

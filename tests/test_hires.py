@@ -13,7 +13,7 @@ from sdlab import devices
 from sdlab.errors import InputError
 from sdlab.infotext import parse_infotext
 from sdlab.noise import noise_source
-from sdlab.pipelines.common import encode_posterior
+from sdlab.pipelines.latents import encode_posterior
 from sdlab.pipelines.hires import hires_fix, second_pass_steps
 from sdlab.pipelines.images import to_pixels
 from sdlab.samplers import sampler_sigmas

@@ -9,7 +9,7 @@ from PIL import Image
 
 import sdlab
 from sdlab.errors import InputError
-from sdlab.pipelines.common import decode_latents, encode_posterior
+from sdlab.pipelines.latents import decode_latents, encode_posterior
 from sdlab.pipelines.images import resize_image, to_pixels
 from sdlab.pipelines.img2img import working_size
 from test_pipeline_parity import assert_latents_close, diffusers_scheduler, psnr, tiny_diffusers_sd

@@ -49,7 +49,7 @@ def test_class_images_are_generated_once_and_reused(tmp_path, base, data, monkey
     made = sorted(p.name for p in folder.iterdir())
     assert made == ["0000.png", "0001.png", "0002.png"]
     stamps = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
-    from sdlab.pipelines.common import Pipeline
+    from sdlab.pipelines.api import StableDiffusion as Pipeline
 
     prompts, txt2img = [], Pipeline.txt2img
     monkeypatch.setattr(Pipeline, "txt2img", lambda self, prompt, *a, **k: prompts.append(prompt) or txt2img(self, prompt, *a, **k))

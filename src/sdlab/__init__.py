@@ -8,7 +8,9 @@ __all__ = ["SdlabError", "ConfigError", "CheckpointError", "InputError", "Unknow
 
 
 def load(path=None, **kwargs):
-    """Load a pipeline from a checkpoint file or diffusers folder (the bundled model when None)."""
-    from .pipelines.common import load_pipeline
+    """Load a pipeline from a checkpoint file or diffusers folder (the bundled model when None): a
+    pipelines.api.StableDiffusion, with txt2img, img2img, inpaint, outpaint, hires_fix and upscale."""
+    from .pipelines.api import StableDiffusion
+    from .pipelines.pipeline import load_pipeline
 
-    return load_pipeline(path, **kwargs)
+    return load_pipeline(path, pipeline_type=StableDiffusion, **kwargs)

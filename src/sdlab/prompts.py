@@ -37,9 +37,8 @@ from typing import Optional, Sequence
 import torch
 
 from .errors import InputError
-from .tokenizer import END_ID, START_ID, Tokenizer, get_tokenizer
+from .tokenizer import CHUNK_LENGTH, END_ID, START_ID, Tokenizer, get_tokenizer
 
-CHUNK_LENGTH = 75  # text tokens per chunk; with start and end tokens, CLIP's 77-token context
 COMMA_BACKTRACK = 20  # the web UI's default "comma padding backtrack", in tokens
 ROUND_MULTIPLIER = 1.1  # (text)
 SQUARE_MULTIPLIER = 1 / 1.1  # [text]

@@ -38,6 +38,7 @@ START_TOKEN, END_TOKEN = "<start_of_text>", "<end_of_text>"
 START_ID, END_ID = 49406, 49407
 VOCAB_SIZE = 49408
 CONTEXT_LENGTH = 77  # 75 text tokens between the start and end tokens
+CHUNK_LENGTH = CONTEXT_LENGTH - 2  # text tokens one context holds: a prompt chunk (prompts.py)
 END_OF_WORD = "</w>"
 
 

@@ -34,8 +34,7 @@ from torch import nn
 
 from ..checkpoint.io import read_state_dict
 from ..errors import CheckpointError, InputError
-from ..prompts import CHUNK_LENGTH
-from ..tokenizer import get_tokenizer
+from ..tokenizer import CHUNK_LENGTH, get_tokenizer
 
 EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
 # text-encoder widths of the families an embedding may have been trained for, for error messages

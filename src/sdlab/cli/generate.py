@@ -120,7 +120,7 @@ def run_saving_attention_maps(args, pipe, run, step):
 
 
 def denoising_steps(args) -> int:
-    from ..pipelines.common import check_strength
+    from ..pipelines.checks import check_strength
 
     check_strength(args.strength)
     return min(int(args.steps * args.strength), args.steps)

@@ -234,7 +234,7 @@ class TiledVAE(nn.Module):
     `devices.wants_tiled_vae` says so (None: large images, or too little free memory).
 
     A drop-in for the pipeline's VAE: `dataclasses.replace(pipe, vae=TiledVAE(pipe.vae))` makes
-    common.decode_latents and encode_images tile without changing them.
+    latents.decode_latents and encode_images tile without changing them.
     """
 
     def __init__(self, vae: AutoencoderKL, tiled: Optional[bool] = None, tile: int = TILE):

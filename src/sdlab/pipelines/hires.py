@@ -11,16 +11,20 @@ int(hires_steps / strength) steps, so "Hires steps: N" in the parameters means N
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InputError
-from .common import GenerationResult, Pipeline, Run, Start, check_seed, check_steps, check_strength, generate, random_seed
+from .checks import check_steps, check_strength, size_or_default
 from .images import to_pixels
-from .common import with_tiled_vae
+from .latents import with_tiled_vae
+from .options import HiresOptions, read_options
+from .pipeline import GenerationResult, Pipeline
+from .run import Run, Start, generate
+from .seeds import resolve_seed
 
 # sdlab name -> (the web UI's "Hires upscaler" name, torch interpolation mode; None: in pixel space)
 HIRES_UPSCALERS = {
@@ -77,53 +81,38 @@ def upscale_latents(latents: torch.Tensor, width: int, height: int, factor: int,
 
 
 @torch.no_grad()
-def hires_fix(
-    pipe: Pipeline,
-    prompt,
-    negative_prompt="",
-    *,
-    hires_scale: float = 2.0,
-    hires_strength: float = 0.5,
-    hires_steps: Optional[int] = None,
-    hires_upscaler: str = "latent",
-    steps: int = 20,
-    seed: Optional[int] = None,
-    width: Optional[int] = None,
-    height: Optional[int] = None,
-    latents: Optional[torch.Tensor] = None,
-    callback: Optional[Callable[[dict], None]] = None,
-    tiled_vae: Optional[bool] = None,
-    **options,
-) -> GenerationResult:
+def hires_fix(pipe: Pipeline, prompt, negative_prompt="", **settings) -> GenerationResult:
     """txt2img at width x height (the model's size by default), then `hires_steps` (default: `steps`)
     steps of img2img at `hires_scale` times the size with denoising strength `hires_strength`.
 
-    hires_upscaler: 'latent' (bilinear), 'latent-nearest-exact' or 'lanczos' (pixels, re-encoded).
-    Both passes share the seed and `options` (guidance_scale, batch_size, sampler, noise, clip_skip, eta,
-    loras, ...); `latents` replace the first pass's noise. `callback` gets each step's dict with
-    "pass": 1 or 2. tiled_vae: as in upscale(); checked for the large size before anything runs.
+    `settings`: the fields of options.HiresOptions and GenerationOptions. hires_upscaler: 'latent'
+    (bilinear), 'latent-nearest-exact' or 'lanczos' (pixels, re-encoded). Both passes share the seed
+    and the options (guidance_scale, batch_size, sampler, noise, clip_skip, eta, loras, ...); `latents`
+    replace the first pass's noise. `callback` gets each step's dict with "pass": 1 or 2. tiled_vae:
+    as in upscale(); checked for the large size before anything runs.
     The parameters written are the first pass's with the web UI's hires fields added.
     """
-    key = hires_upscaler_key(hires_upscaler)
+    options, hires = read_options("hires_fix", prompt, negative_prompt, settings, HiresOptions)
+    key = hires_upscaler_key(hires.hires_upscaler)
     label, mode = HIRES_UPSCALERS[key]
-    width = width or pipe.config.resolution
-    height = height or pipe.config.resolution
-    target_width, target_height = hires_size(width, height, hires_scale, pipe.latent_factor)
-    check_steps(steps)
-    hires_steps = steps if hires_steps is None else hires_steps
+    width, height = size_or_default(pipe, options.width, options.height)
+    target_width, target_height = hires_size(width, height, hires.hires_scale, pipe.latent_factor)
+    check_steps(options.steps)
+    hires_steps = options.steps if hires.hires_steps is None else hires.hires_steps
     check_steps(hires_steps)
-    check_strength(hires_strength)
-    total, strength = second_pass_steps(hires_steps, hires_strength, pipe.config.schedule.num_train_timesteps)
-    seed = check_seed(random_seed() if seed is None else seed)
-    tiled = with_tiled_vae(pipe, tiled_vae, target_width, target_height, options.get("batch_size", 1))
+    check_strength(hires.hires_strength)
+    total, strength = second_pass_steps(hires_steps, hires.hires_strength, pipe.config.schedule.num_train_timesteps)
+    seed = resolve_seed(options.seed)
+    tiled = with_tiled_vae(pipe, options.tiled_vae, target_width, target_height, options.batch_size)
+    callback = options.callback
 
     def in_pass(number: int):
         return None if callback is None else (lambda info: callback({**info, "pass": number}))
 
-    params = {"Denoising strength": hires_strength, "Hires upscale": hires_scale, "Hires steps": hires_steps,
-              "Hires upscaler": label}
-    first = generate(tiled, prompt, negative_prompt, steps=steps, seed=seed, width=width, height=height,
-                     latents=latents, callback=in_pass(1), params=params, **options)
+    params = {"Denoising strength": hires.hires_strength, "Hires upscale": hires.hires_scale,
+              "Hires steps": hires_steps, "Hires upscaler": label}
+    first = generate(tiled, dataclasses.replace(options, seed=seed, width=width, height=height, callback=in_pass(1)),
+                     params=params)
 
     if mode is not None:
         enlarged = upscale_latents(first.latents.cpu(), target_width, target_height, pipe.latent_factor, mode)
@@ -135,6 +124,7 @@ def hires_fix(
         def prepare(run: Run) -> Start:
             return Start(init_latents=run.encode(pixels))
 
-    second = generate(tiled, prompt, negative_prompt, steps=total, seed=seed, width=target_width,
-                      height=target_height, strength=strength, callback=in_pass(2), prepare=prepare, **options)
+    second_pass = dataclasses.replace(options, steps=total, seed=seed, width=target_width, height=target_height,
+                                      latents=None, callback=in_pass(2))
+    second = generate(tiled, second_pass, strength=strength, prepare=prepare)
     return GenerationResult(second.images, first.infotexts, first.seeds, second.latents)

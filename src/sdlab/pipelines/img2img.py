@@ -6,10 +6,14 @@ sigma of step steps - int(steps * strength) and sampled from there, as diffusers
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
-from .common import GenerationResult, Pipeline, Start, check_size, generate
+from .checks import check_side, check_size
 from .images import RESIZE_MODES, load_image, resize_image, resize_mode_key, to_pixels
+from .options import EditOptions, read_options
+from .pipeline import GenerationResult, Pipeline
+from .run import Start, generate
 
 
 def working_size(pipe: Pipeline, image_size: tuple[int, int], width: Optional[int], height: Optional[int]):
@@ -17,6 +21,9 @@ def working_size(pipe: Pipeline, image_size: tuple[int, int], width: Optional[in
     is given, rounded down to sides the UNet takes (8 px for SD; pipe.size_multiple)."""
     factor = pipe.size_multiple
     w, h = image_size
+    for name, value in (("width", width), ("height", height)):
+        if value is not None:
+            check_side(name, value)
     if width is None and height is None:
         width, height = w, h
     elif width is None:
@@ -29,31 +36,20 @@ def working_size(pipe: Pipeline, image_size: tuple[int, int], width: Optional[in
     return max(factor, width - width % factor), max(factor, height - height % factor)
 
 
-def img2img(
-    pipe: Pipeline,
-    prompt,
-    init_image,
-    negative_prompt="",
-    *,
-    strength: float = 0.75,
-    resize_mode: str = "just",
-    width: Optional[int] = None,
-    height: Optional[int] = None,
-    **options,
-) -> GenerationResult:
+def img2img(pipe: Pipeline, prompt, init_image, negative_prompt="", **settings) -> GenerationResult:
     """Repaint `init_image` (a PIL image or a file) towards `prompt`.
 
-    strength: 0 keeps the image (decoded after one VAE round trip), 1 repaints from noise that still
-    carries a trace of it. resize_mode: how the image meets width x height ('just', 'crop', 'fill';
-    images.resize_image). Every txt2img option works too (steps, guidance_scale, seed, batch_size,
-    sampler, noise, latents, clip_skip, eta, callback); `latents` replace the noise added to the image.
+    `settings`: options.EditOptions' strength (0 keeps the image, decoded after one VAE round trip; 1
+    repaints from noise that still carries a trace of it) and resize_mode (how the image meets width x
+    height: 'just', 'crop', 'fill'; images.resize_image), and every txt2img option (GenerationOptions);
+    width and height default to the image's size, and `latents` replace the noise added to the image.
     """
+    options, edit = read_options("img2img", prompt, negative_prompt, settings, EditOptions)
     image = load_image(init_image, "init image")
-    mode = resize_mode_key(resize_mode)
-    width, height = working_size(pipe, image.size, width, height)
+    mode = resize_mode_key(edit.resize_mode)
+    width, height = working_size(pipe, image.size, options.width, options.height)
     pixels = to_pixels(resize_image(image, width, height, mode))
     resized = image.size != (width, height)  # the mode only matters then, so only then is it recorded
-    params = {"Denoising strength": strength, "Resize mode": RESIZE_MODES[mode] if resized else None}
-    return generate(pipe, prompt, negative_prompt, width=width, height=height, strength=strength,
-                    prepare=lambda run: Start(init_latents=run.encode(pixels)), params=params, **options)
-
+    params = {"Denoising strength": edit.strength, "Resize mode": RESIZE_MODES[mode] if resized else None}
+    return generate(pipe, dataclasses.replace(options, width=width, height=height), strength=edit.strength,
+                    prepare=lambda run: Start(init_latents=run.encode(pixels)), params=params)

@@ -7,7 +7,7 @@ Two ways, chosen by the checkpoint:
   latents, mask, masked_image_latents); the masked image is the image with the masked pixels set
   to 0 (grey in [-1, 1]) and the mask binarised at 1/2.
 - any other UNet generates everywhere, and before each step the original latents, noised to the
-  step's sigma, are put back outside the mask (common.KeepOutsideMask), as diffusers does for
+  step's sigma, are put back outside the mask (masks.KeepOutsideMask), as diffusers does for
   4-channel UNets (RePaint-style blending without resampling, Lugmayr et al. 2022).
 Either way the decoded image is pasted over the original through the blurred mask, so pixels the
 blurred mask does not reach come back unchanged, as in the web UI.
@@ -15,18 +15,22 @@ blurred mask does not reach come back unchanged, as in the web UI.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from .common import GenerationResult, Pipeline, Start, check_size, generate
+from .checks import size_or_default
 from .images import (
     RESIZE_MODES, blur_mask, composite, crop_region, expand_to_aspect, fill_masked, load_image, load_mask,
     mask_to_tensor, resize_image, resize_mode_key, tensor_to_mask, to_pixels,
 )
 from .img2img import working_size
+from .options import EditOptions, GenerationOptions, MaskOptions, read_options
+from .pipeline import GenerationResult, Pipeline
+from .run import Start, generate
 
 # The web UI's "Masked content" (`inpainting_fill`), by its names.
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
@@ -46,27 +50,10 @@ def overlay_alpha(blurred: torch.Tensor) -> torch.Tensor:
     return (2 * blurred).clamp(0, 1)
 
 
-def inpaint(
-    pipe: Pipeline,
-    prompt,
-    init_image,
-    mask,
-    negative_prompt="",
-    *,
-    strength: float = 0.75,
-    mask_blur: float = 4,
-    only_masked: bool = False,
-    padding: int = 32,
-    fill: str = "original",
-    invert_mask: bool = False,
-    resize_mode: str = "just",
-    width: Optional[int] = None,
-    height: Optional[int] = None,
-    params: Optional[dict] = None,
-    **options,
-) -> GenerationResult:
+def inpaint(pipe: Pipeline, prompt, init_image, mask, negative_prompt="", **settings) -> GenerationResult:
     """Repaint the white area of `mask` in `init_image` (PIL images or files) towards `prompt`.
 
+    `settings`: the fields of options.MaskOptions, EditOptions and GenerationOptions.
     mask_blur: Gaussian sigma in px for the mask's edge. invert_mask: repaint the black area instead.
     fill: what the masked area starts from, the web UI's "Masked content": 'original', 'fill' (the
     surrounding colours, blurred), 'latent noise' (its latents replaced by the initial noise, as the
@@ -76,34 +63,39 @@ def inpaint(
     ratio, scaled to width x height (default: the model's native size), then scaled back and pasted;
     the image keeps its size and everything outside the box is untouched. Otherwise the image is
     brought to width x height (default: its own size, rounded down to pipe.size_multiple) by `resize_mode`.
-    params: more infotext fields (outpainting records its extension). Every txt2img option works too.
+    Every txt2img option works too.
     """
+    options, edit, masking = read_options("inpaint", prompt, negative_prompt, settings, EditOptions, MaskOptions)
+    return inpaint_image(pipe, init_image, mask, options, edit, masking)
+
+
+def inpaint_image(pipe: Pipeline, init_image, mask, options: GenerationOptions, edit: EditOptions,
+                  masking: MaskOptions, params: Optional[dict] = None) -> GenerationResult:
+    """inpaint() for options already read; `params`: more infotext fields (outpainting records its extension)."""
     image = load_image(init_image, "init image")
     mask_image = load_mask(mask, image.size)
-    fill = masked_content_key(fill)
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise InputError(f"masked area padding must be 0 or more pixels, got {padding!r}")
+    fill = masked_content_key(masking.fill)
+    if isinstance(masking.padding, bool) or not isinstance(masking.padding, int) or masking.padding < 0:
+        raise InputError(f"masked area padding must be 0 or more pixels, got {masking.padding!r}")
     painted = mask_to_tensor(mask_image)
-    if invert_mask:
+    if masking.invert_mask:
         painted = 1 - painted
     if painted.max() == 0:
         raise InputError("the mask is all black: nothing to inpaint; paint the area to repaint white"
-                         + (" (the mask is inverted: paint the area to keep white)" if invert_mask else ""))
-    blurred = blur_mask(painted, mask_blur)
+                         + (" (the mask is inverted: paint the area to keep white)" if masking.invert_mask else ""))
+    blurred = blur_mask(painted, masking.mask_blur)
     if blurred.max() < 0.5:
         raise InputError("no part of the mask is at least half white after blurring: nothing to inpaint; "
                          "paint the area to repaint white or lower the mask blur")
 
-    mode = resize_mode_key(resize_mode)
-    if only_masked:
-        width = width or pipe.config.resolution
-        height = height or pipe.config.resolution
-        check_size(width, height, pipe.latent_factor)
-        box = expand_to_aspect(crop_region(blurred, padding), width, height, *image.size)
+    mode = resize_mode_key(edit.resize_mode)
+    if masking.only_masked:
+        width, height = size_or_default(pipe, options.width, options.height)
+        box = expand_to_aspect(crop_region(blurred, masking.padding), width, height, *image.size)
         work_image = resize_image(image.crop(box), width, height, "fill")
         work_mask = resize_image(tensor_to_mask(blurred).crop(box), width, height, "fill")
     else:
-        width, height = working_size(pipe, image.size, width, height)
+        width, height = working_size(pipe, image.size, options.width, options.height)
         work_image = resize_image(image, width, height, mode)
         work_mask = resize_image(tensor_to_mask(blurred), width, height, mode)
     soft_mask = mask_to_tensor(work_mask)  # (H, W) at the working size, in 1/255 steps as the web UI's
@@ -137,19 +129,19 @@ def inpaint(
         return Start(init_latents=start_latents, keep_latents=init, repaint_mask=latent_mask)
 
     fields = {
-        "Denoising strength": strength,
-        "Resize mode": RESIZE_MODES[mode] if not only_masked and image.size != (width, height) else None,
-        "Mask blur": mask_blur,
-        "Inpaint area": "Only masked" if only_masked else None,
-        "Masked area padding": padding if only_masked else None,
-        "Mask mode": "Inpaint not masked" if invert_mask else None,
+        "Denoising strength": edit.strength,
+        "Resize mode": RESIZE_MODES[mode] if not masking.only_masked and image.size != (width, height) else None,
+        "Mask blur": masking.mask_blur,
+        "Inpaint area": "Only masked" if masking.only_masked else None,
+        "Masked area padding": masking.padding if masking.only_masked else None,
+        "Mask mode": "Inpaint not masked" if masking.invert_mask else None,
         "Masked content": fill,
         **(params or {}),
     }
-    result = generate(pipe, prompt, negative_prompt, width=width, height=height, strength=strength,
-                      prepare=prepare, params=fields, **options)
+    result = generate(pipe, dataclasses.replace(options, width=width, height=height), strength=edit.strength,
+                      prepare=prepare, params=fields)
 
-    if only_masked:
+    if masking.only_masked:
         x1, y1, x2, y2 = box
         pasted = []
         for generated in result.images:

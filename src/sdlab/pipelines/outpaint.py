@@ -7,15 +7,17 @@ denoiser begins from the right colours without copying the stripes; the mask cov
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
 
 import torch
 from PIL import Image
 
 from ..errors import InputError
-from .common import GenerationResult, Pipeline, check_seed, random_seed
 from .images import load_image, pad_by_stretching, tensor_to_mask, to_pixels
-from .inpaint import inpaint
+from .inpaint import inpaint_image
+from .options import EditOptions, MaskOptions, OutpaintOptions, read_options
+from .pipeline import GenerationResult, Pipeline
+from .seeds import resolve_seed
 
 SIDES = ("left", "right", "top", "bottom")
 MARGIN_NOISE = 0.1  # std of the Gaussian noise on the stretched margins, in [-1, 1] pixel units
@@ -72,32 +74,24 @@ def outpaint_mask(image_size: tuple[int, int], sides: dict[str, int], overlap: i
     return mask
 
 
-def outpaint(
-    pipe: Pipeline,
-    prompt,
-    init_image,
-    negative_prompt="",
-    *,
-    extend,
-    overlap: int = 8,
-    strength: float = 0.8,
-    mask_blur: float = 4,
-    seed: Optional[int] = None,
-    **options,
-) -> GenerationResult:
+def outpaint(pipe: Pipeline, prompt, init_image, negative_prompt="", **settings) -> GenerationResult:
     """Extend `init_image` by `extend` px per side ({"left": 64, ...} or "left=64,bottom=64") and paint
     the new area for `prompt`. The result is the canvas rounded up to sides the UNet takes
-    (pipe.size_multiple: 8 px for SD) with the image at offset (left, top), unscaled. Other options
-    are inpaint's (fill, invert_mask, only_masked, ...) and txt2img's.
+    (pipe.size_multiple: 8 px for SD) with the image at offset (left, top), unscaled. `settings`: the
+    fields of options.OutpaintOptions (extend, overlap, strength), MaskOptions (fill, invert_mask,
+    only_masked, ...) and GenerationOptions but width and height.
     """
+    for name in ("width", "height", "resize_mode", "params"):
+        if name in settings:
+            raise InputError(f"outpaint sets {name} itself from the image and the extension")
+    options, outpainting, masking = read_options("outpaint", prompt, negative_prompt, settings,
+                                                 OutpaintOptions, MaskOptions)
     image = load_image(init_image, "init image")
+    overlap = outpainting.overlap
     if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
         raise InputError(f"overlap must be 0 or more pixels, got {overlap!r}")
-    for name in ("width", "height", "resize_mode", "params"):
-        if name in options:
-            raise InputError(f"outpaint sets {name} itself from the image and the extension")
-    sides = round_canvas(image.size, parse_extend(extend), pipe.size_multiple)
-    seed = check_seed(random_seed() if seed is None else seed)
+    sides = round_canvas(image.size, parse_extend(outpainting.extend), pipe.size_multiple)
+    seed = resolve_seed(options.seed)
     canvas = pad_by_stretching(image, sides["left"], sides["right"], sides["top"], sides["bottom"])
     width, height = canvas.size
 
@@ -108,5 +102,6 @@ def outpaint(
     mask = outpaint_mask(image.size, sides, overlap)
 
     fields = {"Outpaint extend": ",".join(f"{side}={sides[side]}" for side in SIDES), "Outpaint overlap": overlap}
-    return inpaint(pipe, prompt, start, tensor_to_mask(mask), negative_prompt, strength=strength, mask_blur=mask_blur,
-                   width=width, height=height, seed=seed, params=fields, **options)
+    options = dataclasses.replace(options, width=width, height=height, seed=seed)
+    return inpaint_image(pipe, start, tensor_to_mask(mask), options, EditOptions(strength=outpainting.strength),
+                         masking, params=fields)

@@ -11,16 +11,19 @@ random draws from diffusers' StableDiffusionUpscalePipeline (image noise first, 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import dataclasses
 
 import torch
 
 from ..checkpoint.detect import X4_SCALING_FACTOR, X4_SCHEDULE
-from ..config import DEFAULT_SAMPLER, OPEN_CLIP_H, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
+from ..config import OPEN_CLIP_H, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
 from ..errors import InputError
 from ..schedules import alphas_cumprod
-from .common import GenerationResult, Pipeline, Run, Start, check_seed, generate, random_seed, with_tiled_vae
 from .images import load_image, to_pixels
+from .latents import with_tiled_vae
+from .options import UpscaleOptions, read_options
+from .pipeline import GenerationResult, Pipeline
+from .run import Run, Start, generate
 
 # x4-upscaling.yaml: 1000 noise-level classes (only 0..350 trained), attention at 2x, 4x and 8x
 # downsampling (levels 1-3), cross-attention only on levels 1 and 2 (the yaml also flags level 0, which
@@ -90,39 +93,25 @@ def low_res_pixels(image) -> torch.Tensor:
 
 
 @torch.no_grad()
-def upscale(
-    pipe: Pipeline,
-    image,
-    prompt,
-    negative_prompt="",
-    *,
-    noise_level: int = 20,
-    steps: int = 20,
-    guidance_scale: float = 9.0,
-    seed: Optional[int] = None,
-    sampler: str = DEFAULT_SAMPLER,
-    noise: str = "diffusers",
-    latents: Optional[torch.Tensor] = None,
-    clip_skip: int = 1,
-    eta: Optional[float] = None,
-    callback: Optional[Callable[[dict], None]] = None,
-    tiled_vae: Optional[bool] = None,
-    **options,
-) -> GenerationResult:
+def upscale(pipe: Pipeline, image, prompt, negative_prompt="", **settings) -> GenerationResult:
     """Images 4 times larger than `image` (a PIL image, a file, or a list of them: one per batch item).
 
-    noise_level: 0..350, how much the input is noised before the model sees it (diffusers' default 20).
-    prompt: what the image shows (one text, or one per image); it guides the details the model adds.
-    guidance_scale 9 is diffusers' default for this model. tiled_vae: decode in tiles (True), not
-    (False), or above a megapixel (None). Other options as txt2img (`latents` replace the initial noise;
-    `options`: loras, lora_dirs, lora_mode).
+    `settings`: options.UpscaleOptions' noise_level (0..350, how much the input is noised before the
+    model sees it; diffusers' default 20) and GenerationOptions but width, height and batch_size, which
+    the images give. prompt: what the image shows (one text, or one per image); it guides the details
+    the model adds. guidance_scale defaults to 9, diffusers' default for this model. tiled_vae: decode
+    in tiles (True), not (False), or above a megapixel (None). `latents` replace the initial noise.
     """
+    for name in ("width", "height", "batch_size"):
+        if name in settings:
+            raise InputError(f"upscale sets {name} itself: 4 times the image's size, one image per input image")
+    settings = {"guidance_scale": 9.0, **settings}  # diffusers' default for this model
+    options, upscaling = read_options("upscale", prompt, negative_prompt, settings, UpscaleOptions)
     check_upscaler(pipe)
-    noise_level = check_noise_level(noise_level)
+    noise_level = check_noise_level(upscaling.noise_level)
     pixels = low_res_pixels(image)
     batch_size, _, height, width = pixels.shape
-    seed = check_seed(random_seed() if seed is None else seed)
-    tiled = with_tiled_vae(pipe, tiled_vae, width * SCALE, height * SCALE, batch_size)
+    tiled = with_tiled_vae(pipe, options.tiled_vae, width * SCALE, height * SCALE, batch_size)
 
     def prepare(run: Run) -> Start:
         # diffusers draws the image's noise from the pipeline's generator before the latents; the other
@@ -133,9 +122,5 @@ def upscale(
         noised = noise_low_res(pixels, eps, noise_level)
         return Start(conditioning={"concat": noised, "y": torch.full((batch_size,), noise_level, dtype=torch.long)})
 
-    return generate(
-        tiled, prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
-        width=width * SCALE, height=height * SCALE, batch_size=batch_size, sampler=sampler, noise=noise,
-        latents=latents, clip_skip=clip_skip, eta=eta, callback=callback, prepare=prepare,
-        params={"Noise level": noise_level}, **options,
-    )
+    options = dataclasses.replace(options, width=width * SCALE, height=height * SCALE, batch_size=batch_size)
+    return generate(tiled, options, prepare=prepare, params={"Noise level": noise_level})

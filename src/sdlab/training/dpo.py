@@ -120,7 +120,7 @@ def make_pairs(path: Path, config: TrainConfig, model_config: ModelConfig, unet:
                text_encoder: nn.Module) -> Path:
     """OUT/pairs.npz: --base's pictures of the pair captions, their verdicts and the pairs; kept if it
     exists with the same settings. Rank 0 draws, the other ranks wait."""
-    from ..pipelines.common import Pipeline
+    from ..pipelines.api import StableDiffusion as Pipeline
     from ..progress import ProgressBar
 
     settings = pair_settings(config)

@@ -42,7 +42,7 @@ def generate_class_images(folder: Path, count: int, model_config: ModelConfig, u
                           options: DreamBoothOptions, size: int, seed: int) -> list[Path]:
     """OUT/class_images/0000.png ...: image i is txt2img of the class prompt with seed + i, so the set is
     the same however often a run stops; files already there are kept."""
-    from ..pipelines.common import Pipeline
+    from ..pipelines.api import StableDiffusion as Pipeline
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{i:04d}.png" for i in range(count)]

@@ -138,7 +138,7 @@ class InpaintTrainer(UNetFamilyTrainer):
     @torch.no_grad()
     def validate(self, model: nn.Module, examples, step: int, out_dir: Path) -> None:
         """Each validation image with a fixed mask, and the model's inpainting of it."""
-        from ..pipelines.common import Pipeline
+        from ..pipelines.api import StableDiffusion as Pipeline
 
         device = next(model.parameters()).device
         pipe = Pipeline(self.model_config, model, self.vae, self.text_encoder, device, torch.float32)

@@ -115,7 +115,7 @@ def loss_weights(alphas_cumprod: torch.Tensor, prediction: str, min_snr_gamma: O
 def validation_grid(model_config: ModelConfig, unet, vae, text_encoder, prompts: list[str], size: int, steps: int,
                     seed: int, path: Path, guidance_scale: float = 5.0) -> None:
     """txt2img of `prompts` with the model as it trains, one row, saved to `path`."""
-    from ..pipelines.common import Pipeline
+    from ..pipelines.api import StableDiffusion as Pipeline
 
     device = next(unet.parameters()).device
     pipe = Pipeline(model_config, unet, vae, text_encoder, device, torch.float32)

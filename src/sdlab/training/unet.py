@@ -234,7 +234,7 @@ class UNetTrainer(UNetFamilyTrainer):
     @torch.no_grad()
     def validate(self, model: nn.Module, examples, step: int, out_dir: Path) -> None:
         """Images sampled from the validation prompts with the model being trained (its EMA)."""
-        from ..pipelines.common import Pipeline
+        from ..pipelines.api import StableDiffusion as Pipeline
 
         options: UNetOptions = self.options
         prompts = list(options.validation_prompts) or [caption for _, caption in examples]

@@ -109,7 +109,7 @@ class UpscaleTrainer(UNetFamilyTrainer):
     @torch.no_grad()
     def validate(self, model: nn.Module, examples, step: int, out_dir: Path) -> None:
         """Low-res input, the model's upscaling and the original, per validation image."""
-        from ..pipelines.common import Pipeline
+        from ..pipelines.pipeline import Pipeline
         from ..pipelines.upscale import upscale
 
         device = next(model.parameters()).device

@@ -1,0 +1,31 @@
+"""Each image's generation parameters in the web UI's words: the fields of its `parameters` text."""
+
+from __future__ import annotations
+
+from .. import __version__
+from .pipeline import Pipeline
+
+_RNG_NAMES = {"a1111-cpu": "CPU", "a1111-gpu": "NV"}
+
+
+def generation_params(pipe: Pipeline, *, steps, sampler, guidance_scale, seed, width, height, noise,
+                      clip_skip=1, batch_size=1, batch_pos=0, extra=None) -> dict:
+    """The web UI's field names and order; sdlab-only fields come after them."""
+    params = {
+        "Steps": steps,
+        "Sampler": sampler,
+        "CFG scale": guidance_scale,
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model hash": pipe.model_hash,
+        "Model": pipe.model_name,
+        "Clip skip": clip_skip if clip_skip != 1 else None,
+        "Batch size": batch_size if batch_size > 1 else None,
+        "Batch pos": batch_pos if batch_size > 1 else None,
+        "RNG": _RNG_NAMES.get(noise),
+        "Noise": noise if noise not in _RNG_NAMES else None,
+        "Prediction": pipe.config.prediction if pipe.config.prediction != "epsilon" else None,
+    }
+    params.update(extra or {})
+    params["Version"] = f"sdlab {__version__}"
+    return params

@@ -1,0 +1,77 @@
+"""A loaded model as every pipeline takes it, and what every pipeline returns.
+
+This module knows no pipeline: txt2img, img2img, ... are functions of a `Pipeline` (their own files),
+and api.py binds them to it as methods.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from PIL import Image
+
+from ..config import ModelConfig
+from .hashes import model_hash
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    infotexts: list[str]  # the web UI's `parameters` text, one per image
+    seeds: list[int]
+    latents: Optional[torch.Tensor] = None  # final latents (B, C, h, w), before decoding
+
+
+@dataclass
+class Pipeline:
+    """A loaded model: its config, the three networks, and where they compute."""
+
+    config: ModelConfig
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    model_name: str = "model"
+    model_path: Optional[str] = None
+
+    @property
+    def latent_factor(self) -> int:
+        return self.config.vae.downsample_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor (8 px for SD). The UNet takes any latent
+        size (its up path follows the skip connections' sizes, as diffusers' does)."""
+        return self.latent_factor
+
+    @property
+    def model_hash(self) -> Optional[str]:
+        return model_hash(self.model_path) if self.model_path else None
+
+
+def load_pipeline(path=None, prediction=None, device=None, dtype=None, task: str = "txt2img",
+                  pipeline_type: type[Pipeline] = Pipeline) -> Pipeline:
+    """A pipeline from a single-file checkpoint, a diffusers folder, 'demo', or (path None) the bundled
+    model for `task` ("txt2img", "inpaint", "upscale"). `pipeline_type`: Pipeline or a subclass of it
+    (sdlab.load asks for api.StableDiffusion, the one with the pipelines as methods)."""
+    from .. import bundled, devices
+    from ..checkpoint.load import load_components
+
+    dev, dt = devices.resolve(device, dtype)
+    if path is None:
+        path = bundled.default_model_path(task)
+    if path == "demo":
+        config, unet, vae, text_encoder = bundled.demo_components()
+        name = "sdlab-demo-random"
+    else:
+        components = load_components(path, prediction=prediction)
+        config, unet, vae, text_encoder = components.config, components.unet, components.vae, components.text_encoder
+        name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    unet.to(dev, dt).eval()
+    text_encoder.to(dev, dt).eval()
+    vae.to(dev, torch.float32 if dev.type == "cpu" else dt).eval()
+    return pipeline_type(config, unet, vae, text_encoder, dev, dt, name, None if path == "demo" else path)

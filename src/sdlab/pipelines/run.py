@@ -1,0 +1,169 @@
+"""The denoising run every pipeline shares: check the settings, seed the noise, condition on the
+prompts, sample, decode, describe each image in the web UI's words.
+
+A pipeline customises it with a small `prepare(run) -> Start` (init latents, extra UNet inputs, latent
+blending) and its own infotext fields (STYLE principle 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..adapters import apply_prompt_adapters
+from ..denoisers import Denoiser
+from ..errors import InputError
+from ..guidance import CFGDenoiser
+from ..infotext import format_infotext
+from ..samplers import resolve_sampler, sample, sampler_sigmas
+from .checks import as_list, check_batch_size, check_noise, check_prompts, check_steps, check_strength, size_or_default
+from .latents import decode_latents, encode_posterior, with_tiled_vae
+from .masks import KeepOutsideMask, unmasked_concat
+from .options import GenerationOptions
+from .params import generation_params
+from .pipeline import GenerationResult, Pipeline
+from .seeds import NoiseDraws, image_seeds, resolve_seed
+from .text import encode_text
+
+
+@dataclass
+class Run:
+    """The checked settings and random numbers of one generation, as a pipeline's `prepare` sees them."""
+
+    pipe: Pipeline
+    batch_size: int
+    width: int
+    height: int
+    seed: int
+    steps: int
+    start_step: int  # steps skipped: steps - int(steps * strength)
+    draws: NoiseDraws
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return self.draws.shape
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) pixels in [-1, 1] -> scaled latents (batch_size, C, h, w), one posterior draw.
+
+        N = 1 (one image for the whole batch) or batch_size; diffusers encodes the image once and
+        repeats its latents over the batch, and so draws the posterior noise for N images only.
+        Float32 on the CPU, like the noise: `prepare` mixes them freely and `generate` moves the result."""
+        if pixels.shape[0] not in (1, self.batch_size):
+            raise InputError(f"got {pixels.shape[0]} images for a batch of {self.batch_size}")
+        posterior = encode_posterior(self.pipe, pixels)
+        mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
+        eps = self.draws.posterior(mean.shape)
+        z = mean if eps is None else mean + std * eps
+        latents = z * self.pipe.config.vae.scaling_factor
+        return latents.expand(self.batch_size, -1, -1, -1).contiguous()
+
+
+@dataclass
+class Start:
+    """What an editing pipeline changes in the shared run; txt2img changes nothing.
+
+    init_latents (B, C, h, w): clean latents noised to the first sigma used (img2img); required
+    when strength < 1. conditioning: UNet inputs both CFG halves share, e.g. {"concat": (B, 5, h, w)}
+    (inpainting UNets' mask + masked-image latents) or {"y": (B,)}. keep_latents + repaint_mask
+    (B, 1, h, w), 1 = repaint: inpainting with an ordinary UNet (masks.KeepOutsideMask).
+    """
+
+    init_latents: Optional[torch.Tensor] = None
+    conditioning: dict = field(default_factory=dict)
+    keep_latents: Optional[torch.Tensor] = None
+    repaint_mask: Optional[torch.Tensor] = None
+
+
+def make_denoiser(pipe: Pipeline, cond, uncond, guidance_scale: float, sampler=None, sigmas=None, **extra):
+    """The sampler's `model(x, sigma) -> denoised`: UNet + prediction-type wrapper + CFG.
+
+    `sampler` (a SamplerSpec) says whether the UNet's timestep is rounded, as diffusers does for
+    DPM++ 2M Karras; `sigmas` (the schedule the sampler walks) let scheduled conditioning find the
+    step; `extra` is conditioning both CFG halves share (`concat`, `y`), which the UNet takes as is."""
+    denoiser = Denoiser(pipe.unet, pipe.config.schedule, pipe.config.prediction,
+                        quantize=bool(sampler is not None and sampler.quantize))
+    return CFGDenoiser(denoiser, cond, uncond, guidance_scale, sigmas=sigmas, **extra)
+
+
+@torch.no_grad()
+def generate(
+    pipe: Pipeline,
+    options: GenerationOptions,
+    *,
+    strength: float = 1.0,
+    prepare: Optional[Callable[[Run], Start]] = None,
+    params: Optional[dict] = None,
+) -> GenerationResult:
+    """The denoising run of every pipeline, for `options` (options.GenerationOptions).
+
+    The pipelines differ only in `prepare(run) -> Start` and in `params`, their extra infotext fields.
+    `strength` < 1 skips the first steps - int(steps * strength) steps, as diffusers' img2img does;
+    with no step left the init latents are decoded as they are. LoRAs (`options.loras` and the prompts'
+    `<lora:name:w>` tags) are applied before encoding, merged or on the fly (`options.lora_mode`).
+    """
+    width, height = size_or_default(pipe, options.width, options.height)
+    check_steps(options.steps)
+    check_noise(options.noise)
+    check_strength(strength)
+    spec = resolve_sampler(options.sampler)
+    check_batch_size(options.batch_size)
+    pipe = with_tiled_vae(pipe, options.tiled_vae, width, height, options.batch_size)
+    prompts = as_list(options.prompt, options.batch_size, "prompt")
+    negatives = as_list(options.negative_prompt, options.batch_size, "negative prompt")
+    clean, clean_negatives, adapter_fields = apply_prompt_adapters(
+        pipe, prompts, negatives, loras=options.loras, lora_search=options.lora_dirs, mode=options.lora_mode)
+    check_prompts(clean, clean_negatives)
+    seed = resolve_seed(options.seed)
+
+    shape = (pipe.config.latent_channels, height // pipe.latent_factor, width // pipe.latent_factor)
+    if options.latents is not None and tuple(options.latents.shape) != (options.batch_size, *shape):
+        raise InputError(f"latents must have shape {(options.batch_size, *shape)}, got {tuple(options.latents.shape)}")
+    denoise_steps = min(int(options.steps * strength), options.steps)
+    run = Run(pipe, options.batch_size, width, height, seed, options.steps, options.steps - denoise_steps,
+              NoiseDraws(options.noise, seed, options.batch_size, shape, options.latents))
+    start = prepare(run) if prepare is not None else Start()
+    if run.start_step and start.init_latents is None:
+        raise InputError(f"denoising strength {strength} needs an init image to start from")
+    initial_noise = run.draws.initial()
+
+    conditioning = dict(start.conditioning)
+    if pipe.config.unet.in_channels == shape[0] + 5 and "concat" not in conditioning:
+        conditioning["concat"] = unmasked_concat(pipe, options.batch_size, width, height)
+    extra_channels = conditioning["concat"].shape[1] if "concat" in conditioning else 0
+    if pipe.config.unet.in_channels != shape[0] + extra_channels:
+        raise InputError(f"{pipe.config.name}: this UNet takes {pipe.config.unet.in_channels} input channels, "
+                         f"this pipeline gives it {shape[0] + extra_channels}; use the pipeline made for it")
+    conditioning = {key: value.to(pipe.device) for key, value in conditioning.items()}
+
+    if denoise_steps == 0:
+        latents = start.init_latents.to(pipe.device)
+    else:
+        cond, uncond = encode_text(pipe, clean, clean_negatives, options.clip_skip, steps=denoise_steps)
+        sigmas = sampler_sigmas(spec, pipe.config.schedule, options.steps)[run.start_step:]
+        model = make_denoiser(pipe, cond, uncond, options.guidance_scale, sampler=spec, sigmas=sigmas, **conditioning)
+        if start.repaint_mask is not None:
+            model = KeepOutsideMask(model, start.keep_latents.to(pipe.device, torch.float32),
+                                    initial_noise.to(pipe.device), start.repaint_mask.to(pipe.device, torch.float32))
+        init = start.init_latents.to(pipe.device, torch.float32) if start.init_latents is not None else None
+        latents = sample(
+            spec, model, initial_noise.to(pipe.device, torch.float32), pipe.config.schedule, options.steps,
+            step_noise=lambda: run.draws.step().to(pipe.device), eta=options.eta, callback=options.callback,
+            start_step=run.start_step, init_latents=init,
+        )
+        if start.repaint_mask is not None:
+            latents = model.finish(latents)
+    images = decode_latents(pipe, latents)
+
+    seeds = image_seeds(seed, options.batch_size, options.noise)
+    infotexts = []
+    for i, image_seed in enumerate(seeds):
+        fields = generation_params(
+            pipe, steps=options.steps, sampler=spec.name, guidance_scale=options.guidance_scale, seed=image_seed,
+            width=width, height=height, noise=options.noise, clip_skip=options.clip_skip, batch_size=options.batch_size,
+            batch_pos=i, extra={**(params or {}), **adapter_fields, "Eta": options.eta},
+        )
+        infotexts.append(format_infotext(prompts[i], negatives[i], fields))
+    return GenerationResult(images, infotexts, seeds, latents)
