@@ -43,7 +43,7 @@ from ..errors import ConfigError, InputError
 from . import components, distributed
 from .config import DPOOptions, TrainConfig
 from .data import Batch
-from .lora import encode_text, noised
+from .diffusion import draw_noise, encode_text, noised, prediction_errors
 from .loop import atomic_write
 from .unet import UNetFamilyTrainer, UNetTrainer
 
@@ -214,7 +214,7 @@ class DPOTrainer(UNetFamilyTrainer):
 
     def errors(self, unet: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
                target: torch.Tensor) -> torch.Tensor:
-        return (unet(noisy, timesteps, text).float() - target).pow(2).mean(dim=(1, 2, 3))
+        return prediction_errors(unet(noisy, timesteps, text), target)
 
     def loss(self, batch: Batch):
         options: DPOOptions = self.options
@@ -223,9 +223,8 @@ class DPOTrainer(UNetFamilyTrainer):
             latents = self.vae.encode(batch.images.flatten(0, 1)).mean.float() * self.model_config.vae.scaling_factor
             text = encode_text(self.text_encoder, self.model_config, batch.captions,
                                batch.images.device).repeat_interleave(2, dim=0)
-        noise = batch.randn(*latents.shape[1:]).repeat_interleave(2, dim=0)  # one noise and timestep per pair
-        timesteps = batch.randint(self.model_config.schedule.num_train_timesteps).repeat_interleave(2)
-        a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        noise, timesteps, a = draw_noise(latents, batch, self.alphas_cumprod)  # one noise and timestep per pair
+        noise, timesteps, a = (x.repeat_interleave(2, dim=0) for x in (noise, timesteps, a))
         noisy, target = noised(latents, noise, a, self.model_config.prediction)
         errors = self.errors(self.unet, noisy, timesteps, text, target).view(b, 2)
         with torch.no_grad():

@@ -46,7 +46,7 @@ from ..tokenizer import get_tokenizer
 from . import components, grounding, recolour, scene_contrast
 from .config import TrainConfig, UNetOptions
 from .data import Batch
-from .lora import loss_weights, noised
+from .diffusion import loss_weights, noised
 from .plots import image_grid
 from .relation_contrast import contrasted, mirrored_denoising, relation_contrast
 
