@@ -66,7 +66,7 @@ def _load_and_evaluate(args, task: str, total: int, evaluate):
 
 
 def cmd_eval_shapes(args) -> int:
-    from .shapes_eval import GROUPS, evaluate, format_table, table, write_report
+    from ..shapes.evaluation import GROUPS, evaluate, format_table, table, write_report
 
     if args.captions < 1:
         raise InputError(f"--captions must be at least 1, got {args.captions}")
@@ -99,11 +99,11 @@ def _run_edit_eval(args, task: str, total: int, evaluate):
 
 
 def cmd_eval_inpaint(args) -> int:
-    from .edit_eval import evaluate_inpainting
+    from ..shapes.edit_eval import evaluate_inpainting
 
     rates = _run_edit_eval(args, "inpaint", 2 * args.cases, lambda pipe, progress: evaluate_inpainting(
         pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, progress=progress))
-    from .shapes_eval import wilson_interval
+    from ..shapes.evaluation import wilson_interval
 
     def rate(key: str) -> str:
         low, high = wilson_interval(round(rates[key] * args.cases), args.cases)
@@ -116,7 +116,7 @@ def cmd_eval_inpaint(args) -> int:
 
 
 def cmd_eval_upscale(args) -> int:
-    from .edit_eval import evaluate_upscaling
+    from ..shapes.edit_eval import evaluate_upscaling
 
     psnr = _run_edit_eval(args, "upscale", args.cases, lambda pipe, progress: evaluate_upscaling(
         pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import shapes  # noqa: F401  the bundled model's trainers, data and [shapes] section register themselves
 from .config import TRAINER_OPTIONS, load_config, parse_assignment
 
 TRAINER_HELP = {

@@ -23,6 +23,7 @@ most the steps since it.
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import os
 import random
@@ -38,17 +39,17 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from ..errors import ConfigError
 from ..progress import ProgressBar
 from . import distributed, sharding
-from .config import RESUMABLE_CHANGES, TrainConfig
-from .data import batches, open_data
+from .config import RESUMABLE_CHANGES, TrainConfig, trainer_module
+from .data import batches, training_data
 from .plots import loss_plot
 
 STATE_FILE = "train_state.pt"
 
 
 def build_trainer(config: TrainConfig, device: torch.device) -> torch.nn.Module:
-    import importlib
-
-    return importlib.import_module(f"{__package__}.{config.trainer}").build(config, device)
+    """`build(config, device)` of the trainer's module (config.trainer_module): sdlab.training's own, or
+    one a package registered."""
+    return importlib.import_module(trainer_module(config)).build(config, device)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -237,8 +238,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
     if hasattr(trainer, "training_data"):
         data = trainer.training_data(size)
     else:
-        data = open_data(config.data, size, config.crop, config.flip, config.seed, verbose=main,
-                         single_object_fraction=config.single_object_fraction)
+        data = training_data(config, size, verbose=main)
     validation_examples = data.validation_examples(config.validation_images)
     micro_batches = batches(data, start_step, config.steps, config.batch_size, config.grad_accum, ctx.rank,
                             ctx.world_size, config.num_workers, config.seed, device)
