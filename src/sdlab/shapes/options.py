@@ -78,9 +78,9 @@ UNET_OPTIONS = {
     "grounding_loss": "it finds each object by its palette colour",
 }
 OPTION_TRAINERS = {**dict.fromkeys(UNET_OPTIONS, "unet"), "object_masks": "inpaint", "hard_negatives": "text"}
+# why each option needs data = "shapes" (hard negatives need only captions in the shapes grammar, a folder's too)
 WHY = {**UNET_OPTIONS, "single_object_fraction": "it mixes the shapes set's scenes",
-       "object_masks": "it finds the objects by their palette colours",
-       "hard_negatives": "it turns the shapes grammar's relations round"}
+       "object_masks": "it finds the objects by their palette colours"}
 
 
 def shapes_options(config: TrainConfig) -> ShapesOptions:
@@ -91,10 +91,10 @@ def shapes_options(config: TrainConfig) -> ShapesOptions:
 def check_shapes_options(config: TrainConfig, source: str) -> None:
     options = shapes_options(config)
     defaults = ShapesOptions()
-    for name in WHY:
+    for name in (*WHY, "hard_negatives"):
         if getattr(options, name) == getattr(defaults, name):
             continue
-        if config.data != "shapes":
+        if name in WHY and config.data != "shapes":
             raise ConfigError(f"{source}: 'shapes.{name}' is for the shapes data ({WHY[name]}), not {config.data}")
         trainer = OPTION_TRAINERS.get(name, config.trainer)
         if trainer != config.trainer:
