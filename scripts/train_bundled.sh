@@ -24,11 +24,11 @@ stage unet unet recipes/shapes-unet.toml --base "$runs/shapes-text/last.safetens
 stage unet-text unet recipes/shapes-unet-text.toml --base "$runs/shapes-unet/last.safetensors"
 # step 5 in three runs of one recipe (see its comments), then step 6
 stage relation-a unet recipes/shapes-relation.toml --base "$runs/shapes-unet-text/last.safetensors" \
-  --set steps=750 --set lr_schedule_steps=2000 --set ema_decay=0 --set unet.relation_contrast_min_timestep=0
+  --set steps=750 --set lr_schedule_steps=2000 --set ema_decay=0 --set shapes.relation_contrast_min_timestep=0
 stage relation-b unet recipes/shapes-relation.toml --base "$runs/shapes-relation-a/last.safetensors" \
   --set steps=1500 --set ema_decay=0.998
 stage relation-c unet recipes/shapes-relation.toml --base "$runs/shapes-relation-b/last.safetensors" \
-  --set unet.relation_contrast_min_timestep=850
+  --set shapes.relation_contrast_min_timestep=850
 stage relation-repair unet recipes/shapes-relation-repair.toml --base "$runs/shapes-relation-c/last.safetensors"
 stage relation-mirror unet recipes/shapes-relation-mirror.toml --base "$runs/shapes-relation-repair/last.safetensors"
 stage relation-mirror-2 unet recipes/shapes-relation-mirror.toml --base "$runs/shapes-relation-mirror/last.safetensors"
@@ -39,9 +39,9 @@ final="$runs/shapes-dpo-2/last.safetensors"
 stage inpaint inpaint recipes/shapes-inpaint.toml --base "$final"
 stage inpaint-objects inpaint recipes/shapes-inpaint-objects.toml --base "$runs/shapes-inpaint/last.safetensors"
 stage inpaint-objects-2 inpaint recipes/shapes-inpaint-objects.toml --base "$runs/shapes-inpaint-objects/last.safetensors" \
-  --set inpaint.object_masks=0.7
+  --set shapes.object_masks=0.7
 stage inpaint-objects-3 inpaint recipes/shapes-inpaint-objects.toml --base "$runs/shapes-inpaint-objects-2/last.safetensors" \
-  --set inpaint.object_masks=0.7
+  --set shapes.object_masks=0.7
 stage upscale upscale recipes/shapes-upscale.toml --base "$final"
 $python -c "import sys, sdlab.bundled as b; print(*b.package(*sys.argv[1:]), sep='\n')" \
   "$final" "$runs/shapes-inpaint-objects-3/last.safetensors" "$runs/shapes-upscale/last.safetensors"

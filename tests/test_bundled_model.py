@@ -15,7 +15,7 @@ import sdlab
 from sdlab import bundled
 from sdlab.checkpoint.io import read_state_dict
 from sdlab.cli import main
-from sdlab.eval.shapes_check import check
+from sdlab.shapes.check import check
 from sdlab.training.components import resolve_model_config
 
 REFERENCE = Path(__file__).parent / "data" / "bundled-red-circle-seed0.png"
@@ -74,7 +74,7 @@ def test_a_seed_gives_the_stored_image(pipe):
 
 
 def test_a_reduced_evaluation_stays_above_the_floor(pipe):
-    from sdlab.eval.shapes_eval import evaluate, table
+    from sdlab.shapes.evaluation import evaluate, table
 
     rates = table(evaluate(pipe, n=30, seed=123, with_paraphrases=False))
     for group, floors in FLOORS.items():
@@ -85,7 +85,7 @@ def test_a_reduced_evaluation_stays_above_the_floor(pipe):
 def test_the_vae_gives_back_every_colour_on_every_background(pipe):
     """Rendered scenes, encoded and decoded: the checker reads each object's colour back. Measured 108 of
     108; the VAE shipped before its decoder was fine-tuned turned 5 orange objects on white yellow."""
-    from sdlab.data.shapes import BACKGROUNDS, COLOURS, render, scene_from_caption, to_tensor
+    from sdlab.shapes.dataset import BACKGROUNDS, COLOURS, render, scene_from_caption, to_tensor
     from sdlab.pipelines.latents import decode_latents, encode_posterior
 
     rng = np.random.default_rng(0)
@@ -101,7 +101,7 @@ def test_the_vae_gives_back_every_colour_on_every_background(pipe):
 
 
 def test_the_inpainting_model_erases_shapes_and_draws_asked_for_ones():
-    from sdlab.eval.edit_eval import evaluate_inpainting
+    from sdlab.shapes.edit_eval import evaluate_inpainting
 
     rates = evaluate_inpainting(sdlab.load(task="inpaint"), n=6, seed=7)
     assert rates["erase"] >= ERASE_FLOOR, rates
@@ -111,8 +111,8 @@ def test_the_inpainting_model_erases_shapes_and_draws_asked_for_ones():
 def test_the_upscaler_stays_close_to_bicubic_at_32_to_128_px():
     """4 scenes, 32 -> 128 px, 20 steps Euler a: the upscaler measured 33.5 dB, bicubic 36.1 dB, a grey
     canvas 19.5 dB (MODEL_CARD.md; 10 scenes: 31.6 against 30.3)."""
-    from sdlab.data.shapes import render, sample_scene
-    from sdlab.eval.edit_eval import evaluate_upscaling, psnr
+    from sdlab.shapes.dataset import render, sample_scene
+    from sdlab.shapes.edit_eval import evaluate_upscaling, psnr
 
     result = evaluate_upscaling(sdlab.load(task="upscale"), n=4, seed=5)
     rng = np.random.default_rng(5)  # the scenes evaluate_upscaling draws

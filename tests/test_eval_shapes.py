@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from sdlab.cli import main
-from sdlab.data.shapes import parse_caption, render, scene_from_caption
-from sdlab.eval.shapes_eval import evaluate, format_table, paraphrased, table, wilson_interval
+from sdlab.shapes.dataset import parse_caption, render, scene_from_caption
+from sdlab.shapes.evaluation import evaluate, format_table, paraphrased, table, wilson_interval
 
 
 class RenderingPipe:
@@ -121,7 +121,7 @@ class EditingPipe:
     def __init__(self, n, seed, lazy=False, recolour=False):
         import dataclasses
 
-        from sdlab.eval.edit_eval import edit_cases
+        from sdlab.shapes.edit_eval import edit_cases
 
         self.lazy = lazy
         self.answers = {}
@@ -144,7 +144,7 @@ class EditingPipe:
 
 
 def test_inpainting_cases_pass_when_the_edit_is_made_and_fail_when_it_is_not():
-    from sdlab.eval.edit_eval import edit_cases, evaluate_inpainting
+    from sdlab.shapes.edit_eval import edit_cases, evaluate_inpainting
 
     cases = edit_cases(6, seed=1)
     assert [c.task for c in cases[:2]] == ["erase", "insert"] and len(cases) == 12
@@ -160,7 +160,7 @@ def test_inpainting_cases_pass_when_the_edit_is_made_and_fail_when_it_is_not():
 def test_upscaling_psnr_compares_with_bicubic_on_the_same_scenes():
     from PIL import Image
 
-    from sdlab.eval.edit_eval import evaluate_upscaling, psnr
+    from sdlab.shapes.edit_eval import evaluate_upscaling, psnr
 
     black, grey = Image.new("RGB", (4, 4)), Image.new("RGB", (4, 4), (255, 255, 255))
     assert psnr(black, grey) == 0.0 and psnr(black, black) == float("inf")
@@ -196,7 +196,7 @@ def test_every_evaluation_samples_as_the_commands_do_by_default():
     import inspect
 
     from sdlab.cli import build_parser
-    from sdlab.eval import edit_eval
+    from sdlab.shapes import edit_eval
 
     parser = build_parser()
     defaults = {parser.parse_args(command).sampler for command in (

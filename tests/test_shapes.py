@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from sdlab.data import shapes
-from sdlab.data.shapes import (BACKGROUNDS, COLOURS, HELD_OUT, INVERSE_RELATION, POSITIONS, RELATIONS, SIZES,
+from sdlab.shapes import dataset as shapes
+from sdlab.shapes.dataset import (BACKGROUNDS, COLOURS, HELD_OUT, INVERSE_RELATION, POSITIONS, RELATIONS, SIZES,
                                Scene, SceneObject, ShapesDataset, canonical_caption, evaluation_captions,
                                paraphrase, parse_caption, render, sample_scene, scene_from_caption,
                                training_example)
 from sdlab.errors import InputError
-from sdlab.eval.shapes_check import analyse, check, summarize
+from sdlab.shapes.check import analyse, check, summarize
 
 FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
 

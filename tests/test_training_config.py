@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sdlab.config import SD1, SD2_BASE, ModelConfig, to_json
+import sdlab.shapes  # noqa: F401  the shipped recipes' [shapes] sections and `sdlab train dpo`
 from sdlab.errors import ConfigError
 from sdlab.cli import train as cli
 from sdlab.training.config import (
@@ -91,8 +92,8 @@ def test_a_value_of_the_wrong_type_is_one_error_naming_the_key(tmp_path, text, m
     ({"ema_decay": 1.0}, r"'ema_decay' must be in \[0, 1\)"),
     ({"vae": {}}, r"the \[vae\] section belongs to `sdlab train vae`"),
     ({"trainer": "vae"}, "a recipe for `sdlab train vae`, not `sdlab train unet`"),
-    ({"single_object_fraction": 1.5}, r"'single_object_fraction' must be in \[0, 1\]"),
-    ({"single_object_fraction": 0.5, "data": "photos"}, "'single_object_fraction' is for the shapes data"),
+    ({"shapes": {"single_object_fraction": 1.5}}, r"'shapes.single_object_fraction' must be in \[0, 1\]"),
+    ({"shapes": {"single_object_fraction": 0.5}, "data": "photos"}, "'shapes.single_object_fraction' is for the shapes data"),
     ({"unet": {"train_text_encoder": True, "text_encoder_lr": 0.0}}, "'unet.text_encoder_lr' must be positive"),
     ({"unet": {"clean_error_weight_cap": 0.5}}, "'unet.clean_error_weight_cap' must be at least 1"),
 ])
@@ -179,17 +180,17 @@ def test_every_stage_of_the_bundled_models_script_is_a_valid_recipe():
                             "inpaint-objects", "inpaint-objects-2", "inpaint-objects-3", "upscale"]
     first = stages["relation-a"]
     assert (first.steps, first.lr_schedule_steps, first.ema_decay) == (750, 2000, 0)
-    assert first.options.relation_contrast_min_timestep == 0
-    assert stages["relation-c"].options.relation_contrast_min_timestep == 850
+    assert first.sections["shapes"].relation_contrast_min_timestep == 0
+    assert stages["relation-c"].sections["shapes"].relation_contrast_min_timestep == 850
     assert not stages["relation-repair"].options.train_text_encoder
     mirror = stages["relation-mirror"].options  # the inpainter and upscaler share the repair's text encoder
-    assert not mirror.train_text_encoder and mirror.relation_mirror_denoising > 0
+    assert not mirror.train_text_encoder and stages["relation-mirror"].sections["shapes"].relation_mirror_denoising > 0
     decoder = stages["vae-decoder"]  # after every UNet stage, and it must not move their latent space
     assert decoder.options.train_decoder_only and decoder.init_from_base
     preference = stages["dpo"]  # from the last full model: its pictures are judged through the final decoder
     assert preference.init_from_base and preference.options.samples_per_caption >= 2 and preference.data == "shapes"
     assert stages["dpo-2"].seed != preference.seed  # the second round draws other captions
-    assert [stages[f"inpaint-objects{n}"].options.object_masks for n in ("", "-2", "-3")] == [0.5, 0.7, 0.7]
+    assert [stages[f"inpaint-objects{n}"].sections["shapes"].object_masks for n in ("", "-2", "-3")] == [0.5, 0.7, 0.7]
 
 
 def test_learning_rate_warms_up_linearly_then_holds_or_follows_a_half_cosine():

@@ -7,9 +7,8 @@ import torch
 from PIL import Image
 
 from sdlab.errors import InputError
-from sdlab.training.data import (
-    ImageFolder, ShapesData, batches, open_data, resize_and_crop, sample_numbers,
-)
+from sdlab.shapes.dataset import ShapesData
+from sdlab.training.data import ImageFolder, batches, open_data, resize_and_crop, sample_numbers
 
 
 def halves(width: int, height: int, left=(255, 0, 0), right=(0, 0, 255)) -> Image.Image:
@@ -117,32 +116,6 @@ def test_flips_mirror_the_image_about_half_the_time(tmp_path):
     data = ImageFolder(str(root), size=32, flip=True, seed=0)
     left_red = [data[n][0][0, 16, 2].item() > 0 for n in range(40)]
     assert 8 < sum(left_red) < 32
-
-
-def test_shapes_samples_are_deterministic_per_seed_and_validation_is_another_stream():
-    data = ShapesData(32, seed=3)
-    image, caption = data[5]
-    again, caption_again = ShapesData(32, seed=3)[5]
-    assert torch.equal(image, again) and caption == caption_again
-    assert not torch.equal(ShapesData(32, seed=4)[5][0], image)
-    validation = data.validation_examples(4)
-    assert all(not torch.equal(v, data[i][0]) for i, (v, _) in enumerate(validation))
-    with pytest.raises(InputError, match="flip is off for the shapes"):
-        open_data("shapes", 32, flip=True)
-
-
-def test_single_object_fraction_sets_the_mix_of_one_and_two_object_scenes(tmp_path):
-    from sdlab.data.shapes import parse_caption
-
-    def objects(data):
-        return [len(parse_caption(data[n][1]).objects) for n in range(200)]
-
-    assert set(objects(ShapesData(16, single_object_fraction=1.0))) == {1}
-    assert set(objects(ShapesData(16, single_object_fraction=0.0))) == {2}
-    default, fewer = objects(ShapesData(16)), objects(ShapesData(16, single_object_fraction=0.3))
-    assert 0.5 < default.count(1) / 200 < 0.7 and 0.2 < fewer.count(1) / 200 < 0.4
-    with pytest.raises(InputError, match="single_object_fraction is for the shapes data"):
-        open_data(str(make_folder(tmp_path / "f", 2)), 32, single_object_fraction=0.5)
 
 
 def test_ranks_and_accumulation_steps_split_the_global_batch_without_overlap():

@@ -16,7 +16,7 @@ TOLERANCE = 1e-6
 SETTINGS = {
     "vae": ("vae", 4, {"vae.disc_start": 1}),  # the GAN's adaptive weight needs gradients averaged over ranks
     "text": ("text", 8, {}),  # the contrast runs over both processes' pairs
-    "text-hard-negatives": ("text", 8, {"text.hard_negatives": True}),  # and over both processes' mirrors
+    "text-hard-negatives": ("text", 8, {"shapes.hard_negatives": True}),  # and over both processes' mirrors
     "unet": ("unet", 4, {"unet.caption_dropout": 0.5, "ema_decay": 0.5}),
     "unet-and-text": ("unet", 4, {"ema_decay": 0.5, "unet.train_text_encoder": True, "unet.text_encoder_lr": 5e-5}),
 }

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sdlab.checkpoint.save import save_single_file
-from sdlab.data import shapes
+from sdlab.shapes import dataset as shapes
 from sdlab.errors import ConfigError
 from sdlab.models import build_text_encoder, build_unet, build_vae
 from sdlab.training import loop

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
 from ..config import DEFAULT_SAMPLER
 from ..errors import InputError
-from .common import DefaultsHelpFormatter
 
 
 def add_eval_command(commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a model")
     kinds = evaluate.add_subparsers(dest="eval_kind", required=True)
     shapes = kinds.add_parser("shapes", help="generate seeded `shapes` captions and judge the images from pixels",
-                              formatter_class=DefaultsHelpFormatter)
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     shapes.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
     shapes.add_argument("-n", "--captions", type=int, default=100, help="canonical captions (about 50%% single objects, "
                         "30%% relations, 20%% held-out colour-shape pairs)")
@@ -24,11 +24,11 @@ def add_eval_command(commands) -> None:
     shapes.add_argument("--out", default=None, help="folder for results.json and sheet.png (every image with its verdict)")
 
     inpaint = kinds.add_parser("inpaint", help="erase a shape / paint one where the mask is, judged from pixels",
-                               formatter_class=DefaultsHelpFormatter)
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     inpaint.add_argument("--model", default=None, help="checkpoint (default: the bundled inpainting model)")
     inpaint.add_argument("-n", "--cases", type=int, default=20, help="scenes; each gives one erase and one insert case")
     upscale = kinds.add_parser("upscale", help="32 -> 128 px: PSNR against the 128 px render, and bicubic's",
-                               formatter_class=DefaultsHelpFormatter)
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     upscale.add_argument("--model", default=None, help="checkpoint (default: the bundled upscaler)")
     upscale.add_argument("-n", "--cases", type=int, default=10, help="scenes")
     upscale.add_argument("--noise-level", type=int, default=20, help="noise added to the small image, 0-350")
@@ -39,13 +39,13 @@ def add_eval_command(commands) -> None:
 def add_run_options(parser, run, seed_help: str = "seed of the scenes and of case 0 (case i: seed + i)") -> None:
     """The sampling and device options every `sdlab eval` kind shares."""
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER,
                         help="sampler name, see `sdlab samplers`; the default is the one `sdlab generate`, "
                              "`inpaint` and `upscale` use")
-    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: detected)")
-    parser.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fastest safe for the device)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -66,7 +66,7 @@ def _load_and_evaluate(args, task: str, total: int, evaluate):
 
 
 def cmd_eval_shapes(args) -> int:
-    from ..eval.shapes_eval import GROUPS, evaluate, format_table, table, write_report
+    from ..shapes.evaluation import GROUPS, evaluate, format_table, table, write_report
 
     if args.captions < 1:
         raise InputError(f"--captions must be at least 1, got {args.captions}")
@@ -99,11 +99,11 @@ def _run_edit_eval(args, task: str, total: int, evaluate):
 
 
 def cmd_eval_inpaint(args) -> int:
-    from ..eval.edit_eval import evaluate_inpainting
+    from ..shapes.edit_eval import evaluate_inpainting
 
     rates = _run_edit_eval(args, "inpaint", 2 * args.cases, lambda pipe, progress: evaluate_inpainting(
         pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, progress=progress))
-    from ..eval.shapes_eval import wilson_interval
+    from ..shapes.evaluation import wilson_interval
 
     def rate(key: str) -> str:
         low, high = wilson_interval(round(rates[key] * args.cases), args.cases)
@@ -116,7 +116,7 @@ def cmd_eval_inpaint(args) -> int:
 
 
 def cmd_eval_upscale(args) -> int:
-    from ..eval.edit_eval import evaluate_upscaling
+    from ..shapes.edit_eval import evaluate_upscaling
 
     psnr = _run_edit_eval(args, "upscale", args.cases, lambda pipe, progress: evaluate_upscaling(
         pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler,

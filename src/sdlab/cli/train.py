@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import shapes  # noqa: F401  the bundled model's trainers, data and [shapes] section register themselves
 from ..errors import ConfigError
 from ..training.config import TRAINER_OPTIONS, load_config, parse_assignment
 from .common import CommandParser, run_reporting_errors

@@ -1,1 +1,1 @@
-"""Training data: the procedural `shapes` dataset (shapes.py) and the CLIP BPE vocabulary file."""
+"""Training data: the CLIP BPE vocabulary file (the procedural shapes set is sdlab.shapes.dataset)."""

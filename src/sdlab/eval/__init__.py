@@ -1,1 +1,1 @@
-"""Measuring prompt-following: the automatic `shapes` checker (shapes_check.py)."""
+"""Measuring prompt-following: the command line of the shapes evaluations (sdlab.shapes.evaluation, edit_eval)."""

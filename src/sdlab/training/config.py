@@ -23,10 +23,10 @@ import os
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from ..config import (
-    DEFAULT_SAMPLER, PRESETS, SD1, ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, from_dict, to_dict,
+    PRESETS, SD1, ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, from_dict, to_dict,
 )
 from ..errors import ConfigError
 
@@ -66,10 +66,6 @@ class TextOptions:
 
     image_channels: int = 32  # width of the image tower's first stage; doubles at every stage
     image_stages: int = 4  # stride-2 stages before the pooled projection
-    # NegCLIP's hard negatives (Yuksekgonul et al. 2023): each caption that states a relation also brings
-    # its mirror ("above" -> "below", same words otherwise) as one more caption no image matches, so
-    # the text tower must encode which way round the objects are, not only which objects there are
-    hard_negatives: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,30 +79,6 @@ class UNetOptions:
     # error by SNR, 0.005 at the noisiest step, where samplers decide the layout. Unset: the MSE (and
     # Min-SNR weights) alone.
     clean_error_weight_cap: Optional[float] = None
-    # Shapes data: this fraction of the captioned two-object samples at timesteps >= recolour_min_timestep
-    # is noised from the picture with the two objects' colours exchanged, the target staying the true
-    # picture (sdlab.training.recolour): the noisy input says where the objects are, only the caption which
-    # colour each has. 0: off.
-    recolour_fraction: float = 0.0
-    recolour_min_timestep: int = 400
-    # Shapes data: weight of the relation contrast (sdlab.training.relation_contrast): each captioned
-    # sample whose caption states a relation, at a timestep >= relation_contrast_min_timestep, is also
-    # denoised under the caption turned round, and the true caption's error must rank lower (a two-way
-    # softmax over -error / (temperature * their mean)). 0: off.
-    relation_contrast: float = 0.0
-    relation_contrast_temperature: float = 0.05
-    relation_contrast_min_timestep: int = 600
-    # Shapes data: weight of mirrored denoising (sdlab.training.relation_contrast.mirrored_denoising): the
-    # relation samples below relation_contrast_min_timestep are also denoised under the caption turned
-    # round, against the same target, so that words no longer move objects the latents already show. 0: off.
-    relation_mirror_denoising: float = 0.0
-    # Shapes data: weight of the scene contrast (sdlab.training.scene_contrast): each captioned two-object
-    # sample at a timestep >= scene_contrast_min_timestep is compared with a near miss of its picture (one
-    # object drawn twice, or the two colours exchanged) noised alike, and the caption must denoise its own
-    # picture better (a two-way softmax over -error / (temperature * their mean)). 0: off.
-    scene_contrast: float = 0.0
-    scene_contrast_temperature: float = 0.05
-    scene_contrast_min_timestep: int = 600
     validation_prompts: tuple[str, ...] = ()  # empty: the captions of the validation batch
     validation_sampler: str = "Euler"
     validation_steps: int = 20
@@ -115,16 +87,6 @@ class UNetOptions:
     # the saved file then holds the trained text encoder (EMA-averaged with the UNet).
     train_text_encoder: bool = False
     text_encoder_lr: Optional[float] = None  # peak learning rate of the text encoder; unset: the run's `lr`
-    # Weight of the token grounding loss (sdlab.training.grounding; TokenCompose's token loss): each
-    # object's colour and shape words learn to attend where that object is. Shapes data only: the
-    # objects' regions are read from its palette colours. 0: off.
-    grounding_loss: float = 0.0
-    # "uniform" over timesteps, or "noise": weighted 2t/T, towards the noisy latents where only the caption
-    # can say where each object goes (sdlab.training.grounding.timestep_weights)
-    grounding_weighting: Literal["uniform", "noise"] = "uniform"
-    # also ground the words that say where the first object goes ("left", "above", ...) on that object:
-    # they are the caption's only tokens that know which way round two objects are
-    grounding_place_words: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,11 +139,6 @@ class InpaintOptions:
     caption_dropout: float = 0.1
     max_boxes: int = 3  # random rectangles per mask
     max_strokes: int = 3  # random brush strokes per mask
-    # Fraction of samples whose mask is the bounding box of one of the picture's objects, grown by 1-4 px,
-    # instead of random boxes, strokes or a full mask, so that only the caption says what goes there: the
-    # object masking of Imagen Editor (Wang et al. 2023), which made inpainting follow the prompt. Shapes
-    # data only: the objects are found by their palette colours.
-    object_masks: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -194,32 +151,67 @@ class UpscaleOptions:
     crop: Optional[int] = None  # train on random crop x crop windows of each full-size image (SD's x4: 512 px)
 
 
-@dataclass(frozen=True)
-class DPOOptions:
-    """`sdlab train dpo`: preference fine-tuning on --base's own pictures, judged by the shapes checker
-    (Diffusion-DPO, Wallace et al. 2023; sdlab.training.dpo)."""
+# -- the trainers, data sources and recipe sections ----------------------------------------------------
+#
+# sdlab.training's own are listed here. A package built on it adds its own when it is imported
+# (sdlab.shapes, the bundled model's: `sdlab train dpo`, data = "shapes" and a [shapes] section), so
+# training/ never imports that package: the command line imports both. Modules are named, not imported,
+# so reading a recipe needs no torch.
 
-    beta: float = 5000.0  # how hard the ranking pulls against staying near the reference (the paper: 5000 for SD 1.5)
-    pair_captions: int = 640  # two-object captions --base draws before training
-    samples_per_caption: int = 4  # pictures of each; a caption with right and wrong ones gives pairs
-    pairs_per_caption: int = 3  # at most this many (right, wrong) pairs per caption
-    sampler: str = DEFAULT_SAMPLER  # how --base draws them: as `sdlab generate` does by default
-    sample_steps: int = 20
-    sample_guidance: float = 5.0
-    validation_prompts: tuple[str, ...] = ()  # empty: the captions of the first pairs
-    validation_sampler: str = DEFAULT_SAMPLER
-    validation_steps: int = 20
-    validation_guidance: float = 5.0
-
-
+# trainer -> the dataclass of its [trainer] section
 TRAINER_OPTIONS = {"vae": VAEOptions, "text": TextOptions, "unet": UNetOptions, "lora": LoraOptions,
                    "textual_inversion": TextualInversionOptions, "dreambooth": DreamBoothOptions,
-                   "inpaint": InpaintOptions, "upscale": UpscaleOptions, "dpo": DPOOptions}
+                   "inpaint": InpaintOptions, "upscale": UpscaleOptions}
+# trainer -> the module whose build(config, device) makes it
+TRAINER_MODULES = {name: f"{__package__}.{name}" for name in TRAINER_OPTIONS}
+# trainer -> check(config, source) of its options, beyond their types (a registered trainer's)
+TRAINER_CHECKS: dict[str, Callable] = {}
+# `data` names -> the module whose training_data(config, size) yields (image, caption) samples
+DATA_SOURCES: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class RecipeSection:
+    """A table of options a package adds to every recipe, e.g. [shapes]. `check(config, source)` refuses
+    what does not fit the rest of the recipe; when a recipe holds the section, `trainers[name]` (a module
+    with build(config, device)) builds `sdlab train name` instead of sdlab.training's own trainer."""
+
+    options: type
+    check: Callable
+    trainers: dict
+
+
+SECTIONS: dict[str, RecipeSection] = {}
+
+
+def register_trainer(name: str, options: type, module: str, check: Optional[Callable] = None) -> None:
+    """`sdlab train NAME`, its [NAME] section's dataclass and the module that builds it."""
+    TRAINER_OPTIONS[name], TRAINER_MODULES[name] = options, module
+    if check is not None:
+        TRAINER_CHECKS[name] = check
+
+
+def register_section(name: str, section: RecipeSection) -> None:
+    SECTIONS[name] = section
+
+
+def register_data(name: str, module: str) -> None:
+    """`data = NAME` reads module.training_data(config, size) instead of a folder."""
+    DATA_SOURCES[name] = module
+
+
+def trainer_module(config: "TrainConfig") -> str:
+    """The module that builds `config`'s trainer: a recipe section's, when the recipe holds one that brings it."""
+    for name in config.sections:
+        module = SECTIONS[name].trainers.get(config.trainer)
+        if module is not None:
+            return module
+    return TRAINER_MODULES[config.trainer]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    trainer: Literal["vae", "text", "unet", "lora", "textual_inversion", "dreambooth", "inpaint", "upscale", "dpo"]
+    trainer: str  # a key of TRAINER_OPTIONS
     data: str = "shapes"  # a folder of images with same-named .txt captions, or "shapes"
     out: Optional[str] = None  # run folder; unset: runs/<trainer>
     base: Optional[str] = None  # checkpoint whose parts this run does not train (unet: the VAE and text encoder)
@@ -248,8 +240,6 @@ class TrainConfig:
     crop: Literal["center", "random"] = "center"
     flip: bool = False  # random horizontal flips (images only; captions saying "left" would then lie)
     num_workers: int = 0  # DataLoader processes decoding images
-    # shapes data only: the fraction of one-object scenes (unset: the dataset's 0.6); the rest have two
-    single_object_fraction: Optional[float] = None
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPUs, fp32 on CPUs
     gradient_checkpointing: bool = False
@@ -268,7 +258,10 @@ class TrainConfig:
     validation_images: int = 4
     log_every: int = 100  # steps between progress lines when stderr is not a terminal (a log file)
 
-    options: Any = None  # the trainer's section: VAEOptions, TextOptions or UNetOptions
+    options: Any = None  # the trainer's section: VAEOptions, TextOptions, UNetOptions, ...
+    # the other sections a package added (see RecipeSection), by name, e.g. {"shapes": ShapesOptions(...)};
+    # only those the recipe holds
+    sections: dict = dataclasses.field(default_factory=dict)
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -351,6 +344,7 @@ def _checked(cls, values: dict, prefix: str, source: str) -> dict:
     out = {}
     for key, value in values.items():
         if key not in known:
+            _refuse_moved(prefix + key, source)
             raise ConfigError(f"{source}: unknown key '{prefix}{key}'; known keys: {', '.join(known)}")
         out[key] = _check(value, known[key], prefix + key, source)
     return out
@@ -372,17 +366,40 @@ def build_config(trainer: str, values: dict, source: str = "config") -> TrainCon
                               f"this is `sdlab train {trainer}`")
     if not isinstance(section, dict):
         raise ConfigError(f"{source}: '{trainer}' must be a table ([{trainer}]), got {section!r}")
-    common = {k: v for k, v in _fields(TrainConfig).items() if k not in ("trainer", "options")}
+    sections = {}
+    for name in [key for key in values if key in SECTIONS]:
+        table = values.pop(name)
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: '{name}' must be a table ([{name}]), got {table!r}")
+        options_cls = SECTIONS[name].options
+        sections[name] = options_cls(**_checked(options_cls, table, f"{name}.", source))
+    common = {k: v for k, v in _fields(TrainConfig).items() if k not in ("trainer", "options", "sections")}
     for key in values:
         if key not in common:
-            raise ConfigError(f"{source}: unknown key '{key}'; known keys: {', '.join(common)}, [{trainer}]")
+            _refuse_moved(key, source)
+            tables = ", ".join(f"[{name}]" for name in (trainer, *SECTIONS))
+            raise ConfigError(f"{source}: unknown key '{key}'; known keys: {', '.join(common)}, {tables}")
     if isinstance(values.get("model"), dict):
         _check_model_table(values["model"], source)
     options_cls = TRAINER_OPTIONS[trainer]
     options = options_cls(**_checked(options_cls, section, f"{trainer}.", source))
-    config = TrainConfig(trainer=trainer, options=options, **_checked(TrainConfig, values, "", source))
+    config = TrainConfig(trainer=trainer, options=options, sections=sections,
+                         **_checked(TrainConfig, values, "", source))
     _check_ranges(config, source)
+    if trainer in TRAINER_CHECKS:
+        TRAINER_CHECKS[trainer](config, source)
+    for name in sections:
+        SECTIONS[name].check(config, source)
     return config
+
+
+def _refuse_moved(key: str, source: str) -> None:
+    """An option that moved to a package's section: one error naming its new key."""
+    name = key.rpartition(".")[2]
+    for section_name, section in SECTIONS.items():
+        if name in _fields(section.options):
+            raise ConfigError(f"{source}: '{key}' is now '{section_name}.{name}' (the [{section_name}] section); "
+                              "move it there")
 
 
 def _check_model_table(table: dict, source: str) -> None:
@@ -395,19 +412,6 @@ def _check_model_table(table: dict, source: str) -> None:
             _checked(sections[key], value, f"model.{key}.", source)
         else:
             _checked(ModelConfig, {key: value}, "model.", source)
-
-
-def _shapes_only(config: TrainConfig, source: str, option: str, why: str, section: str = "unet") -> None:
-    if config.data != "shapes":
-        raise ConfigError(f"{source}: '{section}.{option}' is for the shapes data ({why}), not {config.data}")
-
-
-def _shapes_weight(config: TrainConfig, source: str, option: str, why: str) -> None:
-    """A shapes-only loss weight: when set, not negative and on the shapes data."""
-    weight = getattr(config.options, option)
-    if weight < 0:
-        raise ConfigError(f"{source}: 'unet.{option}' must not be negative, got {weight}")
-    _shapes_only(config, source, option, why)
 
 
 def _check_ranges(config: TrainConfig, source: str) -> None:
@@ -439,10 +443,6 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
         if config.precision == "fp16":
             raise ConfigError(f"{source}: shard_model trains in fp32 or bf16 (fp16's loss scaling is not wired "
                               "to sharded gradients); use precision = \"bf16\"")
-    if config.single_object_fraction is not None and not 0 <= config.single_object_fraction <= 1:
-        raise ConfigError(f"{source}: 'single_object_fraction' must be in [0, 1], got {config.single_object_fraction}")
-    if config.single_object_fraction is not None and config.data != "shapes":
-        raise ConfigError(f"{source}: 'single_object_fraction' is for the shapes data, not {config.data}")
     options = config.options
     if isinstance(options, UNetOptions) and not 0 <= options.caption_dropout <= 1:
         raise ConfigError(f"{source}: 'unet.caption_dropout' must be in [0, 1], got {options.caption_dropout}")
@@ -450,55 +450,11 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
         if options.clean_error_weight_cap < 1:
             raise ConfigError(f"{source}: 'unet.clean_error_weight_cap' must be at least 1 (it only raises weights), "
                               f"got {options.clean_error_weight_cap}")
-    if isinstance(options, InpaintOptions) and options.object_masks:
-        if not 0 <= options.object_masks <= 1:
-            raise ConfigError(f"{source}: 'inpaint.object_masks' must be in [0, 1], got {options.object_masks}")
-        _shapes_only(config, source, "object_masks", "it finds the objects by their palette colours", "inpaint")
-    if isinstance(options, UNetOptions) and options.recolour_fraction:
-        if not 0 <= options.recolour_fraction <= 1:
-            raise ConfigError(f"{source}: 'unet.recolour_fraction' must be in [0, 1], got {options.recolour_fraction}")
-        _shapes_only(config, source, "recolour_fraction", "it exchanges the objects' palette colours")
-    if isinstance(options, UNetOptions) and not 0 <= options.recolour_min_timestep < 1000:
-        raise ConfigError(f"{source}: 'unet.recolour_min_timestep' must be in [0, 1000), "
-                          f"got {options.recolour_min_timestep}")
-    for weight in ("relation_contrast", "relation_mirror_denoising"):
-        if isinstance(options, UNetOptions) and getattr(options, weight):
-            _shapes_weight(config, source, weight, "it turns the shapes grammar's relations round")
-    if isinstance(options, UNetOptions) and options.scene_contrast:
-        _shapes_weight(config, source, "scene_contrast", "it redraws the objects by their palette colours")
-    for term in ("relation_contrast", "scene_contrast"):
-        if isinstance(options, UNetOptions) and getattr(options, f"{term}_temperature") <= 0:
-            raise ConfigError(f"{source}: 'unet.{term}_temperature' must be positive, "
-                              f"got {getattr(options, f'{term}_temperature')}")
-        if isinstance(options, UNetOptions) and not 0 <= getattr(options, f"{term}_min_timestep") < 1000:
-            raise ConfigError(f"{source}: 'unet.{term}_min_timestep' must be in [0, 1000), "
-                              f"got {getattr(options, f'{term}_min_timestep')}")
     if isinstance(options, UNetOptions) and options.text_encoder_lr is not None:
         if not options.train_text_encoder:
             raise ConfigError(f"{source}: 'unet.text_encoder_lr' needs 'unet.train_text_encoder = true'")
         if options.text_encoder_lr <= 0:
             raise ConfigError(f"{source}: 'unet.text_encoder_lr' must be positive, got {options.text_encoder_lr}")
-    if isinstance(options, DPOOptions):
-        _check_dpo(config, options, source)
-    if isinstance(options, UNetOptions) and options.grounding_loss:
-        _shapes_weight(config, source, "grounding_loss", "it finds each object by its palette colour")
-        if config.gradient_checkpointing:
-            raise ConfigError(f"{source}: 'unet.grounding_loss' reads attention maps that gradient checkpointing "
-                              "would drop and recompute; turn one of them off")
-
-
-def _check_dpo(config: TrainConfig, options: DPOOptions, source: str) -> None:
-    if config.data != "shapes":
-        raise ConfigError(f"{source}: `sdlab train dpo` judges --base's pictures of shapes captions with the shapes "
-                          f"checker: data must be 'shapes', not {config.data}")
-    if options.beta <= 0:
-        raise ConfigError(f"{source}: 'dpo.beta' must be positive, got {options.beta}")
-    for key in ("pair_captions", "pairs_per_caption", "sample_steps"):
-        if getattr(options, key) < 1:
-            raise ConfigError(f"{source}: 'dpo.{key}' must be at least 1, got {getattr(options, key)}")
-    if options.samples_per_caption < 2:
-        raise ConfigError(f"{source}: 'dpo.samples_per_caption' must be at least 2: a pair needs a right and a "
-                          f"wrong picture of one caption, got {options.samples_per_caption}")
 
 
 # -- reading -----------------------------------------------------------------------------------------

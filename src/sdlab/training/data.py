@@ -1,5 +1,5 @@
-"""Training data: a folder of captioned images or the procedural `shapes` set, and the batches the loop
-feeds to a trainer.
+"""Training data: a folder of captioned images or a data set a package registered by name (sdlab.shapes:
+`data = "shapes"`), and the batches the loop feeds to a trainer.
 
 Every sample a run sees has a number n = step * batch_size + position in the global batch. What sample
 n is (which image, which crop, which flip) is a pure function of (seed, n), so a resumed run continues
@@ -12,6 +12,7 @@ so 1 process and N processes, with or without gradient accumulation, compute the
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..data import shapes
 from ..errors import InputError
+from .config import DATA_SOURCES, TrainConfig
 from .distributed import note
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -29,7 +30,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """(3, H, W) float in [-1, 1], the range the VAE sees."""
-    return shapes.to_tensor(image)
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return array.permute(2, 0, 1).float() / 127.5 - 1
 
 
 def resize_and_crop(image: Image.Image, size: int, crop: str, rng: np.random.Generator) -> Image.Image:
@@ -58,7 +60,9 @@ class ImageFolder:
     def __init__(self, folder: str, size: int, crop: str = "center", flip: bool = False, seed: int = 0,
                  verbose: bool = True):
         if not os.path.isdir(folder):
-            raise InputError(f"data folder not found: {folder}; pass a folder of images with .txt captions, or 'shapes'")
+            named = (f", or one of: {', '.join(DATA_SOURCES)}" if DATA_SOURCES
+                     else " (the bundled 'shapes' set is there once sdlab.shapes is imported)")
+            raise InputError(f"data folder not found: {folder}; pass a folder of images with .txt captions{named}")
         self.folder, self.size, self.crop, self.flip, self.seed = folder, size, crop, flip, seed
         self.paths: list[str] = []
         self.captions: list[str] = []
@@ -145,40 +149,17 @@ def _image_files(folder: str) -> list[str]:
     return found
 
 
-class ShapesData:
-    """The procedural shapes set (specs/shapes-dataset.md): sample n is example n of the stream `seed`.
-
-    Validation examples come from another stream, so they are never training samples."""
-
-    VALIDATION_STREAM = 1_000_003
-
-    def __init__(self, size: int, seed: int = 0, single_object_fraction: Optional[float] = None):
-        self.size, self.seed = size, seed
-        self.single_object_fraction = (shapes.SINGLE_OBJECT_FRACTION if single_object_fraction is None
-                                       else single_object_fraction)
-
-    def __getitem__(self, n: int) -> tuple[torch.Tensor, str]:
-        _, caption, image = shapes.training_example(self.seed, n, self.size, self.single_object_fraction)
-        return to_tensor(image), caption
-
-    def validation_examples(self, count: int) -> list[tuple[torch.Tensor, str]]:
-        examples = []
-        for i in range(count):
-            _, caption, image = shapes.training_example(self.seed + self.VALIDATION_STREAM, i, self.size)
-            examples.append((to_tensor(image), caption))
-        return examples
+def open_data(folder: str, size: int, crop: str = "center", flip: bool = False, seed: int = 0,
+              verbose: bool = True) -> ImageFolder:
+    """A folder of captioned images, yielding (image (3, size, size) in [-1, 1], caption)."""
+    return ImageFolder(folder, size, crop, flip, seed, verbose)
 
 
-def open_data(spec: str, size: int, crop: str = "center", flip: bool = False, seed: int = 0, verbose: bool = True,
-              single_object_fraction: Optional[float] = None):
-    """`shapes` or a folder of captioned images, yielding (image (3, size, size) in [-1, 1], caption)."""
-    if spec == "shapes":
-        if flip:
-            raise InputError("flip is off for the shapes data: its captions say 'on the left' and 'to the right of'")
-        return ShapesData(size, seed, single_object_fraction)
-    if single_object_fraction is not None:
-        raise InputError("single_object_fraction is for the shapes data; a folder's images are what they are")
-    return ImageFolder(spec, size, crop, flip, seed, verbose)
+def training_data(config: TrainConfig, size: int, verbose: bool = True):
+    """The recipe's `data`: a registered data set by its name (module.training_data(config, size)), else a folder."""
+    if config.data in DATA_SOURCES:
+        return importlib.import_module(DATA_SOURCES[config.data]).training_data(config, size)
+    return open_data(config.data, size, config.crop, config.flip, config.seed, verbose)
 
 
 # -- batches -----------------------------------------------------------------------------------------

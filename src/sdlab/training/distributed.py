@@ -10,8 +10,9 @@ adaptive weight and the contrastive loss then need no special cases. Gradients t
 buckets of about 25 MB, DDP's default bucket size.
 
 Backends: NCCL between GPUs, gloo between CPU processes. `shard_optimizer` splits the AdamW state over
-the ranks (ZeRO stage 1, loop.make_optimizer); `shard_model` splits the weights, gradients, AdamW
-state and EMA too (FSDP, sharding.py), and FSDP then averages the gradients itself.
+the ranks (ZeRO stage 1, Replicated.optimizer); `shard_model` splits the weights, gradients, AdamW
+state and EMA too (FSDP, sharding.py), and FSDP then averages the gradients itself. The loop sees
+either through the same small interface: `Replicated` here, `sharding.Sharded`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from ..errors import InputError
+from .ema import EMA
 
 BUCKET_BYTES = 25 * 1024 * 1024
 
@@ -147,3 +150,64 @@ def broadcast_module(module: torch.nn.Module) -> None:
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
+
+
+# -- the loop's view of it -----------------------------------------------------------------------------
+
+
+def adamw_options(config) -> dict:
+    """The recipe's AdamW settings (the learning rate is set again every step, loop.learning_rate)."""
+    return dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+                weight_decay=config.weight_decay)
+
+
+class Replicated:
+    """How the loop trains when every rank holds the whole model: one process, or data parallelism
+    over torchrun's (gradients averaged before each step, above). sharding.Sharded is the other way,
+    with the same methods; sharding.parallelism picks one.
+
+    With `shard_optimizer` under torchrun the AdamW state is split (ZeRO stage 1, Rajbhandari et al.
+    2020): the gradients are averaged either way, so every rank can update any share, and
+    ZeroRedundancyOptimizer then broadcasts each share from its owner."""
+
+    def __init__(self, ctx: Context, trained: torch.nn.Module, model: torch.nn.Module):
+        self.ctx, self.trained, self.model = ctx, trained, model
+        self.validates_here = ctx.is_main  # validation runs on rank 0 alone
+
+    def optimizer(self, param_groups: list, config) -> torch.optim.Optimizer:
+        if config.shard_optimizer and self.ctx.world_size > 1:
+            note(f"AdamW state sharded over {self.ctx.world_size} processes (ZeRO stage 1)")
+            return ZeroRedundancyOptimizer(param_groups, optimizer_class=torch.optim.AdamW, **adamw_options(config))
+        if config.shard_optimizer:
+            note("shard_optimizer has nothing to split in a single process; training unsharded")
+        return torch.optim.AdamW(param_groups, **adamw_options(config))
+
+    def ema(self) -> EMA:
+        return EMA(self.model)
+
+    def sync_gradients(self, parameters: list) -> None:
+        """After the last micro-batch's backward: every rank's gradients become their mean."""
+        average_gradients(parameters, self.ctx.world_size)
+
+    def state_dicts(self, optimizer: torch.optim.Optimizer, ema: Optional[EMA]) -> tuple[dict, dict, dict]:
+        """Collective. (trained weights, optimizer, EMA) state for the checkpoint, on rank 0; {} elsewhere."""
+        if isinstance(optimizer, ZeroRedundancyOptimizer):
+            optimizer.consolidate_state_dict(to=0)  # collective: every rank sends its shard to rank 0
+        if not self.ctx.is_main:
+            return {}, {}, {}
+        return (self.trained.state_dict(), optimizer.state_dict(),
+                ema.full_state_dict() if ema is not None else {})
+
+    def load_state_dicts(self, state: dict, optimizer: torch.optim.Optimizer, ema: Optional[EMA]) -> None:
+        """Every rank loads the whole checkpoint (`state_dicts`' layout)."""
+        self.trained.load_state_dict(state["trained"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_full_state_dict(state["ema"])
+
+    def published(self, ema: Optional[EMA]) -> Optional[torch.nn.Module]:
+        """What validation and the final file use: the EMA if kept, else the trained weights."""
+        return ema.module if ema is not None else self.model
+
+    def after_validation(self) -> None:
+        pass

@@ -31,7 +31,8 @@ from ..schedules import alphas_cumprod
 from . import components, distributed
 from .config import DreamBoothOptions, TrainConfig
 from .data import Batch, resize_and_crop, to_tensor
-from .lora import encode_latents, encode_text, load_base, noised_prediction_loss, validation_grid
+from .diffusion import encode_latents, encode_text, noised_prediction_loss, validation_grid
+from .lora import load_base
 from .loop import atomic_write
 
 CLASS_FOLDER = "class_images"

@@ -8,16 +8,13 @@ to 0, grey in [-1, 1]), concatenated in that order, the order pipelines/inpaint.
 channels' weights start at zero, so at step 0 the model is the base model. Each sample gets a random
 mask of rectangles and brush strokes, drawn from (seed, sample number) so a resumed run repeats it;
 a `full_mask` fraction is masked entirely, which keeps plain text-to-image in the model (the masked
-image is then all grey). On the shapes data an `object_masks` fraction is masked over one whole object
-instead (Imagen Editor's object masking), which random masks rarely do, so that drawing what the caption
-names in an empty mask is trained as such. The loss is the noise-prediction MSE over the whole latent.
+image is then all grey). (sdlab.shapes' subclass masks whole objects of its pictures.) The loss is the noise-prediction MSE over the whole latent.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -31,13 +28,12 @@ from ..models import build_unet
 from . import components
 from .config import InpaintOptions, TrainConfig
 from .data import Batch
-from .grounding import colour_regions
-from .lora import drop_captions, encode_latents, encode_text, load_base, noised_prediction_loss
+from .diffusion import drop_captions, encode_latents, encode_text, noised_prediction_loss
+from .lora import load_base
 from .plots import image_grid, tensor_to_image
 from .unet import UNetFamilyTrainer
 
 EXTRA_CHANNELS = 5  # mask (1) + masked-image latents (4)
-OBJECT_MIN_PIXELS = 9  # fewer pixels of a palette colour are an edge's anti-aliasing, not an object
 
 
 def random_mask(size: int, rng: np.random.Generator, options: InpaintOptions) -> torch.Tensor:
@@ -62,23 +58,6 @@ def random_mask(size: int, rng: np.random.Generator, options: InpaintOptions) ->
         width = max(1, int(rng.uniform(0.03, 0.12) * size))
         draw.line(points, fill=255, width=width, joint="curve")
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0 >= 0.5).float()[None]
-
-
-def object_mask(image: torch.Tensor, rng: np.random.Generator) -> Optional[torch.Tensor]:
-    """(1, H, W) of 0 and 1: the bounding box of one object of a shapes render (image: (3, H, W) in
-    [-1, 1]), chosen at random and grown by 1-4 px on every side; None when the picture holds no object.
-    The objects of a scene have different palette colours, so each colour's pixels are one object."""
-    objects = [region[0] > 0.5 for region in colour_regions(image[None].cpu()).values()]
-    objects = [pixels for pixels in objects if int(pixels.sum()) >= OBJECT_MIN_PIXELS]
-    if not objects:
-        return None
-    pixels = objects[int(rng.integers(len(objects)))]
-    rows, columns = pixels.any(1).nonzero()[:, 0], pixels.any(0).nonzero()[:, 0]
-    margin = int(rng.integers(1, 5))
-    mask = torch.zeros(1, *pixels.shape)
-    mask[:, max(int(rows.min()) - margin, 0):int(rows.max()) + margin + 1,
-         max(int(columns.min()) - margin, 0):int(columns.max()) + margin + 1] = 1
-    return mask
 
 
 def inpainting_unet(base_unet: nn.Module, model: ModelConfig) -> tuple[nn.Module, ModelConfig]:
@@ -111,12 +90,13 @@ class InpaintTrainer(UNetFamilyTrainer):
         size = batch.images.shape[-1]
         masks = []
         for image, n in zip(batch.images, range(first, first + batch.size)):
-            rng = np.random.default_rng([self.config.seed, n, 2])
-            mask = None
-            if self.options.object_masks and rng.random() < self.options.object_masks:
-                mask = object_mask(image, rng)
-            masks.append(random_mask(size, rng, self.options) if mask is None else mask)
+            masks.append(self.sample_mask(image, size, np.random.default_rng([self.config.seed, n, 2])))
         return torch.stack(masks).to(batch.images.device)
+
+    def sample_mask(self, image: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
+        """(1, size, size): one sample's mask, drawn from its own `rng` (a subclass may mask what it knows
+        is in the picture: sdlab.shapes masks whole objects)."""
+        return random_mask(size, rng, self.options)
 
     def conditioning(self, images: torch.Tensor, masks: torch.Tensor, batch: Batch) -> torch.Tensor:
         """(b, 5, h, w): [mask at latent size, masked-image latents]."""
@@ -155,7 +135,7 @@ class InpaintTrainer(UNetFamilyTrainer):
         image_grid(pictures, columns=3, labels=labels).save(Path(out_dir) / f"step-{step:06d}.png")
 
 
-def build(config: TrainConfig, device: torch.device) -> InpaintTrainer:
+def build(config: TrainConfig, device: torch.device, trainer_class: type = InpaintTrainer) -> InpaintTrainer:
     options: InpaintOptions = config.options
     if not 0 <= options.full_mask <= 1 or not 0 <= options.caption_dropout <= 1:
         raise ConfigError("inpaint.full_mask and inpaint.caption_dropout must be in [0, 1]")
@@ -163,4 +143,4 @@ def build(config: TrainConfig, device: torch.device) -> InpaintTrainer:
         raise ConfigError("inpaint.max_boxes and inpaint.max_strokes must not be negative, and one must be positive")
     base = load_base(config, "inpaint")
     unet, model = inpainting_unet(base.unet, base.config)
-    return InpaintTrainer(config, model, unet, base.vae, base.text_encoder).to(device)
+    return trainer_class(config, model, unet, base.vae, base.text_encoder).to(device)

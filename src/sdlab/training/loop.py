@@ -1,5 +1,6 @@
 """The training loop every trainer shares, top to bottom: data, mixed precision, gradient accumulation,
-gradient averaging over ranks (or FSDP sharding, sharding.py), clipping, EMA, validation, checkpoints.
+gradient averaging over ranks (or FSDP sharding), clipping, EMA, validation, checkpoints. How the ranks
+share the work is one object with a few methods (distributed.Replicated or sharding.Sharded).
 
 A trainer (vae.py, text.py, unet.py) is an nn.Module built by `build(config, device)` with:
     trained: nn.ModuleDict       the modules the optimizer updates (their state is checkpointed)
@@ -22,7 +23,7 @@ most the steps since it.
 
 from __future__ import annotations
 
-import copy
+import importlib
 import math
 import os
 import random
@@ -33,22 +34,22 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from ..errors import ConfigError
 from ..progress import ProgressBar
 from . import distributed, sharding
-from .config import RESUMABLE_CHANGES, TrainConfig
-from .data import batches, open_data
+from .config import RESUMABLE_CHANGES, TrainConfig, trainer_module
+from .data import batches, training_data
+from .ema import ema_decay_at
 from .plots import loss_plot
 
 STATE_FILE = "train_state.pt"
 
 
 def build_trainer(config: TrainConfig, device: torch.device) -> torch.nn.Module:
-    import importlib
-
-    return importlib.import_module(f"{__package__}.{config.trainer}").build(config, device)
+    """`build(config, device)` of the trainer's module (config.trainer_module): sdlab.training's own, or
+    one a package registered."""
+    return importlib.import_module(trainer_module(config)).build(config, device)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -74,20 +75,6 @@ def learning_rate(step: int, config: TrainConfig) -> float:
         progress = (step - config.warmup_steps) / max(1, end - config.warmup_steps)
         return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return config.lr
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA decay with warm-up, min(decay, (1 + step) / (10 + step)), as TensorFlow's
-    ExponentialMovingAverage with num_updates: early averages forget the random initialisation fast."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for averaged, current in zip(ema.parameters(), model.parameters()):
-        averaged.lerp_(current.detach().to(averaged.dtype), 1 - decay)
-    for averaged, current in zip(ema.buffers(), model.buffers()):
-        averaged.copy_(current)
 
 
 def rng_states(device: torch.device) -> dict:
@@ -133,21 +120,6 @@ def param_groups(trainer, params: list) -> list:
     return groups
 
 
-def make_optimizer(params: list, config: TrainConfig, ctx: distributed.Context) -> torch.optim.Optimizer:
-    """AdamW; with `shard_optimizer` under torchrun, wrapped in ZeRO-1 (each rank steps its share).
-
-    The gradients are averaged before the step either way (distributed.average_gradients), so every rank
-    can update any share; ZeroRedundancyOptimizer then broadcasts each share from its owner."""
-    options = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-                   weight_decay=config.weight_decay)
-    if config.shard_optimizer and ctx.world_size > 1:
-        distributed.note(f"AdamW state sharded over {ctx.world_size} processes (ZeRO stage 1)")
-        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **options)
-    if config.shard_optimizer:
-        distributed.note("shard_optimizer has nothing to split in a single process; training unsharded")
-    return torch.optim.AdamW(params, **options)
-
-
 def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
     current = config.to_dict()
     changed = sorted(k for k in current.keys() | saved.keys()
@@ -156,6 +128,18 @@ def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
         details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
         raise ConfigError(f"cannot resume {path} with a different recipe ({details}); use the same settings "
                           f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change) or a new --out")
+
+
+def check_run_folder(state_path: Path, resume: bool, config: TrainConfig) -> None:
+    """A resumed run needs its checkpoint and the same recipe; a new one needs a folder without a run."""
+    if resume and not state_path.exists():
+        raise ConfigError(f"nothing to resume: {state_path} does not exist; start without --resume")
+    if not resume and state_path.exists():
+        raise ConfigError(f"{state_path.parent} already holds a run ({STATE_FILE}); continue it with --resume or "
+                          "choose another --out")
+    if resume:  # class images and preference pairs a trainer writes while being built stay untouched if refused
+        check_resumable(torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)["config"],
+                        config, state_path)
 
 
 def train(config: TrainConfig, resume: bool = False, callback: Optional[Callable[[dict], None]] = None,
@@ -176,13 +160,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
     device, main = ctx.device, ctx.is_main
     out = Path(config.out_dir)
     state_path = out / STATE_FILE
-    if resume and not state_path.exists():
-        raise ConfigError(f"nothing to resume: {state_path} does not exist; start without --resume")
-    if not resume and state_path.exists():
-        raise ConfigError(f"{out} already holds a run ({STATE_FILE}); continue it with --resume or choose another --out")
-    if resume:  # before building: a trainer may write into OUT as it is built (class images, preference pairs)
-        check_resumable(torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)["config"],
-                        config, state_path)
+    check_run_folder(state_path, resume, config)  # before building: a trainer may write into OUT as it is built
     distributed.barrier()  # every rank has looked before rank 0 writes anything
     torch.manual_seed(config.seed)  # the same initial weights on every rank and in every rerun
     trainer = build_trainer(config, device)  # refuses a bad recipe before anything is written
@@ -193,100 +171,45 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = config.gradient_checkpointing
     ema_decay = trainer.default_ema_decay if config.ema_decay is None else config.ema_decay
-    sharded = config.shard_model and ctx.world_size > 1
-    if config.shard_model and not sharded:
-        distributed.note("shard_model has nothing to split in a single process; training unsharded")
-    # under shard_model, rank 0 keeps a whole copy (on the CPU) to gather into for validation and saving
-    whole = copy.deepcopy(trainer.model).cpu().eval().requires_grad_(False) if sharded and main else None
-    if sharded:
-        sharding.shard(trainer.trained, device, ctx.world_size)
-        held, total = sharding.held_fraction(trainer.trained)
-        distributed.note(f"weights, gradients, AdamW state and EMA sharded over {ctx.world_size} processes (FSDP): "
-                         f"rank 0 holds {held:.0%} of {total / 1e6:.2f} M trained weights")
+    # how the ranks share the work: whole copies (DDP, optionally ZeRO-1) or shards (FSDP)
+    parallel = sharding.parallelism(config, ctx, trainer.trained, trainer.model)
     params = [p for p in trainer.trained.parameters() if p.requires_grad]
-    optimizer = make_optimizer(param_groups(trainer, params), config, ctx)
+    optimizer = parallel.optimizer(param_groups(trainer, params), config)
     amp_dtype = autocast_dtype(config.precision, device)
     # fp16 gradients underflow without loss scaling (Micikevicius et al. 2018); bf16 has fp32's range
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    if ema_decay <= 0:
-        ema = None
-    elif sharded:
-        ema = sharding.ShardedEMA(trainer.model)
-    else:
-        ema = copy.deepcopy(trainer.model).eval().requires_grad_(False)
+    ema = parallel.ema() if ema_decay > 0 else None
 
     start_step, history = 0, {}
     if resume:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if sharded:
-            sharding.load_full_model_state(trainer.trained, state["trained"])
-            sharding.load_full_optimizer_state(trainer.trained, optimizer, state["optimizer"])
-            if ema is not None:
-                ema.load_full_state_dict(state["ema"])
-        else:
-            trainer.trained.load_state_dict(state["trained"])
-            optimizer.load_state_dict(state["optimizer"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
+        parallel.load_state_dicts(state, optimizer, ema)
         scaler.load_state_dict(state["scaler"])
         set_rng_states(state["rng"], device)
         start_step, history = state["step"], state["history"]
         del state
 
     size = config.resolution or trainer.resolution
-    if hasattr(trainer, "training_data"):
-        data = trainer.training_data(size)
-    else:
-        data = open_data(config.data, size, config.crop, config.flip, config.seed, verbose=main,
-                         single_object_fraction=config.single_object_fraction)
+    data = trainer.training_data(size) if hasattr(trainer, "training_data") else training_data(config, size, main)
     validation_examples = data.validation_examples(config.validation_images)
     micro_batches = batches(data, start_step, config.steps, config.batch_size, config.grad_accum, ctx.rank,
                             ctx.world_size, config.num_workers, config.seed, device)
 
     def save_checkpoint(step: int) -> None:
-        if sharded:  # collectives: every rank sends its shards to rank 0, in the unsharded layout
-            trained_state = sharding.full_model_state(trainer.trained)
-            optimizer_state = sharding.full_optimizer_state(trainer.trained, optimizer)
-            ema_state = ema.full_state_dict() if ema is not None else {}
-        else:
-            if isinstance(optimizer, ZeroRedundancyOptimizer):
-                optimizer.consolidate_state_dict(to=0)  # collective: every rank sends its shard to rank 0
-            trained_state = trainer.trained.state_dict() if main else {}
-            optimizer_state = optimizer.state_dict() if main else {}
-            ema_state = ema.state_dict() if ema is not None and main else {}
-        if not main:
-            return
-        state = {
-            "step": step,
-            "trained": trained_state,
-            "ema": ema_state,
-            "optimizer": optimizer_state,
-            "scaler": scaler.state_dict(),
-            "rng": rng_states(device),
-            "history": history,
-            "config": config.to_dict(),
-        }
-        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-        atomic_write(out / "loss.png", lambda tmp: loss_plot(history, f"sdlab train {config.trainer}").save(tmp, "PNG"))
-
-    def published() -> Optional[torch.nn.Module]:
-        """What validation and the final file use: the EMA if kept, else the trained weights. Under
-        shard_model a collective: gathered into rank 0's whole copy (None on the other ranks)."""
-        if not sharded:
-            return ema if ema is not None else trainer.model
-        state = ema.full_state_dict() if ema is not None else sharding.full_model_state(trainer.model)
-        if not main:
-            return None
-        whole.load_state_dict(state)
-        return whole.to(device)
+        trained, optimizer_state, ema_state = parallel.state_dicts(optimizer, ema)  # collective
+        if main:
+            state = {"step": step, "trained": trained, "ema": ema_state, "optimizer": optimizer_state,
+                     "scaler": scaler.state_dict(), "rng": rng_states(device), "history": history,
+                     "config": config.to_dict()}
+            atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+            atomic_write(out / "loss.png", lambda tmp: loss_plot(history, f"sdlab train {config.trainer}").save(tmp, "PNG"))
 
     def validate(step: int) -> None:
-        model = published()
+        model = parallel.published(ema)  # the EMA if kept, else the trained weights (None off rank 0)
         if main:
             model.eval()
             trainer.validate(model, validation_examples, step, out / "validation")
-        if sharded and main:
-            whole.cpu()  # off the GPU again while training runs
+        parallel.after_validation()
         trainer.trained.train()
 
     desc = f"train {config.trainer} " + (f"(steps {start_step + 1}-{config.steps}) " if start_step else "")
@@ -308,8 +231,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
             for name, value in parts.items():
                 logs[name] = logs.get(name, 0) + value.detach().float() / config.grad_accum
 
-        if not sharded:  # FSDP has averaged and split them in backward (reduce-scatter)
-            distributed.average_gradients(params, ctx.world_size)
+        parallel.sync_gradients(params)
         scaler.unscale_(optimizer)
         if config.max_grad_norm > 0:
             for module in trainer.trained.values():  # each network by itself: a GAN's critic cannot shrink the generator's step
@@ -317,10 +239,8 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if isinstance(ema, sharding.ShardedEMA):
+        if ema is not None:
             ema.update(ema_decay_at(step, ema_decay))
-        elif ema is not None:
-            update_ema(ema, trainer.model, ema_decay_at(step, ema_decay))
 
         done = step + 1
         values = distributed.mean_over_ranks(torch.stack(list(logs.values()))).tolist()
@@ -333,7 +253,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
                 rate = (done - start_step) / (time.perf_counter() - started)
                 values_text = ", ".join(f"{k}={v:.4g}" for k, v in logs_now.items())
                 print(f"sdlab: step {done}/{config.steps}: {values_text}, {rate:.2f} steps/s", file=sys.stderr, flush=True)
-        if (main or sharded) and (done == config.steps or (config.validate_every and done % config.validate_every == 0)):
+        if parallel.validates_here and (done == config.steps or (config.validate_every and done % config.validate_every == 0)):
             validate(done)
         if done == config.steps or done % config.checkpoint_every == 0:
             save_checkpoint(done)
@@ -344,7 +264,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
     if bar is not None:
         bar.close()
     path = out / "last.safetensors"
-    model = published()
+    model = parallel.published(ema)  # collective under shard_model
     if main:
         path = trainer.save(out, model, data)
         steps_run = config.steps - start_step

@@ -16,8 +16,7 @@ maps sdlab's module paths to diffusers'). OUT/pytorch_lora_weights.safetensors h
 diffusers' PEFT layout (`unet.<path>.lora_A.weight` = down, `lora_B.weight` = up) with rank and alpha in
 its `lora_adapter_metadata`, as diffusers' `save_lora_weights` writes them.
 
-The shared pieces of the fine-tuners (the latents of a batch, the text embeddings, the noised
-prediction loss) live here too; dreambooth.py, inpaint.py and upscale.py use them.
+The latents, text embeddings and noised prediction loss are every trainer's (diffusion.py).
 """
 
 from __future__ import annotations
@@ -35,93 +34,14 @@ from torch.nn.utils import parametrize
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..schedules import alphas_cumprod
-from ..tokenizer import get_tokenizer
 from .config import LoraOptions, TrainConfig
 from .data import Batch
+from .diffusion import drop_captions, encode_latents, encode_text, noised_prediction_loss, validation_grid
 from .loop import atomic_write
-from .plots import image_grid
 
 LORA_FILE = "last.safetensors"
 PEFT_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for in a folder
 TEXT_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
-
-
-# -- shared by the fine-tuners ----------------------------------------------------------------------
-
-
-@torch.no_grad()
-def encode_latents(vae: nn.Module, images: torch.Tensor, batch: Batch, scaling_factor: float) -> torch.Tensor:
-    """A sample of the VAE posterior, scaled: z0 (b, C, h, w). Draws one batch.randn."""
-    posterior = vae.encode(images)
-    eps = batch.randn(*posterior.mean.shape[1:]).to(posterior.mean.dtype)
-    return (posterior.mean + posterior.std * eps).float() * scaling_factor
-
-
-def encode_text(text_encoder: nn.Module, model: ModelConfig, captions: list[str], device: torch.device) -> torch.Tensor:
-    """(b, 77, width) text embeddings; gradients flow when the encoder (or an adapter on it) trains."""
-    text = model.text
-    ids = get_tokenizer().tokenize(captions, text.context_length, pad_token_id=text.pad_token_id)
-    return text_encoder(ids.to(device))
-
-
-def drop_captions(captions: list[str], batch: Batch, dropout: float) -> list[str]:
-    """The empty caption for a `dropout` fraction, for classifier-free guidance. Draws one batch.rand."""
-    keep = batch.rand() >= dropout
-    return [caption if k else "" for caption, k in zip(captions, keep.tolist())]
-
-
-def noised(latents: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z_t, the UNet's target) for clean latents, noise and alphas_cumprod `a` (b, 1, 1, 1):
-    z_t = sqrt(a) z0 + sqrt(1 - a) eps (Ho et al. 2020, eq. 4); the target is eps, or
-    v = sqrt(a) eps - sqrt(1 - a) z0 for v-prediction (Salimans & Ho 2022)."""
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    return noisy, (a.sqrt() * noise - (1 - a).sqrt() * latents if prediction == "v" else noise)
-
-
-def noised_prediction_loss(unet: nn.Module, latents: torch.Tensor, text_embeddings: torch.Tensor, batch: Batch,
-                           schedule: torch.Tensor, prediction: str, min_snr_gamma: Optional[float] = None,
-                           **conditioning) -> torch.Tensor:
-    """Per-sample MSE (b,) of the UNet's eps (or v) prediction on z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps
-    (Ho et al. 2020, eq. 4; v: Salimans & Ho 2022), optionally Min-SNR-gamma weighted (Hang et al. 2023).
-    `conditioning`: the UNet's `y` and `concat`. Draws batch.randn (noise), then batch.randint (t)."""
-    noise = batch.randn(*latents.shape[1:])
-    timesteps = batch.randint(len(schedule))
-    a = schedule[timesteps].view(-1, 1, 1, 1)
-    noisy_latents, target = noised(latents, noise, a, prediction)
-    model_output = unet(noisy_latents, timesteps, text_embeddings, **conditioning).float()
-    per_sample = (model_output - target).pow(2).mean(dim=(1, 2, 3))
-    weights = loss_weights(a.view(-1), prediction, min_snr_gamma)
-    return per_sample if weights is None else per_sample * weights
-
-
-def loss_weights(alphas_cumprod: torch.Tensor, prediction: str, min_snr_gamma: Optional[float] = None,
-                 clean_error_weight_cap: Optional[float] = None) -> Optional[torch.Tensor]:
-    """Each sample's loss weight at its noise level, or None for the plain MSE.
-
-    The MSE of an eps (v) prediction carries the error in the clean latents with a factor SNR (SNR + 1).
-    Min-SNR-gamma caps that factor at gamma (Hang et al. 2023, eq. 8); `clean_error_weight_cap` raises it
-    to at least min(1, cap * SNR), so the noisiest steps train on where things go."""
-    if min_snr_gamma is None and clean_error_weight_cap is None:
-        return None
-    snr = alphas_cumprod / (1 - alphas_cumprod)
-    factor = snr + 1 if prediction == "v" else snr  # output MSE per clean-latent MSE
-    clean_weight = factor if min_snr_gamma is None else snr.clamp(max=min_snr_gamma)
-    if clean_error_weight_cap is not None:
-        clean_weight = torch.maximum(clean_weight, (clean_error_weight_cap * snr).clamp(max=1))
-    return clean_weight / factor
-
-
-@torch.no_grad()
-def validation_grid(model_config: ModelConfig, unet, vae, text_encoder, prompts: list[str], size: int, steps: int,
-                    seed: int, path: Path, guidance_scale: float = 5.0) -> None:
-    """txt2img of `prompts` with the model as it trains, one row, saved to `path`."""
-    from ..pipelines.api import StableDiffusion as Pipeline
-
-    device = next(unet.parameters()).device
-    pipe = Pipeline(model_config, unet, vae, text_encoder, device, torch.float32)
-    result = pipe.txt2img(prompts, steps=steps, guidance_scale=guidance_scale, seed=seed, width=size, height=size,
-                          batch_size=len(prompts))
-    image_grid(result.images, columns=len(prompts), labels=prompts).save(path)
 
 
 # -- the adapters -----------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ and the other way round), and validation and the final file use a full copy gath
 
 from __future__ import annotations
 
+import copy
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -24,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .distributed import Context, Replicated, adamw_options, note
 
 FULL = StateDictOptions(full_state_dict=True)
 FULL_ON_RANK0_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -81,7 +86,7 @@ class ShardedEMA:
 
     def full_state_dict(self) -> dict:
         """Collective. The EMA in the unsharded layout (the network's state_dict keys; buffers are the
-        network's own, as loop.update_ema copies them), on rank 0's CPU; {} elsewhere."""
+        network's own, as ema.update_ema copies them), on rank 0's CPU; {} elsewhere."""
         shards = {name: (p, shard_) for (name, p), shard_ in zip(self.model.named_parameters(), self.shards)}
         on_rank0 = dist.get_rank() == 0
         state = {}
@@ -135,3 +140,64 @@ def load_full_optimizer_state(trained: nn.Module, optimizer: torch.optim.Optimiz
                "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
                                 for group in state["param_groups"]]}
     set_optimizer_state_dict(trained, optimizer, by_name, options=FULL)
+
+
+# -- the loop's view of it -----------------------------------------------------------------------------
+
+
+class Sharded:
+    """How the loop trains under `shard_model` with several processes: distributed.Replicated's methods,
+    for sharded networks. FSDP averages and splits the gradients in backward; what leaves the run
+    (checkpoint, validation, the final file) is gathered whole, into a copy rank 0 keeps on its CPU."""
+
+    def __init__(self, ctx: Context, trained: nn.Module, model: nn.Module):
+        self.ctx, self.trained, self.model = ctx, trained, model
+        self.validates_here = True  # gathering the weights is collective: every rank takes part
+        self.whole = copy.deepcopy(model).cpu().eval().requires_grad_(False) if ctx.is_main else None
+        shard(trained, ctx.device, ctx.world_size)
+        held, total = held_fraction(trained)
+        note(f"weights, gradients, AdamW state and EMA sharded over {ctx.world_size} processes (FSDP): "
+             f"rank 0 holds {held:.0%} of {total / 1e6:.2f} M trained weights")
+
+    def optimizer(self, param_groups: list, config) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(param_groups, **adamw_options(config))  # it steps this rank's shards
+
+    def ema(self) -> "ShardedEMA":
+        return ShardedEMA(self.model)
+
+    def sync_gradients(self, parameters: list) -> None:
+        """Nothing left to do: FSDP averaged and split them in backward (reduce-scatter)."""
+
+    def state_dicts(self, optimizer: torch.optim.Optimizer, ema) -> tuple[dict, dict, dict]:
+        """Collective: every rank sends its shards to rank 0, in the unsharded layout; {} elsewhere."""
+        return (full_model_state(self.trained), full_optimizer_state(self.trained, optimizer),
+                ema.full_state_dict() if ema is not None else {})
+
+    def load_state_dicts(self, state: dict, optimizer: torch.optim.Optimizer, ema) -> None:
+        """Every rank passes the whole checkpoint; each keeps its shards."""
+        load_full_model_state(self.trained, state["trained"])
+        load_full_optimizer_state(self.trained, optimizer, state["optimizer"])
+        if ema is not None:
+            ema.load_full_state_dict(state["ema"])
+
+    def published(self, ema) -> Optional[nn.Module]:
+        """Collective. The EMA if kept, else the trained weights, gathered into rank 0's whole copy on its
+        device (None on the other ranks)."""
+        state = ema.full_state_dict() if ema is not None else full_model_state(self.model)
+        if not self.ctx.is_main:
+            return None
+        self.whole.load_state_dict(state)
+        return self.whole.to(self.ctx.device)
+
+    def after_validation(self) -> None:
+        if self.whole is not None:
+            self.whole.cpu()  # off the GPU again while training runs
+
+
+def parallelism(config, ctx: Context, trained: nn.Module, model: nn.Module):
+    """Sharded under `shard_model` with several processes, else Replicated."""
+    if config.shard_model and ctx.world_size > 1:
+        return Sharded(ctx, trained, model)
+    if config.shard_model:
+        note("shard_model has nothing to split in a single process; training unsharded")
+    return Replicated(ctx, trained, model)

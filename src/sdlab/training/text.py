@@ -9,9 +9,9 @@ captions and each caption's image among the N images (symmetric InfoNCE, van den
 The logit scale starts at ln(1/0.07) and the scale exp(s) is capped at 100, CLIP's numbers. The text
 encoder trained this way is then frozen to condition the UNet, as SD did with OpenAI's CLIP.
 
-With `hard_negatives`, NegCLIP's change (Yuksekgonul et al. 2023, "When and why vision-language models
-behave like bags-of-words", section 4): every caption stating a relation adds its mirror (the same
-words with the relation inverted, sdlab.data.shapes.mirrored_caption) as an extra column of the
+A subclass can add NegCLIP's hard negatives (Yuksekgonul et al. 2023, "When and why vision-language
+models behave like bags-of-words", section 4) through `hard_negatives(captions)`: a caption per caption
+that names the same things wrongly (sdlab.shapes: the relation inverted), as an extra column of the
 image-to-caption logits. No image matches it, so an image must score its own caption above the one
 that names the same objects the other way round; the caption-to-image direction is unchanged.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import ModelConfig
-from ..data.shapes import mirrored_caption
 from ..models import build_text_encoder
 from ..tokenizer import get_tokenizer
 from . import components, distributed
@@ -93,8 +93,9 @@ class TextTrainer(nn.Module):
         labels = torch.arange(first, first + batch.size, device=ids.device)  # our rows' partners
         logits_per_image = scale * image_features @ all_text.T  # (b, B): our images against every caption
         logits_per_text = scale * text_features @ all_image.T  # (b, B): our captions against every image
-        if self.config.options.hard_negatives:
-            negatives, has_negative = self.negatives(batch)
+        negative_captions = self.hard_negatives(batch.captions)
+        if negative_captions is not None:
+            negatives, has_negative = self.negatives(negative_captions, batch.images.device)
             logits_negative = (scale * image_features @ negatives.T).masked_fill(~has_negative, float("-inf"))
             logits_per_image = torch.cat([logits_per_image, logits_negative], dim=1)  # (b, 2B)
         # this rank's share of the global mean; the shares sum to the loss of the whole batch
@@ -107,15 +108,18 @@ class TextTrainer(nn.Module):
         # of the shares' gradients, the gradient of the global loss
         return share * batch.world_size, logs
 
-    def negatives(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D) features of every rank's mirrored captions and a (B,) mask of those that exist: a
-        caption without a relation gets the empty caption's row, which the loss masks out of the softmax (each
-        rank computes b rows so that all can be gathered)."""
-        device = batch.images.device
-        mirrored = [mirrored_caption(caption) for caption in batch.captions]
-        ids = tokenize([m if m is not None else "" for m in mirrored], self.model_config, device)
+    def hard_negatives(self, captions: list[str]) -> Optional[list[Optional[str]]]:
+        """A caption no image matches for each caption (None where there is none), or None: no hard
+        negatives, as here."""
+        return None
+
+    def negatives(self, captions: list[Optional[str]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) features of every rank's hard-negative captions and a (B,) mask of those that exist: a
+        missing one gets the empty caption's row, which the loss masks out of the softmax (each rank
+        computes b rows so that all can be gathered)."""
+        ids = tokenize([c if c is not None else "" for c in captions], self.model_config, device)
         features = F.normalize(self.model.text_encoder.pooled(ids).float(), dim=-1)
-        has = torch.tensor([m is not None for m in mirrored], device=device)
+        has = torch.tensor([c is not None for c in captions], device=device)
         return distributed.gather_with_grad(features), distributed.gather_with_grad(has.float()) > 0
 
     @torch.no_grad()
@@ -171,7 +175,7 @@ class TextTrainer(nn.Module):
         return components.save_model(out_dir, config, self.config, {"text_encoder": text_encoder})
 
 
-def build(config: TrainConfig, device: torch.device) -> TextTrainer:
+def build(config: TrainConfig, device: torch.device, trainer_class: type = TextTrainer) -> TextTrainer:
     model = components.model_config(config, "text_encoder", components.base_config(config))
     if model.text.projection_dim is None:
         # the contrastive loss compares projected features; width keeps the projection square (OpenCLIP's habit)
@@ -183,4 +187,4 @@ def build(config: TrainConfig, device: torch.device) -> TextTrainer:
         torch.manual_seed(config.seed + 1)
         image_encoder = ImageTower(config.resolution or model.resolution, model.text.projection_dim,
                                    options.image_channels, options.image_stages)
-    return TextTrainer(config, model, text_encoder, image_encoder).to(device)
+    return trainer_class(config, model, text_encoder, image_encoder).to(device)

@@ -31,7 +31,8 @@ from ..schedules import alphas_cumprod
 from ..tokenizer import get_tokenizer
 from .config import TextualInversionOptions, TrainConfig
 from .data import Batch
-from .lora import encode_latents, load_base, noised_prediction_loss, validation_grid
+from .diffusion import encode_latents, noised_prediction_loss, validation_grid
+from .lora import load_base
 from .loop import atomic_write
 
 

@@ -10,29 +10,17 @@ is the mean squared error. Captions are replaced by the empty caption a fraction
 same network also learns the unconditional prediction classifier-free guidance needs (Ho & Salimans
 2022). The saved UNet is the exponential moving average of the weights.
 
-Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 8)
-weights each sample's loss by min(SNR_t, gamma) / SNR_t for eps (/(SNR_t + 1) for v), with
-SNR_t = a_t / (1 - a_t): the easy low-noise timesteps stop dominating the gradient.
+`min_snr_gamma` and `clean_error_weight_cap` weight each sample's loss by its noise level
+(`diffusion.loss_weights`). (On the shapes model, cap 50 for 1,250 steps did not change which way
+round two objects are drawn: MODEL_CARD.md.)
 
-`clean_error_weight_cap` works at the other end. Epsilon-MSE is SNR_t times the error in the clean
-latents, so at the noisiest steps (SNR 0.005 at t = 999), where a sampler decides the layout, a wrong
-layout costs almost nothing. The option raises each sample's weight so that the clean-latent error
-counts at least min(1, cap * SNR_t) times. (On the shapes model, cap 50 for 1,250 steps did not change
-which way round two objects are drawn: MODEL_CARD.md.)
-
-`recolour_fraction` (shapes data, see `recolour`) noises some two-object samples from the picture with
-the two colours exchanged, the target staying the true picture: only the caption can say which object
-has which colour.
-
-On the shapes data, `grounding_loss` adds TokenCompose's token loss (see `grounding`): each object's
-words are taught where in the picture to be read, `relation_contrast` (see `relation_contrast`) asks
-that a two-object caption predict its scene better than the same caption with its relation turned round,
-and `scene_contrast` (see `scene_contrast`) that it predict its picture better than a near miss of it.
+The bundled shapes model's extra losses (token grounding, the relation and scene contrasts, recoloured
+inputs) live in sdlab.shapes, in a subclass of this trainer (`UNetTrainer`'s hooks say how).
 """
 
 from __future__ import annotations
 
-import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -40,15 +28,10 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..models.attention import recorded_cross_attention
 from ..schedules import alphas_cumprod
-from ..tokenizer import get_tokenizer
-from . import components, grounding, recolour, scene_contrast
+from . import components, diffusion
 from .config import TrainConfig, UNetOptions
 from .data import Batch
-from .lora import loss_weights, noised
-from .plots import image_grid
-from .relation_contrast import contrasted, mirrored_denoising, relation_contrast
 
 
 class UNetFamilyTrainer(nn.Module):
@@ -80,9 +63,32 @@ class UNetFamilyTrainer(nn.Module):
                                      {"unet": unet, "vae": self.vae, "text_encoder": text_encoder})
 
 
+@dataclass
+class DiffusionStep:
+    """One micro-batch on its way through `UNetTrainer.loss`: what its hooks and extra loss terms read."""
+
+    batch: Batch
+    captions: list[str]  # the batch's captions after dropout ("" where dropped)
+    latents: torch.Tensor  # z0 (b, C, h, w)
+    eps: torch.Tensor  # the posterior noise z0 was sampled with
+    text_embeddings: torch.Tensor  # (b, 77, width), with gradients when the text encoder trains
+    noise: torch.Tensor  # eps of z_t
+    timesteps: torch.Tensor  # (b,)
+    alphas_cumprod: torch.Tensor  # a_t (b, 1, 1, 1)
+    noisy_latents: Optional[torch.Tensor] = None  # z_t
+    target: Optional[torch.Tensor] = None  # eps or v
+    errors: Optional[torch.Tensor] = None  # each sample's unweighted MSE (b,), with gradients
+    records: dict = field(default_factory=dict)  # what a subclass's `denoise` keeps for its loss terms
+
+
 class UNetTrainer(UNetFamilyTrainer):
     """With `train_text_encoder`, the text encoder's transformer learns from the same loss (its token
-    table and contrastive projection stay as they are): `trained` and `model` then hold both networks."""
+    table and contrastive projection stay as they are): `trained` and `model` then hold both networks.
+
+    A subclass adds loss terms in one place, `extra_losses(step)`, which returns them weighted (they are
+    added to the diffusion loss in order) with their logs. Two more hooks let it change what the UNet
+    sees and watch what it does: `training_noise(step)` (the noise z_t is made with) and
+    `denoise(step)` (the UNet's prediction). sdlab.shapes' trainer uses all three."""
 
     default_ema_decay = 0.9999  # CompVis' LitEma for SD
 
@@ -107,150 +113,65 @@ class UNetTrainer(UNetFamilyTrainer):
         text = [p for p in self.trained["text_encoder"].parameters() if p.requires_grad]
         return [{"params": unet}, {"params": text, "lr_scale": scale}]
 
-    def token_ids(self, captions: list[str]) -> torch.Tensor:
-        text = self.model_config.text
-        return get_tokenizer().tokenize(captions, text.context_length, pad_token_id=text.pad_token_id)
-
     def encode_text(self, captions: list[str], device: torch.device) -> torch.Tensor:
-        ids = self.token_ids(captions)
+        """(b, 77, width), with gradients when the text encoder trains (and grad is on)."""
         with torch.set_grad_enabled(self.options.train_text_encoder and torch.is_grad_enabled()):
-            return self.text_encoder(ids.to(device))  # (b, 77, width)
+            return diffusion.encode_text(self.text_encoder, self.model_config, captions, device)
 
     def loss(self, batch: Batch):
         options: UNetOptions = self.options
-        device = batch.images.device
-        with torch.no_grad():
-            posterior = self.vae.encode(batch.images)
-            eps = batch.randn(*posterior.mean.shape[1:]).to(posterior.mean.dtype)
-            latents = (posterior.mean + posterior.std * eps).float() * self.model_config.vae.scaling_factor
-            keep = batch.rand() >= options.caption_dropout
-            captions = [caption if k else "" for caption, k in zip(batch.captions, keep.tolist())]
-        text_embeddings = self.encode_text(captions, device)  # with gradients if the encoder trains
-
-        noise = batch.randn(*latents.shape[1:])
-        timesteps = batch.randint(self.model_config.schedule.num_train_timesteps)
-        a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-        if options.recolour_fraction:
-            recoloured = self.recoloured_latents(batch, latents, eps, keep, timesteps)
-            # the noise that takes the true latents to the noisy ones: the target
-            noise = noise + (a / (1 - a)).sqrt() * (recoloured - latents)
-        noisy_latents, target = noised(latents, noise, a, self.model_config.prediction)
-        recording = (recorded_cross_attention(self.unet) if options.grounding_loss
-                     else contextlib.nullcontext([]))
-        with recording as maps:
-            model_output = self.unet(noisy_latents, timesteps, text_embeddings).float()  # noise_pred, or v_pred
-        errors = (model_output - target).pow(2).mean(dim=(1, 2, 3))  # (b,)
-        logs = {}
+        latents, eps = diffusion.sample_latents(self.vae, batch.images, batch, self.model_config.vae.scaling_factor)
+        captions = diffusion.drop_captions(batch.captions, batch, options.caption_dropout)
+        text_embeddings = self.encode_text(captions, batch.images.device)
+        noise, timesteps, a = diffusion.draw_noise(latents, batch, self.alphas_cumprod)
+        step = DiffusionStep(batch, captions, latents, eps, text_embeddings, noise, timesteps, a)
+        step.noise = self.training_noise(step)
+        step.noisy_latents, step.target = diffusion.noised(latents, step.noise, a, self.model_config.prediction)
+        step.errors = diffusion.prediction_errors(self.denoise(step), step.target)
         weight = self.sample_weights(a.view(-1))
-        if weight is not None:
-            logs["mse"] = errors.mean()
-        loss = (errors if weight is None else errors * weight).mean()
-        if (options.relation_contrast or options.relation_mirror_denoising or options.grounding_loss
-                or options.scene_contrast):
+        logs = {} if weight is None else {"mse": step.errors.mean()}
+        loss = (step.errors if weight is None else step.errors * weight).mean()
+        terms, term_logs = self.extra_losses(step)
+        if terms:
             logs["diffusion"] = loss.detach()
-        def denoise_as(x, t, texts):  # the UNet under other captions (the relation terms' mirrors)
-            return self.unet(x, t, self.encode_text(texts, device))
-
-        if options.relation_contrast:
-            contrast, contrast_logs = relation_contrast(
-                denoise_as, noisy_latents, timesteps, captions, target, errors,
-                temperature=options.relation_contrast_temperature,
-                min_timestep=options.relation_contrast_min_timestep)
-            logs.update(contrast_logs)
-            loss = loss + options.relation_contrast * contrast
-        if options.relation_mirror_denoising:
-            mirror, mirror_logs = mirrored_denoising(
-                denoise_as, noisy_latents, timesteps, captions, target,
-                min_timestep=options.relation_contrast_min_timestep)
-            logs.update(mirror_logs)
-            loss = loss + options.relation_mirror_denoising * mirror
-        if options.scene_contrast:
-            contrast, contrast_logs = self.scene_contrast_term(batch, captions, timesteps, noise, a,
-                                                               text_embeddings, errors, eps)
-            logs.update(contrast_logs)
-            loss = loss + options.scene_contrast * contrast
-        if options.grounding_loss:
-            weights = grounding.timestep_weights(timesteps, self.model_config.schedule.num_train_timesteps,
-                                                 options.grounding_weighting)
-            logs["grounding"] = grounding.grounding_loss(maps, batch.images, self.token_ids(captions), weights,
-                                                         options.grounding_place_words)
-            loss = loss + options.grounding_loss * logs["grounding"]
+        for term in terms:
+            loss = loss + term
+        logs.update(term_logs)
         return loss, logs
 
-    def scene_contrast_term(self, batch: Batch, captions: list[str], timesteps: torch.Tensor,
-                            noise: torch.Tensor, a: torch.Tensor, text_embeddings: torch.Tensor,
-                            errors: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """`scene_contrast`: the captioned two-object samples at timesteps >= `scene_contrast_min_timestep`
-        against near misses of their pictures, noised with their own noise at their own timestep and
-        denoised under their own caption."""
-        options: UNetOptions = self.options
-        kinds, choices, places = batch.rand(), batch.rand(), batch.rand()  # drawn every step, used or not
-        # the two-object samples are those whose caption states a relation, as the relation contrast's
-        chosen = [i for i, _ in contrasted(captions, timesteps, options.scene_contrast_min_timestep)]
-        index = torch.tensor(chosen, dtype=torch.long, device=timesteps.device)
-        if chosen:
-            with torch.no_grad():
-                misses, made = scene_contrast.near_misses(batch.images[index], kinds[index], choices[index],
-                                                          places[index])
-                index, misses = index[made.to(index.device)], misses[made]
-        if len(index) == 0:
-            return scene_contrast.scene_contrast(errors[:0], errors[:0].detach(), options.scene_contrast_temperature,
-                                                 len(captions))
-        with torch.no_grad():
-            posterior = self.vae.encode(misses)
-            miss_latents = (posterior.mean + posterior.std * eps[index]).float() * self.model_config.vae.scaling_factor
-        a = a[index]
-        noisy, target = noised(miss_latents, noise[index], a, self.model_config.prediction)
-        output = self.unet(noisy, timesteps[index], text_embeddings[index]).float()
-        miss_errors = (output - target).pow(2).mean(dim=(1, 2, 3))
-        return scene_contrast.scene_contrast(errors[index], miss_errors, options.scene_contrast_temperature,
-                                             len(captions))
+    def training_noise(self, step: DiffusionStep) -> torch.Tensor:
+        """The noise that makes z_t from z0: the drawn eps here."""
+        return step.noise
 
-    @torch.no_grad()
-    def recoloured_latents(self, batch: Batch, latents: torch.Tensor, eps: torch.Tensor, keep: torch.Tensor,
-                           timesteps: torch.Tensor) -> torch.Tensor:
-        """`latents` with a `recolour_fraction` of the captioned two-object samples at timesteps >=
-        `recolour_min_timestep` replaced by the latents of their picture with its colours exchanged."""
-        options: UNetOptions = self.options
-        candidates = ((batch.rand() < options.recolour_fraction) & keep.to(timesteps.device)
-                      & (timesteps >= options.recolour_min_timestep))
-        if not candidates.any():
-            return latents
-        swapped, swappable = recolour.swap_object_colours(batch.images[candidates])
-        pick = torch.nonzero(candidates).flatten()[swappable]
-        if len(pick) == 0:
-            return latents
-        posterior = self.vae.encode(swapped[swappable])
-        out = latents.clone()
-        out[pick] = (posterior.mean + posterior.std * eps[pick]).float() * self.model_config.vae.scaling_factor
-        return out
+    def denoise(self, step: DiffusionStep) -> torch.Tensor:
+        """The UNet's eps (or v) prediction for z_t under the captions."""
+        return self.unet(step.noisy_latents, step.timesteps, step.text_embeddings)
+
+    def extra_losses(self, step: DiffusionStep) -> tuple[list[torch.Tensor], dict]:
+        """Loss terms beyond the diffusion loss, each weighted, and their logs: none here."""
+        return [], {}
 
     def sample_weights(self, alphas_cumprod: torch.Tensor) -> Optional[torch.Tensor]:
-        """Each sample's loss weight at its noise level (b,), or None for the plain MSE (`lora.loss_weights`)."""
+        """Each sample's loss weight at its noise level (b,), or None for the plain MSE (`diffusion.loss_weights`)."""
         options: UNetOptions = self.options
-        return loss_weights(alphas_cumprod, self.model_config.prediction, options.min_snr_gamma,
-                            options.clean_error_weight_cap)
+        return diffusion.loss_weights(alphas_cumprod, self.model_config.prediction, options.min_snr_gamma,
+                                      options.clean_error_weight_cap)
 
     @torch.no_grad()
     def validate(self, model: nn.Module, examples, step: int, out_dir: Path) -> None:
         """Images sampled from the validation prompts with the model being trained (its EMA)."""
-        from ..pipelines.api import StableDiffusion as Pipeline
-
         options: UNetOptions = self.options
         prompts = list(options.validation_prompts) or [caption for _, caption in examples]
         if not any(p.strip() for p in prompts):
             prompts = ["a picture"] * len(prompts)  # txt2img refuses all-empty prompts
         unet, text_encoder = self.parts(model)
-        device = next(unet.parameters()).device
-        pipe = Pipeline(self.model_config, unet, self.vae, text_encoder, device, torch.float32)
-        size = self.config.resolution or self.resolution
-        result = pipe.txt2img(prompts, steps=options.validation_steps, guidance_scale=options.validation_guidance,
-                              seed=self.config.seed, width=size, height=size, batch_size=len(prompts),
-                              sampler=options.validation_sampler)
-        image_grid(result.images, columns=len(prompts), labels=prompts).save(Path(out_dir) / f"step-{step:06d}.png")
+        diffusion.validation_grid(self.model_config, unet, self.vae, text_encoder, prompts,
+                                  self.config.resolution or self.resolution, options.validation_steps,
+                                  self.config.seed, Path(out_dir) / f"step-{step:06d}.png",
+                                  guidance_scale=options.validation_guidance, sampler=options.validation_sampler)
 
 
-def build(config: TrainConfig, device: torch.device) -> UNetTrainer:
+def build(config: TrainConfig, device: torch.device, trainer_class: type = UNetTrainer) -> UNetTrainer:
     from ..checkpoint.load import load_components
     from ..samplers import resolve_sampler
 
@@ -260,4 +181,4 @@ def build(config: TrainConfig, device: torch.device) -> UNetTrainer:
     base = load_components(config.base, dtype=torch.float32)
     model = components.model_config(config, "unet", base.config)
     unet = components.starting_part(config, "unet", model, base.unet)
-    return UNetTrainer(config, model, unet, base.vae, base.text_encoder).to(device)
+    return trainer_class(config, model, unet, base.vae, base.text_encoder).to(device)

@@ -34,7 +34,8 @@ from ..schedules import alphas_cumprod
 from . import components
 from .config import TrainConfig, UpscaleOptions
 from .data import Batch
-from .lora import drop_captions, encode_latents, encode_text, load_base, noised_prediction_loss
+from .diffusion import drop_captions, encode_latents, encode_text, noised_prediction_loss
+from .lora import load_base
 from .plots import image_grid, tensor_to_image
 from .unet import UNetFamilyTrainer
 

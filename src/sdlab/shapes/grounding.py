@@ -20,43 +20,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..data import shapes
 from ..models.attention import map_shape
 from ..tokenizer import get_tokenizer
+from .dataset import COLOURS
+from .regions import colour_regions
 
-# an object pixel lies within this distance (0-255 RGB) of the background-to-colour line
-COLOUR_TOLERANCE = 24.0
 # the words of the shapes captions' positions and relations that say which way (one token each)
 PLACE_WORDS = ("left", "right", "top", "bottom", "center", "centre", "middle",
                "above", "over", "below", "under", "beneath")
-
-
-def colour_regions(images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """For each palette colour, (B, H, W) in [0, 1]: how much of each pixel is an object of that colour.
-
-    images: (B, 3, H, W) shapes renders in [-1, 1]. The background is the top-left pixel's colour (no
-    object comes near the border); a pixel's share of colour c is its position along the line from the
-    background to c, where it lies on that line.
-    """
-    regions = {}
-    for name, (share, off_line) in colour_lines(images).items():
-        regions[name] = share * (off_line <= COLOUR_TOLERANCE)
-    return regions
-
-
-def colour_lines(images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """For each palette colour, (B, H, W) each: every pixel's position along the line from the background
-    (the top-left pixel) to the colour, clamped to [0, 1], and its distance from that line (0-255 RGB)."""
-    pixels = (images.detach().float() + 1) * 127.5  # (B, 3, H, W)
-    background = pixels[:, :, :1, :1]
-    offset = pixels - background
-    lines = {}
-    for name, rgb in shapes.COLOURS.items():
-        direction = torch.tensor(rgb, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1) - background
-        share = (offset * direction).sum(1, keepdim=True) / direction.pow(2).sum(1, keepdim=True)
-        share = share.clamp(0, 1)
-        lines[name] = (share.squeeze(1), (offset - share * direction).norm(dim=1))
-    return lines
 
 
 def object_tokens(ids: torch.Tensor, place_words: bool = False) -> list[list[tuple[str, list[int]]]]:
@@ -68,7 +39,7 @@ def object_tokens(ids: torch.Tensor, place_words: bool = False) -> list[list[tup
     left" or in "a red circle to the left of a blue square", "above", "top", ... A single object's position
     and a relation both describe the object named first."""
     tokenizer = get_tokenizer()
-    colour_of = {tokenizer.encode(name)[0]: name for name in shapes.COLOURS}
+    colour_of = {tokenizer.encode(name)[0]: name for name in COLOURS}
     place_ids = {tokenizer.encode(word)[0] for word in PLACE_WORDS}
     out = []
     for row in ids.tolist():

@@ -1,4 +1,4 @@
-"""Recoloured inputs (`unet.recolour_fraction`): two-object renders with their colours exchanged on
+"""Recoloured inputs (`shapes.recolour_fraction`): two-object renders with their colours exchanged on
 pixels, and the trainer noising those while its target stays the true picture."""
 
 import dataclasses
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from sdlab.data import shapes
+from sdlab.shapes import dataset as shapes
 from sdlab.errors import ConfigError
 from sdlab.schedules import alphas_cumprod
-from sdlab.training import recolour
-from sdlab.training import unet as unet_trainer
-from test_training_grounding import scene_batch
+from sdlab.shapes import recolour
+from sdlab.shapes import unet as unet_trainer
+from test_shapes_grounding import scene_batch
 from test_training_loop import TINY, one_thread, tiny_base, tiny_config  # noqa: F401
 from test_training_unet import a_batch
 
@@ -40,7 +40,7 @@ def test_the_trainer_noises_the_exchanged_picture_and_aims_at_the_true_one(tmp_p
     target the noise that takes the true latents there; the single object is trained as usual."""
     images, captions = scene_batch()  # a two-object scene, then one object
     config = tiny_config("unet", tmp_path / "run", base=str(tiny_base(tmp_path / "base.safetensors")),
-                         **{"unet.recolour_fraction": 1.0, "unet.recolour_min_timestep": 0, "unet.caption_dropout": 0.0})
+                         **{"shapes.recolour_fraction": 1.0, "shapes.recolour_min_timestep": 0, "unet.caption_dropout": 0.0})
     torch.manual_seed(0)
     trainer = unet_trainer.build(config, torch.device("cpu"))
     with torch.no_grad():  # the zero-initialised output layer would make every prediction 0
@@ -73,7 +73,7 @@ def test_the_trainer_noises_the_exchanged_picture_and_aims_at_the_true_one(tmp_p
 def test_dropped_captions_and_earlier_timesteps_keep_their_own_picture(tmp_path, settings, min_timestep):
     images, captions = scene_batch()
     config = tiny_config("unet", tmp_path / "run", base=str(tiny_base(tmp_path / "base.safetensors")),
-                         **{"unet.recolour_fraction": 1.0, "unet.recolour_min_timestep": min_timestep,
+                         **{"shapes.recolour_fraction": 1.0, "shapes.recolour_min_timestep": min_timestep,
                             "unet.caption_dropout": 0.0, **settings})
     trainer = unet_trainer.build(config, torch.device("cpu"))
     plain = unet_trainer.build(tiny_config("unet", tmp_path / "plain", base=str(tmp_path / "base.safetensors"),
@@ -87,9 +87,9 @@ def test_dropped_captions_and_earlier_timesteps_keep_their_own_picture(tmp_path,
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"unet.recolour_fraction": 1.5}, r"'unet.recolour_fraction' must be in \[0, 1\]"),
-    ({"unet.recolour_fraction": 0.5, "data": "some/folder"}, "is for the shapes data"),
-    ({"unet.recolour_min_timestep": 1000}, r"'unet.recolour_min_timestep' must be in \[0, 1000\)"),
+    ({"shapes.recolour_fraction": 1.5}, r"'shapes.recolour_fraction' must be in \[0, 1\]"),
+    ({"shapes.recolour_fraction": 0.5, "data": "some/folder"}, "is for the shapes data"),
+    ({"shapes.recolour_min_timestep": 1000}, r"'shapes.recolour_min_timestep' must be in \[0, 1000\)"),
 ])
 def test_recolour_settings_that_cannot_work_are_refused(tmp_path, settings, message):
     with pytest.raises(ConfigError, match=message):

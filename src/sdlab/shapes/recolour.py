@@ -8,7 +8,7 @@ target stays the true picture, so the noisy input shows where the objects are an
 says which colour each one has.
 
 On the shapes data the exchange is done on pixels: each object has its own flat palette colour, and
-`grounding.colour_lines` places every pixel on the line from the background to each palette colour
+`regions.colour_lines` places every pixel on the line from the background to each palette colour
 (anti-aliased edges included).
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..data import shapes
-from .grounding import COLOUR_TOLERANCE, colour_lines
+from .dataset import COLOURS
+from .regions import COLOUR_TOLERANCE, colour_lines
 
 # a colour is an object of the picture when it covers at least this share of the canvas: half the
 # smallest shape (a triangle of side 0.19: 0.018). Anti-aliased edges of one colour can lie near the
@@ -34,7 +34,7 @@ def swap_object_colours(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     regions = shares * (distances <= COLOUR_TOLERANCE)
     present = regions.sum(dim=(2, 3)) >= MIN_SHARE * images.shape[-2] * images.shape[-1]  # (B, C)
     swappable = present.sum(1) == 2
-    palette = torch.tensor(list(shapes.COLOURS.values()), dtype=torch.float32, device=images.device) / 127.5 - 1
+    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32, device=images.device) / 127.5 - 1
     swapped = images.detach().float().clone()
     for b in torch.nonzero(swappable).flatten().tolist():
         first, second = torch.nonzero(present[b]).flatten().tolist()

@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from ..config import DEFAULT_SAMPLER
-from ..data.shapes import BACKGROUNDS, POSITIONS, Meaning, Scene, canonical_caption, format_caption, render, sample_scene
-from .shapes_check import analyse, check
+from .dataset import BACKGROUNDS, POSITIONS, Meaning, Scene, canonical_caption, format_caption, render, sample_scene
+from .check import analyse, check
 
 MASK_MARGIN = 0.06  # of the side, around the object's bounding box
 BACKGROUND_TOLERANCE = 40  # mean |RGB difference| to the background colour inside the mask, 0-255

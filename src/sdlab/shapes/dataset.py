@@ -19,6 +19,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import InputError
+from ..training.config import TrainConfig
+from ..training.data import to_tensor
+from .options import shapes_options
 
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
 COLOURS = {
@@ -342,12 +345,6 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     return Image.fromarray(np.rint(image).astype(np.uint8), "RGB")
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """(3, H, W) float in [-1, 1], the range the VAE sees."""
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-    return array.permute(2, 0, 1).float() / 127.5 - 1
-
-
 # ---------------------------------------------------------------- datasets
 
 
@@ -384,6 +381,43 @@ class ShapesDataset(torch.utils.data.IterableDataset):
         while self.length is None or index < self.length:
             yield self[index]
             index += step
+
+
+class ShapesData:
+    """The training loop's shapes samples: sample n is example n of the stream `seed`.
+
+    Validation examples come from another stream, so they are never training samples."""
+
+    VALIDATION_STREAM = 1_000_003
+
+    def __init__(self, size: int, seed: int = 0, single_object_fraction: Optional[float] = None):
+        self.size, self.seed = size, seed
+        self.single_object_fraction = (SINGLE_OBJECT_FRACTION if single_object_fraction is None
+                                       else single_object_fraction)
+
+    def __getitem__(self, n: int) -> tuple[torch.Tensor, str]:
+        _, caption, image = training_example(self.seed, n, self.size, self.single_object_fraction)
+        return to_tensor(image), caption
+
+    def validation_examples(self, count: int) -> list[tuple[torch.Tensor, str]]:
+        examples = []
+        for i in range(count):
+            _, caption, image = training_example(self.seed + self.VALIDATION_STREAM, i, self.size)
+            examples.append((to_tensor(image), caption))
+        return examples
+
+
+def shapes_data(size: int, seed: int = 0, flip: bool = False,
+                single_object_fraction: Optional[float] = None) -> ShapesData:
+    """The samples of `data = "shapes"`; flips are refused, the captions name sides."""
+    if flip:
+        raise InputError("flip is off for the shapes data: its captions say 'on the left' and 'to the right of'")
+    return ShapesData(size, seed, single_object_fraction)
+
+
+def training_data(config: TrainConfig, size: int) -> ShapesData:
+    """`data = "shapes"` in a recipe (sdlab.training.data.training_data), with its [shapes] section's mix."""
+    return shapes_data(size, config.seed, config.flip, shapes_options(config).single_object_fraction)
 
 
 def _covering_order(items: list[tuple], rng: np.random.Generator) -> list[tuple]:

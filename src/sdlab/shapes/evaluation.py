@@ -1,9 +1,9 @@
 """`sdlab eval shapes`: generate a fixed, seeded set of `shapes` captions and judge the images from pixels.
 
-Each caption is tagged single / relation / held_out (sdlab.data.shapes.evaluation_captions); with
+Each caption is tagged single / relation / held_out (sdlab.shapes.dataset.evaluation_captions); with
 `paraphrase` every caption is also asked a second time in other words (synonyms, reordered phrases,
 relations stated the other way round) and scored as its own group. The images are checked by
-sdlab.eval.shapes_check, which reads only pixels.
+sdlab.shapes.check, which reads only pixels.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..config import DEFAULT_SAMPLER
-from ..data.shapes import evaluation_captions, paraphrase, parse_caption, scene_from_caption
-from .shapes_check import check, summarize
+from .dataset import evaluation_captions, paraphrase, parse_caption, scene_from_caption
+from .check import check, summarize
 
 GROUPS = ("single", "relation", "held_out", "paraphrased")
 ATTRIBUTES = ("count", "colour", "shape", "size", "position", "relation", "background", "all")

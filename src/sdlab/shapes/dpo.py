@@ -4,7 +4,7 @@ sdlab's checker says from the pixels which pictures show their caption.
 
 Before training, --base draws `samples_per_caption` pictures of each of `pair_captions` two-object
 captions of the shapes set (canonical wording, the background named half the time; the held-out
-colour-shape pairs never appear), with the sampler, steps and CFG users get. `sdlab.eval.shapes_check`
+colour-shape pairs never appear), with the sampler, steps and CFG users get. `sdlab.shapes.check`
 judges every picture; a caption with right and wrong pictures gives up to `pairs_per_caption` pairs
 (right, wrong). Everything is kept in OUT/pairs.npz, written once complete; a resumed or repeated run
 with the same settings reuses it.
@@ -38,14 +38,16 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..data import shapes
 from ..errors import ConfigError, InputError
-from . import components, distributed
-from .config import DPOOptions, TrainConfig
-from .data import Batch
-from .lora import encode_text, noised
-from .loop import atomic_write
-from .unet import UNetFamilyTrainer, UNetTrainer
+from ..training import components, distributed
+from ..training.config import TrainConfig
+from ..training.data import Batch
+from ..training.diffusion import draw_noise, encode_text, noised, prediction_errors
+from ..training.loop import atomic_write
+from ..training.unet import UNetFamilyTrainer, UNetTrainer
+from . import dataset
+from .check import check
+from .options import DPOOptions
 
 PAIRS_FILE = "pairs.npz"
 CAPTION_STREAM = 2_000_003  # the captions' random stream, apart from the training scenes' seeds
@@ -57,8 +59,8 @@ def pair_captions(count: int, seed: int) -> list[str]:
     rng = np.random.default_rng([seed, CAPTION_STREAM])
     captions = []
     for _ in range(count):
-        scene = shapes.sample_scene(rng, single_object_fraction=0.0)
-        captions.append(shapes.canonical_caption(scene, bool(rng.random() < 0.5)))
+        scene = dataset.sample_scene(rng, single_object_fraction=0.0)
+        captions.append(dataset.canonical_caption(scene, bool(rng.random() < 0.5)))
     return captions
 
 
@@ -82,8 +84,6 @@ def draw_and_judge(pipe, captions: list[str], samples: int, seed: int, steps: in
     """Pictures (captions * samples, H, W, 3) uint8, caption i's sample j at index i * samples + j, drawn with
     seed + that index (the web UI's per-image noise, so the set does not depend on batch_size), and the
     checker's verdicts (captions, samples)."""
-    from ..eval.shapes_check import check
-
     prompts = [caption for caption in captions for _ in range(samples)]
     images, verdicts = [], []
     for start in range(0, len(prompts), batch_size):
@@ -214,7 +214,7 @@ class DPOTrainer(UNetFamilyTrainer):
 
     def errors(self, unet: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
                target: torch.Tensor) -> torch.Tensor:
-        return (unet(noisy, timesteps, text).float() - target).pow(2).mean(dim=(1, 2, 3))
+        return prediction_errors(unet(noisy, timesteps, text), target)
 
     def loss(self, batch: Batch):
         options: DPOOptions = self.options
@@ -223,9 +223,8 @@ class DPOTrainer(UNetFamilyTrainer):
             latents = self.vae.encode(batch.images.flatten(0, 1)).mean.float() * self.model_config.vae.scaling_factor
             text = encode_text(self.text_encoder, self.model_config, batch.captions,
                                batch.images.device).repeat_interleave(2, dim=0)
-        noise = batch.randn(*latents.shape[1:]).repeat_interleave(2, dim=0)  # one noise and timestep per pair
-        timesteps = batch.randint(self.model_config.schedule.num_train_timesteps).repeat_interleave(2)
-        a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        noise, timesteps, a = draw_noise(latents, batch, self.alphas_cumprod)  # one noise and timestep per pair
+        noise, timesteps, a = (x.repeat_interleave(2, dim=0) for x in (noise, timesteps, a))
         noisy, target = noised(latents, noise, a, self.model_config.prediction)
         errors = self.errors(self.unet, noisy, timesteps, text, target).view(b, 2)
         with torch.no_grad():

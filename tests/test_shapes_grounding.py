@@ -1,16 +1,16 @@
-"""Token grounding (`unet.grounding_loss`): object regions read from the shapes palette, the caption
+"""Token grounding (`shapes.grounding_loss`): object regions read from the shapes palette, the caption
 tokens that name each object, the recorded cross-attention maps, the loss, and a run that learns it."""
 
 import numpy as np
 import pytest
 import torch
 
-from sdlab.data import shapes
+from sdlab.shapes import dataset as shapes
 from sdlab.errors import ConfigError
 from sdlab.models.attention import attention, attention_with_probabilities, recorded_cross_attention
 from sdlab.tokenizer import get_tokenizer
-from sdlab.training import grounding
-from sdlab.training import unet as unet_trainer
+from sdlab.shapes import grounding
+from sdlab.shapes import unet as unet_trainer
 from test_training_loop import one_thread, run, tiny_base, tiny_config  # noqa: F401
 from test_training_unet import a_batch
 
@@ -142,7 +142,7 @@ def test_the_trainer_adds_the_weighted_grounding_loss(tmp_path):
     for weight in (0.0, 0.5):
         torch.manual_seed(0)
         config = tiny_config("unet", tmp_path / f"run{weight}", base=base, data="shapes",
-                             **{"unet.grounding_loss": weight, "unet.caption_dropout": 0.0})
+                             **{"shapes.grounding_loss": weight, "unet.caption_dropout": 0.0})
         trainer = unet_trainer.build(config, torch.device("cpu"))
         losses[weight] = trainer.loss(a_batch(images, captions, seed=2))
     (plain, plain_logs), (grounded, logs) = losses[0.0], losses[0.5]
@@ -153,8 +153,8 @@ def test_the_trainer_adds_the_weighted_grounding_loss(tmp_path):
 
 def test_the_trainer_weights_grounding_by_the_batchs_timesteps_and_passes_place_words(tmp_path, monkeypatch):
     config = tiny_config("unet", tmp_path / "run", base=str(tiny_base(tmp_path / "base.safetensors")), data="shapes",
-                         **{"unet.grounding_loss": 1.0, "unet.grounding_weighting": "noise",
-                            "unet.grounding_place_words": True})
+                         **{"shapes.grounding_loss": 1.0, "shapes.grounding_weighting": "noise",
+                            "shapes.grounding_place_words": True})
     trainer = unet_trainer.build(config, torch.device("cpu"))
     seen = {}
     real_loss = grounding.grounding_loss
@@ -177,7 +177,7 @@ def test_the_trainer_weights_grounding_by_the_batchs_timesteps_and_passes_place_
 
 def test_the_grounding_loss_teaches_the_words_where_their_objects_are(tmp_path):
     config = tiny_config("unet", tmp_path / "run", base=str(tiny_base(tmp_path / "base.safetensors")), data="shapes",
-                         **{"unet.grounding_loss": 1.0, "unet.train_text_encoder": True, "unet.caption_dropout": 0.0})
+                         **{"shapes.grounding_loss": 1.0, "unet.train_text_encoder": True, "unet.caption_dropout": 0.0})
     trainer = unet_trainer.build(config, torch.device("cpu"))
     optimizer = torch.optim.Adam([p for p in trainer.trained.parameters() if p.requires_grad], lr=3e-3)
     images, captions = scene_batch()
@@ -192,10 +192,10 @@ def test_the_grounding_loss_teaches_the_words_where_their_objects_are(tmp_path):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"unet.grounding_loss": -1.0, "data": "shapes"}, "must not be negative"),
-    ({"unet.grounding_loss": 0.1, "data": "some/folder"}, "for the shapes data"),
-    ({"unet.grounding_loss": 0.1, "data": "shapes", "gradient_checkpointing": True}, "gradient checkpointing"),
-    ({"unet.grounding_weighting": "late", "data": "shapes"}, "must be one of 'uniform', 'noise'"),
+    ({"shapes.grounding_loss": -1.0, "data": "shapes"}, "must not be negative"),
+    ({"shapes.grounding_loss": 0.1, "data": "some/folder"}, "for the shapes data"),
+    ({"shapes.grounding_loss": 0.1, "data": "shapes", "gradient_checkpointing": True}, "gradient checkpointing"),
+    ({"shapes.grounding_weighting": "late", "data": "shapes"}, "must be one of 'uniform', 'noise'"),
 ])
 def test_grounding_settings_that_cannot_work_are_refused(tmp_path, settings, message):
     with pytest.raises(ConfigError, match=message):

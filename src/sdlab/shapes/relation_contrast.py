@@ -8,7 +8,7 @@ latents already show it. Its gradient towards reading the relation is lost in th
 
 This term asks for that difference alone. For each captioned sample whose caption states a relation,
 at a timestep >= the minimum, the same noisy latents are also denoised under the mirrored caption
-(`shapes.mirrored_caption`: "above" <-> "below", "left" <-> "right", the caption of the mirrored
+(`dataset.mirrored_caption`: "above" <-> "below", "left" <-> "right", the caption of the mirrored
 scene). With e and e' the sample's mean squared errors under its caption and under the mirror, and s
 their mean held constant, the two captions are scored as a two-way softmax over -e / (tau s) and the
 loss is the cross-entropy of the true one:
@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..data.shapes import mirrored_caption
+from .dataset import mirrored_caption
 
 
 def contrasted(captions: list[str], timesteps: torch.Tensor, min_timestep: int) -> list[tuple[int, str]]:

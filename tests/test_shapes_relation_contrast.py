@@ -1,4 +1,4 @@
-"""Relation contrast (`unet.relation_contrast`): a caption that states a relation must denoise its scene
+"""Relation contrast (`shapes.relation_contrast`): a caption that states a relation must denoise its scene
 better than the same caption turned round."""
 
 import math
@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from sdlab.errors import ConfigError
-from sdlab.training import relation_contrast as rc
-from sdlab.training import unet as unet_trainer
-from test_training_grounding import scene_batch
+from sdlab.shapes import relation_contrast as rc
+from sdlab.shapes import unet as unet_trainer
+from test_shapes_grounding import scene_batch
 from test_training_loop import one_thread, tiny_base, tiny_config  # noqa: F401
 from test_training_unet import a_batch
 
@@ -98,9 +98,9 @@ def term_and_plain_trainers(tmp_path, term: dict, settings: dict, spread_output:
 @pytest.mark.parametrize("train_text_encoder", [False, True])
 def test_the_trainer_adds_the_weighted_term_to_the_diffusion_loss(tmp_path, train_text_encoder):
     images, captions = scene_batch()  # "a red circle to the left of a blue square ...", then one object
-    settings = {"unet.caption_dropout": 0.0, "unet.relation_contrast_min_timestep": 0,
+    settings = {"unet.caption_dropout": 0.0, "shapes.relation_contrast_min_timestep": 0,
                 "unet.train_text_encoder": train_text_encoder}
-    trainer, plain, seen, _ = term_and_plain_trainers(tmp_path, {"unet.relation_contrast": 0.5}, settings)
+    trainer, plain, seen, _ = term_and_plain_trainers(tmp_path, {"shapes.relation_contrast": 0.5}, settings)
 
     loss, logs = trainer.loss(a_batch(images, captions, seed=3))
     diffusion, _ = plain.loss(a_batch(images, captions, seed=3))
@@ -154,8 +154,8 @@ def test_mirrored_denoising_is_the_mirrored_captions_error_on_the_same_target():
 
 def test_the_trainer_adds_weighted_mirrored_denoising_below_the_contrast(tmp_path):
     images, captions = scene_batch()  # "a red circle to the left of a blue square ...", then one object
-    settings = {"unet.caption_dropout": 0.0, "unet.relation_contrast_min_timestep": 999}
-    trainer, plain, seen, _ = term_and_plain_trainers(tmp_path, {"unet.relation_mirror_denoising": 0.5}, settings,
+    settings = {"unet.caption_dropout": 0.0, "shapes.relation_contrast_min_timestep": 999}
+    trainer, plain, seen, _ = term_and_plain_trainers(tmp_path, {"shapes.relation_mirror_denoising": 0.5}, settings,
                                                       spread_output=False)
 
     batch_seed = 3
@@ -172,12 +172,12 @@ def test_the_trainer_adds_weighted_mirrored_denoising_below_the_contrast(tmp_pat
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"unet.relation_mirror_denoising": -1.0}, "'unet.relation_mirror_denoising' must not be negative"),
-    ({"unet.relation_mirror_denoising": 0.5, "data": "some/folder"}, "is for the shapes data"),
-    ({"unet.relation_contrast": -1.0}, "'unet.relation_contrast' must not be negative"),
-    ({"unet.relation_contrast": 0.5, "data": "some/folder"}, "is for the shapes data"),
-    ({"unet.relation_contrast_temperature": 0.0}, "'unet.relation_contrast_temperature' must be positive"),
-    ({"unet.relation_contrast_min_timestep": -1}, r"'unet.relation_contrast_min_timestep' must be in \[0, 1000\)"),
+    ({"shapes.relation_mirror_denoising": -1.0}, "'shapes.relation_mirror_denoising' must not be negative"),
+    ({"shapes.relation_mirror_denoising": 0.5, "data": "some/folder"}, "is for the shapes data"),
+    ({"shapes.relation_contrast": -1.0}, "'shapes.relation_contrast' must not be negative"),
+    ({"shapes.relation_contrast": 0.5, "data": "some/folder"}, "is for the shapes data"),
+    ({"shapes.relation_contrast_temperature": 0.0}, "'shapes.relation_contrast_temperature' must be positive"),
+    ({"shapes.relation_contrast_min_timestep": -1}, r"'shapes.relation_contrast_min_timestep' must be in \[0, 1000\)"),
 ])
 def test_relation_contrast_settings_that_cannot_work_are_refused(tmp_path, settings, message):
     with pytest.raises(ConfigError, match=message):

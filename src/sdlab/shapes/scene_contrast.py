@@ -7,7 +7,7 @@ it. This term does, in the form of the relation contrast (`relation_contrast`), 
 round: there the latents stay and the caption is changed; here the caption stays and the picture is.
 
 For each captioned two-object sample at a timestep >= the minimum, a near miss of its picture is made
-from the pixels (each shapes object is one flat palette colour, `grounding.colour_lines`): half the time
+from the pixels (each shapes object is one flat palette colour, `regions.colour_lines`): half the time
 one object copied to a free place on the canvas (`duplicate_object`), half the time the two objects'
 colours exchanged (`recolour.swap_object_colours`). The near miss is encoded, noised with the sample's
 own noise at its timestep and denoised under the true caption. With e and e' the mean squared errors of
@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..data import shapes
-from .grounding import COLOUR_TOLERANCE, colour_lines
+from .dataset import COLOURS
+from .regions import COLOUR_TOLERANCE, colour_lines
 from .recolour import MIN_SHARE, swap_object_colours
 from .relation_contrast import ranking_loss
 
@@ -87,7 +87,7 @@ def duplicate_object(image: torch.Tensor, choice: float, place: float) -> torch.
         return None
     dy, dx = offsets[min(int(place * len(offsets)), len(offsets) - 1)]
     copy = torch.roll(region, shifts=(dy, dx), dims=(0, 1))[None]  # (1, H, W)
-    colour = torch.tensor(shapes.COLOURS[name], dtype=torch.float32, device=image.device).view(3, 1, 1) / 127.5 - 1
+    colour = torch.tensor(COLOURS[name], dtype=torch.float32, device=image.device).view(3, 1, 1) / 127.5 - 1
     pixels = image.float()
     return (pixels * (1 - copy) + colour * copy).to(image.dtype)
 

@@ -1,4 +1,4 @@
-"""Scene contrast (`unet.scene_contrast`): a two-object caption must denoise its own picture better than a
+"""Scene contrast (`shapes.scene_contrast`): a two-object caption must denoise its own picture better than a
 near miss of it, one object drawn twice or the two colours exchanged, made from the pixels."""
 
 import dataclasses
@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlab.data import shapes
+from sdlab.shapes import dataset as shapes
 from sdlab.errors import ConfigError
 from sdlab.schedules import alphas_cumprod
-from sdlab.training import recolour
-from sdlab.training import scene_contrast as sc
-from test_training_grounding import scene_batch
+from sdlab.shapes import recolour
+from sdlab.shapes import scene_contrast as sc
+from test_shapes_grounding import scene_batch
 from test_training_loop import one_thread, tiny_config  # noqa: F401
-from test_training_relation_contrast import term_and_plain_trainers
+from test_shapes_relation_contrast import term_and_plain_trainers
 from test_training_unet import a_batch
 
 
@@ -121,8 +121,8 @@ def test_no_contrasted_sample_adds_nothing():
 
 def test_the_trainer_contrasts_the_near_miss_noised_alike_under_the_true_caption(tmp_path):
     images, captions = scene_batch()  # "a red circle to the left of a blue square ...", then one object
-    settings = {"unet.caption_dropout": 0.0, "unet.scene_contrast_min_timestep": 0}
-    trainer, plain, seen, forward = term_and_plain_trainers(tmp_path, {"unet.scene_contrast": 0.5}, settings)
+    settings = {"unet.caption_dropout": 0.0, "shapes.scene_contrast_min_timestep": 0}
+    trainer, plain, seen, forward = term_and_plain_trainers(tmp_path, {"shapes.scene_contrast": 0.5}, settings)
 
     batch = a_batch(images, captions, seed=3)
     loss, logs = trainer.loss(batch)
@@ -156,10 +156,10 @@ def test_the_trainer_contrasts_the_near_miss_noised_alike_under_the_true_caption
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"unet.scene_contrast": -1.0}, "'unet.scene_contrast' must not be negative"),
-    ({"unet.scene_contrast": 0.5, "data": "some/folder"}, "is for the shapes data"),
-    ({"unet.scene_contrast_temperature": 0.0}, "'unet.scene_contrast_temperature' must be positive"),
-    ({"unet.scene_contrast_min_timestep": 1000}, r"'unet.scene_contrast_min_timestep' must be in \[0, 1000\)"),
+    ({"shapes.scene_contrast": -1.0}, "'shapes.scene_contrast' must not be negative"),
+    ({"shapes.scene_contrast": 0.5, "data": "some/folder"}, "is for the shapes data"),
+    ({"shapes.scene_contrast_temperature": 0.0}, "'shapes.scene_contrast_temperature' must be positive"),
+    ({"shapes.scene_contrast_min_timestep": 1000}, r"'shapes.scene_contrast_min_timestep' must be in \[0, 1000\)"),
 ])
 def test_scene_contrast_settings_that_cannot_work_are_refused(tmp_path, settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from sdlab.checkpoint.load import load_components
-from sdlab.data import shapes
+from sdlab.shapes import dataset as shapes
 from sdlab.errors import ConfigError, InputError
-from sdlab.eval.shapes_check import check
-from sdlab.training import dpo
+from sdlab.shapes.check import check
+from sdlab.shapes import dpo
 from sdlab.training.data import Batch
 from test_training_loop import TINY, one_thread, run, tiny_base, tiny_config  # noqa: F401
 

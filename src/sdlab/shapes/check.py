@@ -20,8 +20,8 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-from ..data.shapes import BACKGROUNDS, COLOURS, POSITIONS, RELATIONS, SIZES, Meaning, SceneObject, coverage
-from ..data.shapes import parse_caption as _parse_caption
+from .dataset import BACKGROUNDS, COLOURS, POSITIONS, RELATIONS, SIZES, Meaning, SceneObject, coverage
+from .dataset import parse_caption as _parse_caption
 from ..errors import InputError
 
 FILL_RATIOS = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}  # area / bounding-box area
@@ -50,7 +50,7 @@ class Analysis:
 
 
 def parse_caption(caption: str) -> Meaning:
-    """The meaning of a canonical `shapes` caption (paraphrases from sdlab.data.shapes also parse)."""
+    """The meaning of a canonical `shapes` caption (paraphrases from sdlab.shapes.dataset also parse)."""
     return _parse_caption(caption)
 
 
