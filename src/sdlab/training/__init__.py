@@ -6,7 +6,7 @@
 - diffusion.py: what every diffusion trainer does with a batch (latents, text, noising, loss, validation)
 - vae.py, text.py, unet.py, lora.py, ...: one small file per trainer (models, loss, validation, what to save)
 - components.py: which parts come from --base and what the single-file result holds
-- cli.py: the command line, also `python -m sdlab.training` and `torchrun -m sdlab.training`
+- __main__.py: `python -m sdlab.training` and `torchrun -m sdlab.training` (the command line itself is sdlab/cli/train.py)
 
     import sdlab.shapes  # the bundled model's data, [shapes] options and trainers (it registers them here)
     from sdlab.training import load_config, train

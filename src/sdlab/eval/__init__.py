@@ -1,1 +1,0 @@
-"""Measuring prompt-following: the command line of the shapes evaluations (sdlab.shapes.evaluation, edit_eval)."""
