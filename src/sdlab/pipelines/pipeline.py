@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..config import ModelConfig
-from .hashes import model_hash
+from ..hashes import short_hash
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Pipeline:
 
     @property
     def model_hash(self) -> Optional[str]:
-        return model_hash(self.model_path) if self.model_path else None
+        return short_hash(self.model_path) if self.model_path else None
 
 
 def load_pipeline(path=None, prediction=None, device=None, dtype=None, task: str = "txt2img",
