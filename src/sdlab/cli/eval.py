@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 from ..config import DEFAULT_SAMPLER
 from ..errors import InputError
+from .common import DefaultsHelpFormatter
 
 
 def add_eval_command(commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a model")
     kinds = evaluate.add_subparsers(dest="eval_kind", required=True)
     shapes = kinds.add_parser("shapes", help="generate seeded `shapes` captions and judge the images from pixels",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=DefaultsHelpFormatter)
     shapes.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
     shapes.add_argument("-n", "--captions", type=int, default=100, help="canonical captions (about 50%% single objects, "
                         "30%% relations, 20%% held-out colour-shape pairs)")
@@ -24,11 +24,11 @@ def add_eval_command(commands) -> None:
     shapes.add_argument("--out", default=None, help="folder for results.json and sheet.png (every image with its verdict)")
 
     inpaint = kinds.add_parser("inpaint", help="erase a shape / paint one where the mask is, judged from pixels",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=DefaultsHelpFormatter)
     inpaint.add_argument("--model", default=None, help="checkpoint (default: the bundled inpainting model)")
     inpaint.add_argument("-n", "--cases", type=int, default=20, help="scenes; each gives one erase and one insert case")
     upscale = kinds.add_parser("upscale", help="32 -> 128 px: PSNR against the 128 px render, and bicubic's",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=DefaultsHelpFormatter)
     upscale.add_argument("--model", default=None, help="checkpoint (default: the bundled upscaler)")
     upscale.add_argument("-n", "--cases", type=int, default=10, help="scenes")
     upscale.add_argument("--noise-level", type=int, default=20, help="noise added to the small image, 0-350")
@@ -39,13 +39,13 @@ def add_eval_command(commands) -> None:
 def add_run_options(parser, run, seed_help: str = "seed of the scenes and of case 0 (case i: seed + i)") -> None:
     """The sampling and device options every `sdlab eval` kind shares."""
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER,
                         help="sampler name, see `sdlab samplers`; the default is the one `sdlab generate`, "
                              "`inpaint` and `upscale` use")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: detected)")
+    parser.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fastest safe for the device)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
