@@ -35,7 +35,7 @@ def test_generate_with_demo_model_writes_png_with_parameters(tmp_path):
     with Image.open(out) as image:
         assert image.size == (64, 48)
         text = image.text["parameters"]
-    assert text.startswith("a red circle\nNegative prompt: blue\nSteps: 3, Sampler: Euler a, CFG scale: 7, Seed: 7, Size: 64x48")
+    assert text.startswith("a red circle\nNegative prompt: blue\nSteps: 3, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 7, Size: 64x48")
     assert "Model: sdlab-demo-random" in text
     assert os.listdir(tmp_path) == ["demo.png"]
 
@@ -241,7 +241,7 @@ def test_jpeg_and_webp_carry_the_parameters_in_exif(tmp_path, args, name, pillow
     with Image.open(path) as image:
         assert image.format == pillow_format
         assert "parameters" not in image.info
-    assert read_parameters(str(path)).startswith("a cat\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 3, Size: 32x32")
+    assert read_parameters(str(path)).startswith("a cat\nSteps: 2, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 3, Size: 32x32")
 
 
 @pytest.mark.parametrize("args, fragment", [

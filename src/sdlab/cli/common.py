@@ -85,6 +85,29 @@ def lora_option(text: str):
     return path, weight
 
 
+# schedules.SCHEDULE_TYPES' names, spelled out so that building the parser needs no torch (tests/test_cli.py
+# checks that they agree)
+SCHEDULE_NAMES = ("automatic", "uniform", "karras", "exponential", "sgm-uniform", "simple", "normal", "ddim-uniform",
+                  "beta", "align-your-steps")
+
+
+def schedule_option(text: str) -> str:
+    """`--schedule`: a schedule type by its name, the web UI's label or an alias, any case."""
+    from ..schedules import resolve_schedule
+
+    try:
+        return resolve_schedule(text).key
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def vae_option(text: str) -> str:
+    """`--vae FILE`: a VAE file or folder, checked now so a typo fails before the model loads."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"VAE file not found: {text}")
+    return text
+
+
 def add_generation_options(parser: argparse.ArgumentParser, default_size: str = "the model's",
                            kind: str = "txt2img", cfg: float = 7.0) -> None:
     """Options shared by every command that runs the denoising loop; `kind` names its outputs subfolder."""
@@ -104,6 +127,15 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
                              "for the command)")
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER,
                         help=f"sampler name, see `sdlab samplers` (default: {DEFAULT_SAMPLER})")
+    parser.add_argument("--schedule", type=schedule_option, default=None, metavar="TYPE",
+                        help=f"schedule type, the web UI's: {', '.join(SCHEDULE_NAMES)} (default: automatic, the "
+                             "sampler's own, or the one a name like 'DPM++ 2M Karras' carries)")
+    parser.add_argument("--tiling", action="store_true",
+                        help="seamless images: the right edge continues into the left, the bottom into the top "
+                             "(textures); the VAE then runs untiled")
+    parser.add_argument("--vae", type=vae_option, default=None, metavar="FILE",
+                        help="a VAE file or diffusers VAE folder whose weights replace the model's VAE (the web "
+                             "UI's SD VAE), e.g. vae-ft-mse-840000-ema-pruned.safetensors")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--cfg", type=guidance_scale, default=cfg,
                         help=f"classifier-free guidance scale, 0 or more (default {cfg:g})")
@@ -170,7 +202,7 @@ def load_for(args, task: str = "txt2img"):
     from .. import load
     from ..adapters import load_embeddings
 
-    pipe = load(args.model, prediction=args.prediction, device=args.device, dtype=args.dtype, task=task)
+    pipe = load(args.model, prediction=args.prediction, device=args.device, dtype=args.dtype, task=task, vae=args.vae)
     if args.embedding:
         load_embeddings(pipe.text_encoder, args.embedding)
     return pipe

@@ -70,7 +70,8 @@ def generation_kwargs(args) -> dict:
     """The `generate` options as keyword arguments of every pipeline."""
     width, height = args.size or (None, None)
     return dict(steps=args.steps, guidance_scale=args.cfg, seed=args.seed, width=width, height=height,
-                batch_size=args.batch, sampler=args.sampler, noise=args.noise, clip_skip=args.clip_skip, eta=args.eta,
+                batch_size=args.batch, sampler=args.sampler, schedule_type=args.schedule, tiling=args.tiling,
+                noise=args.noise, clip_skip=args.clip_skip, eta=args.eta,
                 loras=args.lora, lora_dirs=args.lora_dir, lora_mode=args.lora_mode,
                 tiled_vae=getattr(args, "tiled_vae", None))
 

@@ -15,7 +15,7 @@ def add_info_commands(commands) -> None:
     tokenize.add_argument("--json", action="store_true", help="print a JSON list of id lists, one per input")
     tokenize.set_defaults(run=cmd_tokenize)
 
-    samplers = commands.add_parser("samplers", help="list sampler names and aliases")
+    samplers = commands.add_parser("samplers", help="list sampler names and aliases, and the schedule types")
     samplers.set_defaults(run=cmd_samplers)
 
 
@@ -84,7 +84,11 @@ def _times(weight: float) -> str:
 
 def cmd_samplers(args) -> int:
     from ..samplers import list_samplers
+    from ..schedules import list_schedules
 
     for name, aliases in list_samplers():
         print(f"{name:<20} {', '.join(aliases)}")
+    print("\nschedule types (--schedule; the PNG's 'Schedule type'):")
+    for key, label in list_schedules():
+        print(f"{key:<20} {label}")
     return 0

@@ -27,7 +27,8 @@ def add_hires_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _common_kwargs(args) -> dict:
-    return dict(steps=args.steps, guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler, noise=args.noise,
+    return dict(steps=args.steps, guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler,
+                schedule_type=args.schedule, tiling=args.tiling, noise=args.noise,
                 clip_skip=args.clip_skip, eta=args.eta, loras=args.lora, lora_dirs=args.lora_dir,
                 lora_mode=args.lora_mode)
 

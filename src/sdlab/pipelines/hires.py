@@ -23,7 +23,7 @@ from .images import to_pixels
 from .latents import with_tiled_vae
 from .options import HiresOptions, read_options
 from .pipeline import GenerationResult, Pipeline
-from .run import Run, Start, generate
+from .run import Run, Start, generate, vae_tiling
 from .seeds import resolve_seed
 
 # sdlab name -> (the web UI's "Hires upscaler" name, torch interpolation mode; None: in pixel space)
@@ -87,9 +87,9 @@ def hires_fix(pipe: Pipeline, prompt, negative_prompt="", **settings) -> Generat
 
     `settings`: the fields of options.HiresOptions and GenerationOptions. hires_upscaler: 'latent'
     (bilinear), 'latent-nearest-exact' or 'lanczos' (pixels, re-encoded). Both passes share the seed
-    and the options (guidance_scale, batch_size, sampler, noise, clip_skip, eta, loras, ...); `latents`
-    replace the first pass's noise. `callback` gets each step's dict with "pass": 1 or 2. tiled_vae:
-    as in upscale(); checked for the large size before anything runs.
+    and the options (guidance_scale, batch_size, sampler, schedule_type, tiling, noise, clip_skip, eta,
+    loras, ...); `latents` replace the first pass's noise. `callback` gets each step's dict with "pass":
+    1 or 2. tiled_vae: as in upscale(); checked for the large size before anything runs.
     The parameters written are the first pass's with the web UI's hires fields added.
     """
     options, hires = read_options("hires_fix", prompt, negative_prompt, settings, HiresOptions)
@@ -103,7 +103,7 @@ def hires_fix(pipe: Pipeline, prompt, negative_prompt="", **settings) -> Generat
     check_strength(hires.hires_strength)
     total, strength = second_pass_steps(hires_steps, hires.hires_strength, pipe.config.schedule.num_train_timesteps)
     seed = resolve_seed(options.seed)
-    tiled = with_tiled_vae(pipe, options.tiled_vae, target_width, target_height, options.batch_size)
+    tiled = with_tiled_vae(pipe, vae_tiling(options), target_width, target_height, options.batch_size)
     callback = options.callback
 
     def in_pass(number: int):

@@ -29,6 +29,8 @@ class GenerationOptions:
     height: Optional[int] = None
     batch_size: int = 1
     sampler: str = DEFAULT_SAMPLER  # a samplers.py name, the web UI's included
+    schedule_type: Optional[str] = None  # the web UI's "Schedule type" (schedules.SCHEDULE_TYPES); None: Automatic
+    tiling: bool = False  # seamless images: UNet and VAE pad circularly (models/seamless.py), the web UI's "Tiling"
     noise: str = "diffusers"  # whose random numbers to draw (noise.NOISE_MODES)
     latents: Optional[torch.Tensor] = None  # replaces the seeded initial noise: (B, C, H/f, W/f), standard normal
     clip_skip: int = 1  # text-encoder layers left out from the end, as the web UI counts them

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from PIL import Image
 
 from ..config import ModelConfig
 from ..hashes import short_hash
+
+if TYPE_CHECKING:
+    from ..checkpoint.vae_file import VAEFile
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Pipeline:
     dtype: torch.dtype = torch.float32
     model_name: str = "model"
     model_path: Optional[str] = None
+    vae_file: Optional[VAEFile] = None  # the VAE file that replaced the model's own VAE (`--vae`)
 
     @property
     def latent_factor(self) -> int:
@@ -54,24 +58,30 @@ class Pipeline:
 
 
 def load_pipeline(path=None, prediction=None, device=None, dtype=None, task: str = "txt2img",
-                  pipeline_type: type[Pipeline] = Pipeline) -> Pipeline:
+                  pipeline_type: type[Pipeline] = Pipeline, vae=None) -> Pipeline:
     """A pipeline from a single-file checkpoint, a diffusers folder, 'demo', or (path None) the bundled
     model for `task` ("txt2img", "inpaint", "upscale"). `pipeline_type`: Pipeline or a subclass of it
-    (sdlab.load asks for api.StableDiffusion, the one with the pipelines as methods)."""
+    (sdlab.load asks for api.StableDiffusion, the one with the pipelines as methods). `vae`: a VAE file
+    or folder whose weights replace the model's VAE (checkpoint/vae_file.py), the web UI's "SD VAE"."""
     from .. import bundled, devices
     from ..checkpoint.load import load_components
+    from ..checkpoint.vae_file import apply_vae_file
 
     dev, dt = devices.resolve(device, dtype)
     if path is None:
         path = bundled.default_model_path(task)
     if path == "demo":
-        config, unet, vae, text_encoder = bundled.demo_components()
+        config, unet, autoencoder, text_encoder = bundled.demo_components()
+        vae_file = None if vae is None else apply_vae_file(autoencoder, vae)
         name = "sdlab-demo-random"
     else:
-        components = load_components(path, prediction=prediction)
-        config, unet, vae, text_encoder = components.config, components.unet, components.vae, components.text_encoder
+        components = load_components(path, prediction=prediction, vae=vae)
+        config, unet, autoencoder, text_encoder = (components.config, components.unet, components.vae,
+                                                   components.text_encoder)
+        vae_file = components.vae_file
         name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     unet.to(dev, dt).eval()
     text_encoder.to(dev, dt).eval()
-    vae.to(dev, torch.float32 if dev.type == "cpu" else dt).eval()
-    return pipeline_type(config, unet, vae, text_encoder, dev, dt, name, None if path == "demo" else path)
+    autoencoder.to(dev, torch.float32 if dev.type == "cpu" else dt).eval()
+    return pipeline_type(config, unet, autoencoder, text_encoder, dev, dt, name, None if path == "demo" else path,
+                         vae_file)

@@ -7,6 +7,7 @@ blending) and its own infotext fields (STYLE principle 5).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -17,7 +18,8 @@ from ..denoisers import Denoiser
 from ..errors import InputError
 from ..guidance import CFGDenoiser
 from ..infotext import format_infotext
-from ..samplers import resolve_sampler, sample, sampler_sigmas
+from ..models.seamless import seamless
+from ..samplers import resolve_sampler, sample, sampler_and_schedule_names, sampler_sigmas
 from .checks import as_list, check_batch_size, check_noise, check_prompts, check_steps, check_strength, size_or_default
 from .latents import decode_latents, encode_posterior, with_tiled_vae
 from .masks import KeepOutsideMask, unmasked_concat
@@ -88,6 +90,17 @@ def make_denoiser(pipe: Pipeline, cond, uncond, guidance_scale: float, sampler=N
     return CFGDenoiser(denoiser, cond, uncond, guidance_scale, sigmas=sigmas, **extra)
 
 
+def vae_tiling(options: GenerationOptions) -> Optional[bool]:
+    """`options.tiled_vae` as the run may use it: seamless images (`tiling`) need the whole VAE, because
+    a tile's convolutions would wrap around the tile instead of the image and draw its seams."""
+    if not options.tiling:
+        return options.tiled_vae
+    if options.tiled_vae:
+        raise InputError("seamless tiling (tiling, --tiling) needs the whole VAE: leave out tiled_vae (--tiled-vae), "
+                         "or generate a smaller texture")
+    return False
+
+
 @torch.no_grad()
 def generate(
     pipe: Pipeline,
@@ -103,14 +116,23 @@ def generate(
     `strength` < 1 skips the first steps - int(steps * strength) steps, as diffusers' img2img does;
     with no step left the init latents are decoded as they are. LoRAs (`options.loras` and the prompts'
     `<lora:name:w>` tags) are applied before encoding, merged or on the fly (`options.lora_mode`).
+    `options.tiling` makes the UNet and the VAE seamless for the whole run, encoding an init image included.
     """
     width, height = size_or_default(pipe, options.width, options.height)
     check_steps(options.steps)
     check_noise(options.noise)
     check_strength(strength)
-    spec = resolve_sampler(options.sampler)
+    sampler_and_schedule_names(options.sampler, options.schedule_type)  # an unknown or unfit name fails here
     check_batch_size(options.batch_size)
-    pipe = with_tiled_vae(pipe, options.tiled_vae, width, height, options.batch_size)
+    pipe = with_tiled_vae(pipe, vae_tiling(options), width, height, options.batch_size)
+    with seamless(pipe.unet, pipe.vae) if options.tiling else nullcontext():
+        return _generate(pipe, options, width, height, strength, prepare, params)
+
+
+def _generate(pipe: Pipeline, options: GenerationOptions, width: int, height: int, strength: float,
+              prepare: Optional[Callable[[Run], Start]], params: Optional[dict]) -> GenerationResult:
+    """generate() after its checks, with the VAE tiled or not and the networks seamless when asked."""
+    spec = resolve_sampler(options.sampler)
     prompts = as_list(options.prompt, options.batch_size, "prompt")
     negatives = as_list(options.negative_prompt, options.batch_size, "negative prompt")
     clean, clean_negatives, adapter_fields = apply_prompt_adapters(
@@ -142,7 +164,8 @@ def generate(
         latents = start.init_latents.to(pipe.device)
     else:
         cond, uncond = encode_text(pipe, clean, clean_negatives, options.clip_skip, steps=denoise_steps)
-        sigmas = sampler_sigmas(spec, pipe.config.schedule, options.steps)[run.start_step:]
+        sigmas = sampler_sigmas(spec, pipe.config.schedule, options.steps,
+                                schedule_type=options.schedule_type)[run.start_step:]
         model = make_denoiser(pipe, cond, uncond, options.guidance_scale, sampler=spec, sigmas=sigmas, **conditioning)
         if start.repaint_mask is not None:
             model = KeepOutsideMask(model, start.keep_latents.to(pipe.device, torch.float32),
@@ -151,17 +174,19 @@ def generate(
         latents = sample(
             spec, model, initial_noise.to(pipe.device, torch.float32), pipe.config.schedule, options.steps,
             step_noise=lambda: run.draws.step().to(pipe.device), eta=options.eta, callback=options.callback,
-            start_step=run.start_step, init_latents=init,
+            start_step=run.start_step, init_latents=init, schedule_type=options.schedule_type,
         )
         if start.repaint_mask is not None:
             latents = model.finish(latents)
     images = decode_latents(pipe, latents)
 
     seeds = image_seeds(seed, options.batch_size, options.noise)
+    sampler_name, schedule_label = sampler_and_schedule_names(spec, options.schedule_type)
     infotexts = []
     for i, image_seed in enumerate(seeds):
         fields = generation_params(
-            pipe, steps=options.steps, sampler=spec.name, guidance_scale=options.guidance_scale, seed=image_seed,
+            pipe, steps=options.steps, sampler=sampler_name, schedule_type=schedule_label,
+            guidance_scale=options.guidance_scale, seed=image_seed, tiling=options.tiling,
             width=width, height=height, noise=options.noise, clip_skip=options.clip_skip, batch_size=options.batch_size,
             batch_pos=i, extra={**(params or {}), **adapter_fields, "Eta": options.eta},
         )

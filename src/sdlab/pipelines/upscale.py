@@ -23,7 +23,7 @@ from .images import load_image, to_pixels
 from .latents import with_tiled_vae
 from .options import UpscaleOptions, read_options
 from .pipeline import GenerationResult, Pipeline
-from .run import Run, Start, generate
+from .run import Run, Start, generate, vae_tiling
 
 # x4-upscaling.yaml: 1000 noise-level classes (only 0..350 trained), attention at 2x, 4x and 8x
 # downsampling (levels 1-3), cross-attention only on levels 1 and 2 (the yaml also flags level 0, which
@@ -111,7 +111,7 @@ def upscale(pipe: Pipeline, image, prompt, negative_prompt="", **settings) -> Ge
     noise_level = check_noise_level(upscaling.noise_level)
     pixels = low_res_pixels(image)
     batch_size, _, height, width = pixels.shape
-    tiled = with_tiled_vae(pipe, options.tiled_vae, width * SCALE, height * SCALE, batch_size)
+    tiled = with_tiled_vae(pipe, vae_tiling(options), width * SCALE, height * SCALE, batch_size)
 
     def prepare(run: Run) -> Start:
         # diffusers draws the image's noise from the pipeline's generator before the latents; the other
