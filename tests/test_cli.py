@@ -329,6 +329,24 @@ def test_demo_is_described_as_random_and_refused_as_a_training_base(capsys, tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_fine_tuning_help_names_the_bundled_base_and_the_adapters_flags(capsys):
+    lora = " ".join(help_text(capsys, "train", "lora").split())
+    assert "or 'bundled': the model that ships with sdlab" in lora and "(default: bundled)" in lora
+    assert "--rank RANK r: the inner width of each adapter's up @ down (default: 4)" in lora
+    ti = " ".join(help_text(capsys, "train", "textual-inversion").split())
+    assert "--token TOKEN" in ti and "(default: my-concept)" in ti and "--vectors VECTORS" in ti
+    unet = " ".join(help_text(capsys, "train", "unet").split())
+    assert "(default: none: every part but the trained one starts fresh; unet needs one)" in unet
+    assert "--rank" not in unet
+
+
+def test_bundled_is_a_training_base_for_every_trainer(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code = main(["train", "unet", "--base", "bundled", "--data", str(tmp_path / "empty"), "--out",
+                 str(tmp_path / "run"), "--steps", "1", "--quiet"])
+    assert_one_line_error(code, capsys.readouterr().err, "no training images in")  # past the base, at the data
+
+
 def test_top_help_lists_every_trainer_and_version(capsys):
     text = help_text(capsys)
     trainers = "vae, text, unet, lora, textual-inversion, dreambooth, inpaint, upscale, dpo"

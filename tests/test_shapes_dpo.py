@@ -214,7 +214,11 @@ def test_recipes_it_cannot_run_are_refused(tmp_path, base, overrides, message):
     ({"base": None}, "needs --base"),
     ({"dpo.sampler": "bogus"}, "bogus"),
 ])
-def test_it_needs_a_base_to_start_from_and_a_known_sampler(tmp_path, base, overrides, message):
+def test_it_needs_a_base_to_start_from_and_a_known_sampler(tmp_path, base, overrides, message, monkeypatch):
+    import sdlab.bundled
+
+    # without --base it fine-tunes the bundled model; with none installed it says what to pass
+    monkeypatch.setattr(sdlab.bundled, "BUNDLED_MODEL", str(tmp_path / "absent.safetensors"))
     with pytest.raises((ConfigError, InputError), match=message):
         dpo.build(dpo_config(tmp_path / "run", **{"base": base, **overrides}), torch.device("cpu"))
     assert not (tmp_path / "run").exists()

@@ -16,6 +16,7 @@ from sdlab.training.config import (
     TextOptions, UNetOptions, VAEOptions, build_config, load_config, parse_assignment, resolve_model_config,
 )
 from sdlab.training.loop import ema_decay_at, learning_rate
+from sdlab.training.recipe_file import recipe_toml, settings_summary
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -222,3 +223,116 @@ def test_the_cli_prints_one_line_and_exits_2_on_a_recipe_error(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown key 'stepz'" in err
 
+
+
+@pytest.mark.parametrize("trainer", ["lora", "textual-inversion", "dreambooth", "dpo"])
+def test_a_fine_tuner_without_base_takes_the_bundled_model(trainer):
+    from sdlab.bundled import BUNDLED_MODEL
+
+    assert load_config(trainer).base == BUNDLED_MODEL
+    assert load_config(trainer, overrides={"base": "mine.safetensors"}).base == "mine.safetensors"
+
+
+@pytest.mark.parametrize("trainer", ["vae", "text", "unet", "inpaint", "upscale", "lora", "dpo"])
+def test_bundled_names_the_bundled_model_for_every_trainer_and_demo_is_refused(trainer):
+    from sdlab.bundled import BUNDLED_MODEL
+
+    assert load_config(trainer, overrides={"base": "bundled"}).base == BUNDLED_MODEL
+    with pytest.raises(ConfigError, match="'demo' is not a base to train on: its weights are random"):
+        load_config(trainer, overrides={"base": "demo"})
+
+
+def test_the_parts_trainers_have_no_base_unless_given():
+    assert load_config("vae").base is None and load_config("unet").base is None
+
+
+def test_without_the_bundled_model_installed_no_base_stays_unset_and_bundled_says_so(monkeypatch, tmp_path):
+    import sdlab.bundled
+
+    monkeypatch.setattr(sdlab.bundled, "BUNDLED_MODEL", str(tmp_path / "absent.safetensors"))
+    assert load_config("lora").base is None  # the trainer then says it needs --base
+    with pytest.raises(ConfigError, match="--base bundled: the bundled model is not installed"):
+        load_config("unet", overrides={"base": "bundled"})
+
+
+def test_lora_and_textual_inversion_flags_are_their_recipe_keys():
+    config = cli.config_from_args(parse_flags(["train", "lora", "--rank", "8", "--alpha", "2", "--dropout", "0.25"]))
+    assert (config.options.rank, config.options.alpha, config.options.dropout) == (8, 2.0, 0.25)
+    config = cli.config_from_args(parse_flags(["train", "textual-inversion", "--token", "my-cat", "--init-word", "cat",
+                                               "--vectors", "3"]))
+    assert (config.options.token, config.options.init_word, config.options.vectors) == ("my-cat", "cat", 3)
+    # not given: the recipe's value stays (a flag is an override, as --set is)
+    config = cli.config_from_args(parse_flags(["train", "lora", "--set", "lora.rank=16"]))
+    assert config.options.rank == 16 and config.options.alpha == 4.0
+    with pytest.raises(SystemExit):
+        parse_flags(["train", "unet", "--rank", "8"])  # each trainer takes only its own
+
+
+def help_entries(capsys, trainer: str) -> dict[str, str]:
+    """`sdlab train TRAINER --help`'s options, each flag with its help text on one line."""
+    with pytest.raises(SystemExit):
+        parse_flags(["train", trainer, "--help"])
+    options = capsys.readouterr().out.split("\noptions:\n")[1]
+    entries = {}
+    for line in options.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        else:
+            entries[flag] += " " + line.strip()
+    return {flag: " ".join(text.split()) for flag, text in entries.items()}
+
+
+@pytest.mark.parametrize("trainer", ["vae", "text", "unet", "lora", "textual-inversion", "dreambooth", "inpaint",
+                                     "upscale", "dpo"])
+def test_every_training_option_shows_its_default_in_help(capsys, trainer):
+    entries = help_entries(capsys, trainer)
+    assert [flag for flag, text in entries.items() if flag != "-h" and "default" not in text] == []
+    assert "(default: 1000)" in entries["--steps"] and "(default: 0.0001)" in entries["--lr"]
+    if trainer == "lora":
+        assert "(default: 4)" in entries["--rank"] and "(default: 4.0)" in entries["--alpha"]
+        assert "(default: 0.0)" in entries["--dropout"]
+    if trainer == "textual-inversion":
+        assert "(default: my-concept)" in entries["--token"] and "(default: object)" in entries["--init-word"]
+        assert "(default: 1)" in entries["--vectors"]
+    assert "'bundled'" in entries["--base"]
+    if trainer in ("lora", "textual-inversion", "dreambooth", "dpo"):
+        assert "(default: bundled)" in entries["--base"]
+
+
+def read_back(tmp_path, config):
+    path = tmp_path / "config.toml"
+    path.write_text(recipe_toml(config), encoding="utf-8")
+    return load_config(config.trainer, str(path))
+
+
+@pytest.mark.parametrize("trainer, recipe", [("vae", "vae"), ("unet", "relation"), ("inpaint", "inpaint-objects"),
+                                             ("dpo", "dpo"), ("unet", "tiny")])
+def test_the_written_settings_read_back_to_the_same_recipe(tmp_path, trainer, recipe):
+    name = "tiny.toml" if recipe == "tiny" else f"shapes-{recipe}.toml"
+    config = load_config(trainer, str(RECIPES / name), {"base": "bundled"})
+    assert read_back(tmp_path, config) == config
+
+
+def test_every_value_type_survives_the_written_settings(tmp_path):
+    config = load_config("textual-inversion", overrides={
+        "textual_inversion.token": 'a "quoted" \\ token\twith\ncontrol',
+        "textual_inversion.validation_prompts": ["one, {}", "ünïcode"], "lr": 1e-6, "steps": 3, "flip": True,
+        "model": {"resolution": 64, "unet": {"channel_mult": [1, 2]}}, "out": "runs/my run", "ema_decay": 0.0})
+    assert read_back(tmp_path, config) == config
+    config = load_config("lora", overrides={"lora.min_snr_gamma": 5, "lora.unet_modules": ["to_q"],
+                                            "lora.dropout": 0.1, "base": "some file.safetensors"})
+    text = recipe_toml(config)
+    assert "\n[lora]\n" in text and "min_snr_gamma = 5.0" in text and 'trainer = "lora"' in text
+    assert "resolution" not in text  # unset: left out, which reads back as unset
+    assert read_back(tmp_path, config) == config
+    with pytest.raises(ConfigError, match="recipe for `sdlab train lora`"):
+        load_config("unet", str(tmp_path / "config.toml"))
+
+
+def test_the_settings_summary_names_every_table(tmp_path):
+    config = load_config("unet", str(RECIPES / "shapes-relation.toml"), {"base": "bundled"})
+    summary = settings_summary(config)
+    assert summary.startswith("sdlab: train unet with these settings:\n  data=\"shapes\"")
+    assert "\n  [unet] caption_dropout=0.1" in summary and "\n  [shapes] " in summary
+    assert len(summary.splitlines()) < 25

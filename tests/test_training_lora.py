@@ -2,6 +2,7 @@
 kohya and PEFT files give the in-training model's outputs through sdlab's LoRA loader and through
 diffusers' reading of LoRA files."""
 
+import itertools
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 from sdlab.adapters.lora import apply_lora
 from sdlab.checkpoint.load import load_components
+from sdlab.errors import ConfigError
 from sdlab.tokenizer import get_tokenizer
 from sdlab.training import lora as lora_trainer
 from sdlab.training.data import Batch
@@ -149,3 +151,31 @@ def test_a_resumed_lora_run_ends_bit_identical(tmp_path, data):
     run(parts, resume=True)
     a, b = load_file(tmp_path / "whole" / "last.safetensors"), load_file(tmp_path / "parts" / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dropout_leaves_out_whole_rank_components_in_training_only():
+    weight = torch.randn(6, 5)
+    layer = lora_trainer.LoraLayer(weight, rank=4, alpha=2.0, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_up.weight.copy_(torch.randn(6, 4))
+    down, up = layer.lora_down.weight.detach(), layer.lora_up.weight.detach()
+    full = layer.eval()(weight) - weight
+    torch.testing.assert_close(full, 0.5 * up @ down)
+    layer.train()
+    torch.manual_seed(0)
+    kept_sets = set()
+    for _ in range(20):
+        delta = (layer(weight) - weight).detach()
+        # the delta is (alpha / rank) * up @ diag(mask) @ down with mask 0 or 1 / (1 - p)
+        masks = [m for m in itertools.product((0.0, 2.0), repeat=4)
+                 if torch.allclose(delta, 0.5 * (up * torch.tensor(m)) @ down, atol=1e-5)]
+        assert len(masks) == 1
+        kept_sets.add(masks[0])
+    assert len(kept_sets) > 3  # a fresh draw each step
+    layer.eval()
+    torch.testing.assert_close(layer(weight) - weight, full)
+
+
+def test_a_dropout_outside_0_to_1_is_refused(tmp_path, data):
+    with pytest.raises(ConfigError, match=r"lora.dropout must be in \[0, 1\), got 1.0"):
+        lora_trainer.build(lora_config(tmp_path / "run", "unused", **{"lora.dropout": 1.0}), torch.device("cpu"))

@@ -12,7 +12,7 @@ from sdlab.adapters.embeddings import load_embeddings, read_embeddings
 from sdlab.checkpoint.load import load_components
 from sdlab.prompts import encode_prompts
 from sdlab.training import textual_inversion as ti_trainer
-from sdlab.training.data import Batch
+from sdlab.training.data import Batch, open_data
 from sdlab.training.loop import STATE_FILE
 from test_pipeline_parity import tiny_diffusers_sd
 from test_training_loop import run, shapes_folder, tiny_config  # noqa: F401
@@ -137,3 +137,25 @@ def test_the_saved_embedding_gives_the_in_training_conditioning_in_sdlab_and_dif
     with torch.no_grad():
         theirs = pipe.text_encoder(ids).last_hidden_state
     torch.testing.assert_close(theirs, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("caption, prompt", [
+    ("my-concept on a beach", "my-concept on a beach"),  # kohya's: the caption names the pseudo-word
+    ("a close-up of My-Concept", "a close-up of My-Concept"),  # the tokenizer lowercases
+    ("a photo of {} at night", "a photo of my-concept at night"),  # {} as in the template
+    ("a red circle", "my-concept, a red circle"),  # neither: the pseudo-word in front
+    ("two my-concepts", "my-concept, two my-concepts"),  # another word
+])
+def test_a_caption_gets_the_pseudo_word_as_kohyas_trainer_reads_it(caption, prompt):
+    assert ti_trainer.caption_prompt(caption, "my-concept") == prompt
+
+
+def test_the_folders_captions_are_the_prompts_and_the_template_serves_images_without_one(tmp_path, base, data):
+    trainer = ti_trainer.build(ti_config(tmp_path / "run", base, data), torch.device("cpu"))
+    assert trainer.prompts(["a photo of {} on a table", "a red circle", ""]) == [
+        "a photo of my-concept on a table", "my-concept, a red circle", "a photo of my-concept"]
+    captions = [caption for _, caption in open_data(data, 16).validation_examples(2)]
+    assert all(captions) and trainer.prompts(captions) == [f"my-concept, {caption}" for caption in captions]
+    config = ti_config(tmp_path / "run", base, data, **{"textual_inversion.template": "{} seen as {caption}"})
+    trainer = ti_trainer.build(config, torch.device("cpu"))
+    assert trainer.prompts(["a red circle", ""]) == ["my-concept seen as a red circle", "my-concept seen as "]

@@ -23,4 +23,4 @@ from .options import DPOOptions, ShapesOptions, check_dpo_options, check_shapes_
 register_data("shapes", f"{__name__}.dataset")
 register_section("shapes", RecipeSection(ShapesOptions, check_shapes_options, trainers={
     "unet": f"{__name__}.unet", "text": f"{__name__}.text", "inpaint": f"{__name__}.inpaint"}))
-register_trainer("dpo", DPOOptions, f"{__name__}.dpo", check_dpo_options)
+register_trainer("dpo", DPOOptions, f"{__name__}.dpo", check_dpo_options, bundled_base=True)

@@ -241,8 +241,9 @@ def build(config: TrainConfig, device: torch.device) -> DPOTrainer:
     options: DPOOptions = config.options
     resolve_sampler(options.sampler)
     resolve_sampler(options.validation_sampler)
-    if config.base is None:
-        raise ConfigError("`sdlab train dpo` needs --base: the model whose pictures are judged, and the reference")
+    if config.base is None:  # no --base and no bundled model installed (training.config.resolve_base)
+        raise ConfigError("`sdlab train dpo` needs --base: the model whose pictures are judged, and the reference "
+                          "(no bundled model is installed)")
     if not config.init_from_base:
         raise ConfigError("`sdlab train dpo` fine-tunes --base's UNet against itself: set init_from_base = true")
     base = load_components(config.base, dtype=torch.float32)

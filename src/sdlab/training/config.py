@@ -95,6 +95,10 @@ class LoraOptions:
 
     rank: int = 4  # r: the inner width of up @ down
     alpha: float = 4.0  # the update is scaled by alpha / rank (kohya's network_alpha)
+    # Probability of leaving out each of the rank components of the update in a training step, the
+    # rest scaled by 1 / (1 - p): kohya's rank_dropout, drawn once per forward pass rather than per
+    # sample, because an adapter here changes the weight that the whole batch shares. 0: none.
+    dropout: float = 0.0
     unet_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # UNet layer names; also "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"
     text_encoder: bool = False  # also adapt the text encoder's attention (q/k/v/out projections)
     caption_dropout: float = 0.0  # fraction trained with the empty caption
@@ -110,8 +114,10 @@ class TextualInversionOptions:
     token: str = "my-concept"  # the pseudo-word: the embedding's name, written in prompts
     init_word: str = "object"  # the vectors start as this word's token embedding(s)
     vectors: int = 1  # vectors per use of the pseudo-word
-    template: str = "a photo of {}"  # training prompt; {} is the pseudo-word ("{}" alone: the image's caption with the pseudo-word prepended)
-    validation_prompts: tuple[str, ...] = ()  # empty: the template
+    # the prompt of an image without a caption; {} is the pseudo-word. Captioned images train on their
+    # captions with the pseudo-word in them (textual_inversion.py), or here in place of {caption} if given
+    template: str = "a photo of {}"
+    validation_prompts: tuple[str, ...] = ()  # empty: the prompts of the first validation images
     validation_steps: int = 20
 
 
@@ -166,6 +172,9 @@ TRAINER_OPTIONS = {"vae": VAEOptions, "text": TextOptions, "unet": UNetOptions, 
 TRAINER_MODULES = {name: f"{__package__}.{name}" for name in TRAINER_OPTIONS}
 # trainer -> check(config, source) of its options, beyond their types (a registered trainer's)
 TRAINER_CHECKS: dict[str, Callable] = {}
+# the trainers that fine-tune a whole trained model: without --base they take the bundled one
+BUNDLED_BASE_TRAINERS = {"lora", "textual_inversion", "dreambooth"}
+BUNDLED = "bundled"  # --base's word for the model that ships with sdlab (sdlab.bundled.BUNDLED_MODEL)
 # `data` names -> the module whose training_data(config, size) yields (image, caption) samples
 DATA_SOURCES: dict[str, str] = {}
 
@@ -184,11 +193,15 @@ class RecipeSection:
 SECTIONS: dict[str, RecipeSection] = {}
 
 
-def register_trainer(name: str, options: type, module: str, check: Optional[Callable] = None) -> None:
-    """`sdlab train NAME`, its [NAME] section's dataclass and the module that builds it."""
+def register_trainer(name: str, options: type, module: str, check: Optional[Callable] = None,
+                     bundled_base: bool = False) -> None:
+    """`sdlab train NAME`, its [NAME] section's dataclass and the module that builds it; `bundled_base`:
+    it fine-tunes the bundled model when no --base is given."""
     TRAINER_OPTIONS[name], TRAINER_MODULES[name] = options, module
     if check is not None:
         TRAINER_CHECKS[name] = check
+    if bundled_base:
+        BUNDLED_BASE_TRAINERS.add(name)
 
 
 def register_section(name: str, section: RecipeSection) -> None:
@@ -383,14 +396,35 @@ def build_config(trainer: str, values: dict, source: str = "config") -> TrainCon
         _check_model_table(values["model"], source)
     options_cls = TRAINER_OPTIONS[trainer]
     options = options_cls(**_checked(options_cls, section, f"{trainer}.", source))
-    config = TrainConfig(trainer=trainer, options=options, sections=sections,
-                         **_checked(TrainConfig, values, "", source))
+    common_values = _checked(TrainConfig, values, "", source)
+    common_values["base"] = resolve_base(trainer, common_values.get("base"))
+    config = TrainConfig(trainer=trainer, options=options, sections=sections, **common_values)
     _check_ranges(config, source)
     if trainer in TRAINER_CHECKS:
         TRAINER_CHECKS[trainer](config, source)
     for name in sections:
         SECTIONS[name].check(config, source)
     return config
+
+
+def resolve_base(trainer: str, base: Optional[str]) -> Optional[str]:
+    """--base as the run uses it: the word 'bundled', and no --base for a trainer that fine-tunes a whole
+    model (BUNDLED_BASE_TRAINERS), name the bundled model's file. Without that file installed, no --base
+    stays unset (the trainer says it needs one)."""
+    if base == "demo":
+        # the demo's VAE and text encoder are random: nothing trained on them could be used
+        raise ConfigError(f"'demo' is not a base to train on: its weights are random. Give --base a checkpoint file, "
+                          f"'{BUNDLED}' (the bundled model) or a run's last.safetensors")
+    if base != BUNDLED and (base is not None or trainer not in BUNDLED_BASE_TRAINERS):
+        return base
+    from ..bundled import BUNDLED_MODEL  # imports torch: only when the bundled model is asked for
+
+    if os.path.isfile(BUNDLED_MODEL):
+        return BUNDLED_MODEL
+    if base == BUNDLED:
+        raise ConfigError(f"--base {BUNDLED}: the bundled model is not installed ({BUNDLED_MODEL}); "
+                          "give --base a checkpoint file")
+    return None
 
 
 def _refuse_moved(key: str, source: str) -> None:

@@ -15,6 +15,7 @@ A trainer (vae.py, text.py, unet.py) is an nn.Module built by `build(config, dev
                                                pairs of pictures it drew while being built)
 Frozen networks (the UNet trainer's VAE and text encoder) live on the trainer outside `trained`.
 
+A run prints its resolved settings as it starts and keeps them in OUT/config.toml (recipe_file.py).
 Resumable state, OUT/train_state.pt: trained weights, EMA, optimizer, grad scaler, step, RNG states and
 loss history. The data position is the step itself (data.py). Files are written to a temporary name
 and renamed over the old one, so a kill or Ctrl-C leaves the previous checkpoint intact and costs at
@@ -42,8 +43,10 @@ from .config import RESUMABLE_CHANGES, TrainConfig, trainer_module
 from .data import batches, training_data
 from .ema import ema_decay_at
 from .plots import loss_plot
+from .recipe_file import recipe_toml, settings_summary
 
 STATE_FILE = "train_state.pt"
+CONFIG_FILE = "config.toml"  # the run's resolved settings, a recipe that `--config` reads back
 
 
 def build_trainer(config: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -162,10 +165,13 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
     state_path = out / STATE_FILE
     check_run_folder(state_path, resume, config)  # before building: a trainer may write into OUT as it is built
     distributed.barrier()  # every rank has looked before rank 0 writes anything
+    if main and not quiet:
+        print(settings_summary(config), file=sys.stderr, flush=True)
     torch.manual_seed(config.seed)  # the same initial weights on every rank and in every rerun
     trainer = build_trainer(config, device)  # refuses a bad recipe before anything is written
     if main:
         (out / "validation").mkdir(parents=True, exist_ok=True)
+        atomic_write(out / CONFIG_FILE, lambda tmp: tmp.write_text(recipe_toml(config), encoding="utf-8"))
     distributed.broadcast_module(trainer.trained)
     for module in trainer.trained.modules():
         if hasattr(module, "gradient_checkpointing"):

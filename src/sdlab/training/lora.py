@@ -49,13 +49,16 @@ TEXT_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 class LoraLayer(nn.Module):
     """down, up and alpha of one adapted weight; as a parametrization it returns W + scale * up @ down
-    (rows [start, stop) only, for a packed q/k/v weight)."""
+    (rows [start, stop) only, for a packed q/k/v weight). In training mode with `dropout` > 0 each rank
+    component of the update is left out with that probability, the rest scaled by 1 / (1 - dropout)."""
 
-    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, rows: Optional[tuple[int, int]] = None):
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, rows: Optional[tuple[int, int]] = None,
+                 dropout: float = 0.0):
         super().__init__()
         out_features = weight.shape[0] if rows is None else rows[1] - rows[0]
         kernel = tuple(weight.shape[2:])
         self.rows = rows
+        self.dropout = dropout
         self.lora_down = nn.Module()
         self.lora_up = nn.Module()
         # down like nn.Linear's own init (kaiming uniform, a = sqrt(5)), up zero: W' = W at step 0 (LoRA, 4.1)
@@ -65,7 +68,11 @@ class LoraLayer(nn.Module):
         self.register_buffer("alpha", torch.tensor(float(alpha)))
 
     def delta(self, shape: torch.Size) -> torch.Tensor:
-        down, up = self.lora_down.weight, self.lora_up.weight.flatten(1)
+        down, up = self.lora_down.weight, self.lora_up.weight.flatten(1)  # (rank, in[, kh, kw]), (out, rank)
+        if self.training and self.dropout > 0:
+            # a fresh draw each time the weight is read; gradient checkpointing's recompute restores the RNG
+            kept = nn.functional.dropout(torch.ones(down.shape[0], device=up.device, dtype=up.dtype), self.dropout)
+            up = up * kept
         delta = (up @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
         return (self.alpha / down.shape[0]) * delta
 
@@ -114,7 +121,7 @@ class LoraNetwork(nn.Module):
         modules = {"unet": unet, "text_encoder": text_encoder}
         for name, (component, path, target) in lora_targets(unet, text_encoder, options).items():
             weight = getattr(modules[component].get_submodule(target.module), target.param)
-            self.layers[name] = LoraLayer(weight, options.rank, options.alpha, target.rows)
+            self.layers[name] = LoraLayer(weight, options.rank, options.alpha, target.rows, options.dropout)
             self.paths[name] = (component, path)
             self.targets[name] = (component, target.module)
             self.params[name] = target.param
@@ -182,6 +189,8 @@ class LoraTrainer(nn.Module):
         metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(options.rank),
                     "ss_network_alpha": str(options.alpha), "ss_base_model_version": self.model_config.name,
                     "sdlab_training": json.dumps(self.config.to_dict(), sort_keys=True, default=str)}
+        if options.dropout:
+            metadata["ss_network_args"] = json.dumps({"rank_dropout": str(options.dropout)})  # kohya's network_args
         path = Path(out_dir) / LORA_FILE
         atomic_write(path, lambda tmp: save_file(kohya, str(tmp), metadata=metadata))
         components = sorted({component for component, _ in model.paths.values()})
@@ -199,9 +208,9 @@ def load_base(config: TrainConfig, what: str):
     """--base's networks in fp32 (every fine-tuner needs one)."""
     from ..checkpoint.load import load_components
 
-    if config.base is None:
+    if config.base is None:  # no --base and no bundled model installed (config.resolve_base)
         raise ConfigError(f"`sdlab train {what}` needs --base: the model to fine-tune (a .safetensors/.ckpt "
-                          "file or a diffusers folder)")
+                          "file or a diffusers folder; no bundled model is installed)")
     return load_components(config.base, dtype=torch.float32)
 
 
@@ -209,5 +218,7 @@ def build(config: TrainConfig, device: torch.device) -> LoraTrainer:
     options: LoraOptions = config.options
     if options.rank < 1 or options.alpha <= 0:
         raise ConfigError(f"lora.rank must be at least 1 and lora.alpha positive, got {options.rank}, {options.alpha}")
+    if not 0 <= options.dropout < 1:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {options.dropout}")
     base = load_base(config, "lora")
     return LoraTrainer(config, base.config, base.unet, base.vae, base.text_encoder).to(device)

@@ -3,8 +3,12 @@ network stays frozen (Gal et al. 2022, "An Image is Worth One Word", section 3).
 
 The pseudo-word (`token`, e.g. "my-concept") stands for n vectors v_1..v_n in the text encoder's
 token-embedding space, initialised from the embedding(s) of `init_word` (section 4.1: "a single-word
-coarse descriptor of the object"). Each training image is captioned by the template with the
-pseudo-word ("a photo of my-concept"); the loss is the UNet trainer's noise-prediction MSE, and its
+coarse descriptor of the object"). Each training image's prompt is its caption (the .txt beside it)
+with the pseudo-word in it, as kohya's train_textual_inversion.py reads captions: a caption that names
+the pseudo-word ("my-concept on a beach") is used as it is, `{}` in a caption stands for it ("a photo of
+{} at night"), and a caption with neither gets it in front ("my-concept, a dog on grass"). An image
+without a caption gets the template ("a photo of my-concept"); a template with `{caption}` puts every
+caption there instead ("{}, {caption}"). The loss is the UNet trainer's noise-prediction MSE, and its
 gradient reaches only the vectors, through the frozen UNet and text encoder.
 
 The vectors are registered with the embeddings adapter (adapters/embeddings.py) under the
@@ -17,6 +21,7 @@ OUT/<token>.pt ({"string_to_param": {"*": (n, D)}, ...}, the original textual_in
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -34,6 +39,16 @@ from .data import Batch
 from .diffusion import encode_latents, noised_prediction_loss, validation_grid
 from .lora import load_base
 from .loop import atomic_write
+
+
+def caption_prompt(caption: str, token: str) -> str:
+    """A caption as a training prompt with the pseudo-word `token` in it (the conventions in the module doc)."""
+    if "{}" in caption:
+        return caption.replace("{}", token)
+    # the tokenizer lowercases, so "My-Concept" names it too; "my-concepts" is another word
+    if re.search(rf"(?<![\w-]){re.escape(token)}(?![\w-])", caption, flags=re.IGNORECASE):
+        return caption
+    return f"{token}, {caption}"
 
 
 class PseudoWordVectors(nn.Module):
@@ -75,7 +90,10 @@ class TextualInversionTrainer(nn.Module):
         embedding_lookup(self.text_encoder).rows = self.model.vectors
 
     def prompts(self, captions: list[str]) -> list[str]:
-        return [self.options.template.format(self.options.token, caption=caption) for caption in captions]
+        """Each image's training prompt: its caption with the pseudo-word, else the template."""
+        template, token = self.options.template, self.options.token
+        return [caption_prompt(caption, token) if caption and "{caption}" not in template
+                else template.format(token, caption=caption) for caption in captions]
 
     def loss(self, batch: Batch):
         latents = encode_latents(self.vae, batch.images, batch, self.model_config.vae.scaling_factor)
