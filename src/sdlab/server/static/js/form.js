@@ -112,8 +112,11 @@ export function applySettings(settings) {
     $("height").value = settings.height;
     syncSizeFromFields();
   }
+  if (settings.hires !== undefined) {
+    $("hires").checked = Boolean(settings.hires);
+    $("hires").dispatchEvent(new Event("change"));
+  }
   if (settings.hires) {
-    $("hires").checked = true;
     set("hires-scale", settings.hires.scale);
     set("hires-strength", settings.hires.strength);
     set("hires-steps", settings.hires.steps);
@@ -144,6 +147,7 @@ export function settingsFromInfotext(fields) {
     const [width, height] = String(fields["Size"]).split("x").map(Number);
     if (width && height) Object.assign(settings, { width, height });
   }
+  settings.hires = null;
   if (fields["Hires upscale"]) {
     settings.hires = {
       scale: number("Hires upscale"),
