@@ -99,10 +99,6 @@ class BasicAuth:
                         ((b"www-authenticate", b'Basic realm="sdlab"'),))
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """413 for a request body over `max_bytes`: by its Content-Length before anything is read, and by
     counting when it comes in chunks without one."""
@@ -126,25 +122,27 @@ class BodyLimit:
                 return await send_json(send, 400, error_body("BadRequest", "Content-Length is not a number"))
             if too_large:
                 return await send_json(send, 413, self.refusal())
-        received = 0
-        started = False
+        received, started, refused = 0, False, False
 
         async def counting_receive():
-            nonlocal received
+            # past the limit: answer 413 now and tell the app its client left (an exception raised here
+            # would be caught by FastAPI's body parsing and turned into a 400)
+            nonlocal received, refused
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise BodyTooLarge()
+                    if not started and not refused:
+                        refused = True
+                        await send_json(send, 413, self.refusal())
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if refused:
+                return  # the answer was the 413
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await send_json(send, 413, self.refusal())
+        await self.app(scope, counting_receive, tracking_send)
