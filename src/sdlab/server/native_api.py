@@ -3,7 +3,8 @@ server-sent event stream with progress and live previews), cancel it.
 
 Events of `GET /api/v1/jobs/{id}/events`, each `event: NAME` and `data: JSON`:
 queued {"position"} (again whenever the place changes), started {}, progress {"step", "steps",
-"progress", "preview"} (the preview a base64 PNG when a new one is ready, else null), then one of
+"progress", "preview"} (the preview a base64 PNG when a new one is ready, else null; a client slower
+than the sampler gets the latest step, not every one), then one of
 done {"images", "infotexts", "seeds", "interrupted"}, failed {"error"}, cancelled {}; the stream ends
 there. A client that goes away while its job still waits cancels the job.
 """
@@ -92,7 +93,7 @@ async def job_events(job_id: str, request: Request):
     queue = server_of(request).queue
 
     async def stream():
-        sent_position, started, sent_step, sent_preview = None, False, -1, 0
+        sent_position, started, sent_step, sent_preview = None, False, 0, 0
         try:
             while True:
                 version = job.changes.version
