@@ -27,7 +27,7 @@ function sendSelected(mode) {
   const item = selectedItem();
   if (!item) return;
   setSource(item.image, mode);
-  $("source").scrollIntoView({ block: "nearest", behavior: "smooth" });
+  $("source").scrollIntoView({ block: "nearest" });
   $("source").querySelector(`input[name="mode"][value="${mode}"]`).focus();
 }
 

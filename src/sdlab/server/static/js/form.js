@@ -84,10 +84,13 @@ export function syncFieldsFromSize() {
   $("size").querySelector('option[value="custom"]').hidden = true;
 }
 
+// Matches an option by its value, its label, a sampler alias, or a model file's name without its extension
+// (infotexts name models that way).
 function selectIfKnown(select, value) {
-  const match = [...select.options].find(
-    (option) => option.value === value || option.textContent === value || (option.dataset.aliases || "").split(",").includes(value),
-  );
+  const names = (option) => [
+    option.value, option.textContent, option.value.replace(/\.[^.]+$/, ""), ...(option.dataset.aliases || "").split(","),
+  ];
+  const match = [...select.options].find((option) => names(option).includes(String(value)));
   if (match) select.value = match.value;
   return Boolean(match);
 }

@@ -58,7 +58,7 @@ export async function startJob(body) {
     },
     done: (result) => {
       const pictures = addResults(result, settings);
-      const interrupted = result.state === "interrupted";
+      const interrupted = result.interrupted === true || result.state === "interrupted";
       finish(interrupted ? "Interrupted" : `Done: ${pictures.length} picture${pictures.length === 1 ? "" : "s"}`, 1);
     },
     failed: ({ error }) => {
