@@ -284,6 +284,7 @@ def test_screenshots_simple_and_advanced_and_a_narrow_window(browser, server_url
     simple = save_screenshots(page, tmp_path, "web-ui-simple.png")
     open_advanced(page)
     page.get_by_label("Negative prompt").fill("blurry")
+    page.get_by_label("Negative prompt").blur()
     advanced = save_screenshots(page, tmp_path, "web-ui-advanced.png")
     for path in (simple, advanced):
         assert Image.open(path).size == (1280, 800)
