@@ -297,3 +297,19 @@ def test_screenshots_simple_and_advanced_and_a_narrow_window(browser, server_url
     narrow.context.close()
     assert page.outside_requests == narrow.outside_requests == []
     assert page.console_errors == narrow.console_errors == []
+
+
+def test_a_result_sent_to_img2img_outpaint_and_upscale_comes_back_at_the_right_size(page):
+    open_advanced(page)
+    page.get_by_label("Prompt", exact=True).fill("a red circle")
+    page.get_by_label("Steps", exact=True).fill(FEW_STEPS)
+    page.get_by_label("Size", exact=True).select_option("64x64")
+    generate(page)
+    expected = {"img2img": (64, 64, 3), "outpaint": (64, 96, 3), "upscale": (256, 256, 3)}
+    for mode, shape in expected.items():
+        page.get_by_role("list", name="Gallery").get_by_role("button").last.click()  # the first picture
+        page.get_by_role("button", name=f"Send to {mode}").click()
+        expect(page.get_by_role("radio", name=mode, exact=False)).to_be_checked()
+        generate(page)
+        assert picture_pixels(page).shape == shape, mode
+    expect(page.get_by_role("list", name="Gallery").get_by_role("button")).to_have_count(4)
