@@ -248,6 +248,34 @@ def test_user_errors_are_4xx_with_a_message(client):
     assert client.get("/sdapi/v1/no-such-route").status_code == 404
 
 
+def test_odd_values_are_4xx_never_500(client):
+    image = to_base64(Image.new("RGB", (16, 16)))
+    odd = [
+        ("/sdapi/v1/txt2img", {"prompt": "x", "steps": None}),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True, "width": None}),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True, "hr_scale": 1e308, "width": 64, "height": 64}),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True, "hr_resize_x": 10**9, "width": 64, "height": 64}),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "styles": ["nope"]}),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "subseed_strength": 0.5, "steps": 2, "width": 64, "height": 64}),
+        ("/sdapi/v1/img2img", {"prompt": "x", "init_images": [image], "mask": image, "mask_blur": None,
+                               "mask_blur_x": None, "inpainting_fill": None}),
+        ("/sdapi/v1/img2img", {"prompt": "x", "init_images": [image], "denoising_strength": 7, "steps": 2}),
+        ("/sdapi/v1/extra-single-image", {"image": image, "resize_mode": 1, "upscaling_resize_w": None}),
+        ("/sdapi/v1/extra-single-image", {"image": image, "upscaling_resize": 1e9}),
+        ("/sdapi/v1/extra-single-image", {"image": image, "upscaler_1": "ESRGAN_4x"}),
+        ("/api/v1/jobs", {"hires": {"scale": 1e308}, "width": 64, "height": 64}),
+        ("/api/v1/jobs", {"kind": "inpaint", "init_image": image, "mask": image, "mask_blur": -1}),
+        ("/api/v1/jobs", {"kind": "upscale", "init_image": image, "width": 64}),
+        ("/api/v1/jobs", {"clip_skip": 99}),
+    ]
+    for route, body in odd:
+        response = client.post(route, json=body)
+        assert 400 <= response.status_code < 500, (route, body, response.text)
+    response = client.post("/sdapi/v1/txt2img", content=b'{"prompt": "x", "cfg_scale": NaN}',
+                           headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500
+
+
 def test_unreadable_images_are_400(client):
     for data, words in (("not base64 at all!", "not valid base64"),
                         ("aGVsbG8gd29ybGQ=", "cannot be read as an image"),  # base64 of "hello world"

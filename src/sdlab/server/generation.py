@@ -41,6 +41,13 @@ def check_limits(limits: ServerSettings, *, steps: int, batch_size: int, n_iter:
             _check_int(name, value, 1, limits.max_size, "--max-size")
 
 
+def check_number(name: str, value, low: float, high: float) -> float:
+    """`value` as a float when it is a finite number from `low` to `high`; else InputError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise InputError(f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
+    return float(value)
+
+
 def check_output_size(limits: ServerSettings, width: int, height: int, what: str) -> None:
     if width > limits.max_size or height > limits.max_size:
         raise InputError(f"{what} would be {width}x{height}, more than this server's --max-size {limits.max_size} px "

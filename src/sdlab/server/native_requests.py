@@ -6,7 +6,7 @@ from ..errors import InputError
 from ..pipelines.hires import hires_upscaler_key
 from ..pipelines.inpaint import masked_content_key
 from .engine import Work
-from .generation import check_limits, check_output_size, request_seed, sampler_settings
+from .generation import check_limits, check_number, check_output_size, request_seed, sampler_settings
 from .images import decode_optional
 from .model_folder import ModelFolder
 from .native_models import JobRequest
@@ -56,6 +56,7 @@ def _kind_settings(request: JobRequest, work: Work, limits: ServerSettings) -> N
         if kind != "txt2img":
             raise InputError("hires is a txt2img setting; leave it out of other kinds")
         hires = request.hires
+        check_number("hires scale", hires.scale, 1, 8)
         width = request.width or 0
         height = request.height or 0
         if width and height:
@@ -70,7 +71,7 @@ def _kind_settings(request: JobRequest, work: Work, limits: ServerSettings) -> N
         settings["strength"] = request.strength
     if kind in ("inpaint", "outpaint"):
         if request.mask_blur is not None:
-            settings["mask_blur"] = request.mask_blur
+            settings["mask_blur"] = check_number("mask_blur", request.mask_blur, 0, 256)
         if request.fill is not None:
             settings["fill"] = masked_content_key(request.fill)
         if request.invert_mask is not None:

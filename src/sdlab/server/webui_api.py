@@ -24,7 +24,7 @@ from ..samplers import list_samplers, resolve_sampler
 from ..schedules import SCHEDULE_TYPES
 from ..styles import default_styles_file, load_styles
 from .engine import UPSCALER_NAMES, Work
-from .generation import check_output_size
+from .generation import check_number, check_output_size
 from .images import bytes_base64, decode_image, encode_png_base64, text_chunks
 from .jobs import RUNNING
 from .service import Server
@@ -80,14 +80,13 @@ async def extra_single_image(body: ExtrasSingleImageRequest, request: Request):
         raise InputError(f"unknown upscaler '{upscaler}'; choose one of: {', '.join(UPSCALER_NAMES)} "
                          "(GET /sdapi/v1/upscalers)")
     if body.resize_mode == 1:
-        extras = {"upscaler": upscaler, "width": body.upscaling_resize_w, "height": body.upscaling_resize_h,
-                  "crop": bool(body.upscaling_crop)}
         width, height = body.upscaling_resize_w, body.upscaling_resize_h
+        if not isinstance(width, int) or not isinstance(height, int):
+            raise InputError("resize_mode 1 needs upscaling_resize_w and upscaling_resize_h")
+        extras = {"upscaler": upscaler, "width": width, "height": height, "crop": bool(body.upscaling_crop)}
     else:
-        scale = body.upscaling_resize
-        if scale is None or not 0 < scale <= 8:
-            raise InputError(f"upscaling_resize must be a number above 0 and at most 8, got {scale!r}")
-        extras = {"upscaler": upscaler, "scale": float(scale)}
+        scale = check_number("upscaling_resize", body.upscaling_resize, 0.01, 8)
+        extras = {"upscaler": upscaler, "scale": scale}
         width, height = round(image.width * scale), round(image.height * scale)
     if width < 1 or height < 1:
         raise InputError(f"the upscaled image would be {width}x{height}; ask for at least 1x1")

@@ -21,7 +21,8 @@ from ..pipelines.inpaint import MASKED_CONTENT
 from ..styles import apply_styles, default_styles_file, load_styles
 from .engine import Work
 from .generation import (
-    batches, check_limits, check_output_size, request_seed, sampler_settings, tiling_settings, variation_settings,
+    batches, check_limits, check_number, check_output_size, request_seed, sampler_settings, tiling_settings,
+    variation_settings,
 )
 from .images import decode_image, decode_optional
 from .model_folder import ModelFolder
@@ -140,14 +141,16 @@ def txt2img_work(request: Txt2ImgRequest, limits: ServerSettings, options: WebUI
 def hires_settings(request: Txt2ImgRequest, limits: ServerSettings) -> dict:
     """The hires fix's keywords: hr_scale, or the scale hr_resize_x / hr_resize_y ask for."""
     width, height = request.width, request.height
-    scale = request.hr_scale if request.hr_scale is not None else 2.0
+    if width is None or height is None:
+        raise InputError("the hires fix needs the first pass's width and height")
+    scale = check_number("hr_scale", request.hr_scale if request.hr_scale is not None else 2.0, 1, 8)
     resize_x, resize_y = request.hr_resize_x or 0, request.hr_resize_y or 0
     if resize_x or resize_y:
         scales = {round(target / side, 6) for target, side in ((resize_x, width), (resize_y, height)) if target}
         if len(scales) > 1:
             raise InputError(f"hr_resize_x and hr_resize_y ({resize_x}x{resize_y}) must keep the image's aspect "
                              f"ratio ({width}x{height}); give one of them, or hr_scale")
-        scale = scales.pop()
+        scale = check_number("the hires scale hr_resize_x/y ask for", scales.pop(), 1, 8)
     check_output_size(limits, int(width * scale), int(height * scale), "the hires fix's image")
     strength = request.denoising_strength if request.denoising_strength is not None else 0.75
     steps = request.hr_second_pass_steps or None
@@ -178,7 +181,11 @@ def img2img_work(request: Img2ImgRequest, limits: ServerSettings, options: WebUI
         if request.inpainting_fill not in range(len(MASKED_CONTENT)):
             raise InputError("inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), "
                              f"got {request.inpainting_fill!r}")
-        blur = request.mask_blur if request.mask_blur is not None else (request.mask_blur_x + request.mask_blur_y) / 2
+        if request.mask_blur is not None:
+            blur = check_number("mask_blur", request.mask_blur, 0, 256)
+        else:  # sdlab blurs both ways alike: the mean of the two
+            blur = (check_number("mask_blur_x", request.mask_blur_x or 0, 0, 256)
+                    + check_number("mask_blur_y", request.mask_blur_y or 0, 0, 256)) / 2
         work.settings.update(mask_blur=blur, only_masked=bool(request.inpaint_full_res),
                              padding=request.inpaint_full_res_padding or 0,
                              fill=MASKED_CONTENT[request.inpainting_fill], invert_mask=bool(request.inpainting_mask_invert))
