@@ -234,3 +234,19 @@ def test_a_client_that_disconnects_cancels_its_queued_job():
         assert queue.get(blocker).state == RUNNING  # the running job goes on
         httpx.delete(f"{live.url}/api/v1/jobs/{blocker}")
         wait_until(lambda: queue.get(blocker).state == INTERRUPTED, 30, "the first job to stop")
+
+
+def test_a_model_switch_waits_for_the_running_job(client):
+    job_id = submit(client)
+    wait_until(lambda: status(client, job_id)["step"] >= 1, 60, "the job to run")
+    switched = []
+    thread = threading.Thread(target=lambda: switched.append(client.post(
+        "/sdapi/v1/options", json={"sd_model_checkpoint": "sdlab-shapes-inpainting.safetensors"})))
+    thread.start()
+    time.sleep(0.5)
+    assert not switched and status(client, job_id)["state"] == "running"  # the switch waits its turn
+    client.delete(f"/api/v1/jobs/{job_id}")
+    thread.join(60)
+    assert switched[0].status_code == 200 and status(client, job_id)["state"] == "interrupted"
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("sdlab-shapes-inpainting")
+    client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sdlab-shapes.safetensors"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Optional
@@ -25,6 +26,7 @@ from ..outputs import day_folder, encode_image, image_grid, save_numbered
 from ..pipelines.latents import decode_latents, with_tiled_vae
 from ..pipelines.options import GenerationOptions
 from ..pipelines.params import generation_params
+from ..pipelines.seeds import image_seeds
 from ..previews import LatentPreview, fit_for_pipeline
 from .jobs import Job
 from .model_folder import ModelEntry, ModelFolder, UnknownModelError
@@ -206,6 +208,8 @@ class Engine:
         except Exception as exc:  # a bug: reported to the client and the log, and the worker goes on
             traceback.print_exc()
             job.error, job.error_status, job.error_type = f"internal error: {exc}", 500, type(exc).__name__
+        if job.error and isinstance(job.work, LoadWork):  # nobody may be waiting for a model load: say it here too
+            print(f"sdlab: error: cannot load the model: {job.error}", file=sys.stderr)
 
     # -- generation ---------------------------------------------------------------------------------
 
@@ -287,8 +291,7 @@ class Engine:
         height, width = (side * pipe.latent_factor for side in denoised.shape[-2:])
         images = decode_latents(with_tiled_vae(pipe, None, width, height, len(denoised)), denoised)
         prompts = [work.prompt] * len(images) if isinstance(work.prompt, str) else list(work.prompt)
-        seeds = [settings["seed"] + i if settings.get("noise", "diffusers").startswith("a1111") else settings["seed"]
-                 for i in range(len(images))]
+        seeds = image_seeds(settings["seed"], len(images), settings.get("noise", "diffusers"))
         infotexts = []
         for i, seed in enumerate(seeds):
             fields = generation_params(
