@@ -8,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 const HINTS = {
   img2img: "The result keeps the source image's size.",
   inpaint: "Paint over the part to repaint; the rest of the picture stays as it is.",
-  outpaint: "The canvas grows by the margins below, and the new margins are painted.",
+  outpaint: "The canvas grows by these margins, and the new margins are painted.",
   upscale: "The x4 upscaler makes the picture four times as wide and high.",
 };
 
