@@ -68,11 +68,13 @@ async def submit_job(body: JobRequest, request: Request):
 async def job_status(job_id: str, request: Request):
     job = job_of(request, job_id)
     server = server_of(request)
-    images = await run_in_threadpool(encoded_images, job)
-    return JobStatus(id=job.id, kind=job.kind, state=job.state, position=server.queue.position(job), step=job.step,
-                     steps=job.steps, progress=job.progress, preview=bytes_base64(job.preview), images=images,
-                     infotexts=list(job.infotexts) if job.state in FINISHED else [],
-                     seeds=list(job.seeds) if job.state in FINISHED else [], error=job.error)
+    state = job.state  # read first: a job's results are complete before its state says finished
+    finished = state in FINISHED
+    images = await run_in_threadpool(encoded_images, job) if finished else []
+    return JobStatus(id=job.id, kind=job.kind, state=state, position=server.queue.position(job), step=job.step,
+                     steps=job.steps, progress=1.0 if finished else job.progress, preview=bytes_base64(job.preview),
+                     images=images, infotexts=list(job.infotexts) if finished else [],
+                     seeds=list(job.seeds) if finished else [], error=job.error)
 
 
 @router.delete("/jobs/{job_id}", response_model=JobCancelled)
