@@ -13,6 +13,7 @@ from .common import CommandParser, run_reporting_errors
 from .eval import add_eval_command
 from .generate import add_generate_commands
 from .info import add_info_commands
+from .serve import add_serve_command
 from .train import add_train_command
 from .upscale import add_upscale_command
 
@@ -26,6 +27,7 @@ def build_parser() -> CommandParser:
     add_upscale_command(commands)
     add_train_command(commands)
     add_eval_command(commands)
+    add_serve_command(commands)
     return parser
 
 

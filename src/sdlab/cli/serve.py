@@ -1,0 +1,75 @@
+"""`sdlab serve`: the HTTP server (the web UI's /sdapi/v1, sdlab's /api/v1, the web page) in one process."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+from ..errors import InputError
+
+
+def add_serve_command(commands) -> None:
+    serve = commands.add_parser("serve", help="serve the web page and the HTTP APIs (the web UI's /sdapi/v1 too)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on; 0.0.0.0 lets other machines in (use --api-auth then)")
+    serve.add_argument("--port", type=int, default=7860, help="port (0: any free one, printed)")
+    serve.add_argument("--models-dir", default=None, metavar="DIR",
+                       help="checkpoints clients may choose by name; LoRAs in DIR/Lora, embeddings in DIR/embeddings")
+    serve.add_argument("--model", default=None, metavar="FILE",
+                       help="the model loaded first: a file, or a name in --models-dir (default: the bundled model)")
+    serve.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER2:PASS2]",
+                       help="HTTP Basic authentication on every route and the page")
+    serve.add_argument("--max-size", type=int, default=2048, help="largest image side a request may ask for (px)")
+    serve.add_argument("--max-batch", type=int, default=8, help="largest batch size")
+    serve.add_argument("--max-steps", type=int, default=150, help="most sampling steps")
+    serve.add_argument("--cors-allow-origins", nargs="*", default=[], metavar="ORIGIN",
+                       help="web origins whose pages may call the API (default: none)")
+    serve.add_argument("--outdir", default="outputs", help="where save_images writes (default: outputs)")
+    serve.add_argument("--device", default=None, help="cpu, cuda, mps (default: detected)")
+    serve.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fastest safe for the device)")
+    serve.set_defaults(run=cmd_serve)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, so that a taken port is one clear line instead of a server that never starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port or --host") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from ..server.app import create_app
+    from ..server.settings import ServerSettings, is_loopback, parse_api_auth
+
+    for name in ("max_size", "max_batch", "max_steps"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    settings = ServerSettings(
+        host=args.host, port=args.port, models_dir=args.models_dir, model=args.model,
+        api_auth=parse_api_auth(args.api_auth), max_size=args.max_size, max_batch=args.max_batch,
+        max_steps=args.max_steps, cors_allow_origins=tuple(args.cors_allow_origins), outputs_dir=args.outdir,
+        device=args.device, dtype=args.dtype)
+    app = create_app(settings)
+    sock = bind(args.host, args.port)
+    port = sock.getsockname()[1]
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    if not is_loopback(args.host) and not settings.api_auth:
+        print(f"sdlab: warning: listening on {args.host} without --api-auth: anyone who can reach this machine "
+              "can use the server", file=sys.stderr)
+    print(f"sdlab: serving on http://{shown_host}:{port} (API docs at /docs; Ctrl-C stops)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
+        pass
+    print("sdlab: stopped", file=sys.stderr)
+    return 0

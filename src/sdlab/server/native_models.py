@@ -1,0 +1,124 @@
+"""The bodies of sdlab's own API (`/api/v1`), which the web page uses: one job request for every
+pipeline, in the Python API's names (guidance_scale, strength, sampler, schedule_type, ...)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import DEFAULT_SAMPLER
+
+JobKind = Literal["txt2img", "img2img", "inpaint", "outpaint", "upscale"]
+JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class LoraRequest(_Request):
+    name: str = Field(description="a name from GET /api/v1/loras")
+    weight: float = 1.0
+
+
+class Extend(_Request):
+    left: int = 0
+    right: int = 0
+    top: int = 0
+    bottom: int = 0
+
+
+class Hires(_Request):
+    scale: float = 2.0
+    strength: float = 0.5
+    steps: Optional[int] = Field(default=None, description="second-pass steps; null: as many as the first pass")
+    upscaler: str = Field(default="latent", description="latent, latent-nearest-exact or lanczos")
+
+
+class JobRequest(_Request):
+    kind: JobKind = "txt2img"
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance_scale: float = 7.0
+    seed: Optional[int] = Field(default=None, description="null: a random seed, reported in the result")
+    width: Optional[int] = Field(default=None, description="null: the model's size (img2img, inpaint: the image's)")
+    height: Optional[int] = None
+    batch_size: int = 1
+    sampler: str = DEFAULT_SAMPLER
+    schedule_type: Optional[str] = Field(default=None, description="a name from GET /api/v1/schedules; null: automatic")
+    clip_skip: int = 1
+    model: Optional[str] = Field(default=None, description="a name from GET /api/v1/models; null: the current one")
+    loras: list[LoraRequest] = []
+    init_image: Optional[str] = Field(default=None, description="base64 image (a data: prefix is accepted)")
+    mask: Optional[str] = Field(default=None, description="base64 image: white repaints, black keeps")
+    strength: Optional[float] = Field(default=None, description="denoising strength; null: 0.75 (outpaint 0.8)")
+    mask_blur: Optional[float] = None
+    fill: Optional[str] = Field(default=None, description="original, fill, latent noise or latent nothing")
+    invert_mask: Optional[bool] = None
+    extend: Optional[Extend] = None
+    hires: Optional[Hires] = None
+    noise_level: Optional[int] = None
+    preview: Literal["approx", "full", "none"] = "approx"
+    preview_every: int = Field(default=2, ge=1, le=1000)
+
+
+class JobCreated(BaseModel):
+    id: str
+    position: int
+
+
+class JobStatus(BaseModel):
+    id: str
+    kind: str
+    state: JobState
+    position: Optional[int] = None
+    step: int
+    steps: int
+    progress: float
+    preview: Optional[str] = None
+    images: list[str]
+    infotexts: list[str]
+    seeds: list[int]
+    error: Optional[str] = None
+
+
+class JobCancelled(BaseModel):
+    id: str
+    state: JobState
+
+
+class ModelItem(BaseModel):
+    name: str
+    title: str
+    hash: Optional[str] = None
+    current: bool
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+
+
+class ScheduleItem(BaseModel):
+    name: str
+    label: str
+
+
+class LoraItem(BaseModel):
+    name: str
+    path: str
+
+
+class EmbeddingItem(BaseModel):
+    name: str
+
+
+class PngInfoRequest(_Request):
+    image: str
+
+
+class PngInfoResponse(BaseModel):
+    parameters: Optional[str] = None
+    fields: dict
