@@ -5,12 +5,19 @@ from __future__ import annotations
 from .. import __version__
 from .pipeline import Pipeline
 
-_RNG_NAMES = {"a1111-cpu": "CPU", "a1111-gpu": "NV"}
+# The web UI's "RNG" (its randn source) of the noise modes that draw its numbers. "per-image" draws the
+# CPU source's initial and step noise (and besides samples the VAE posterior with the image's generator,
+# which the web UI leaves to an unseeded one), so it is written "RNG: CPU" for the web UI and
+# "Noise: per-image" for sdlab; a reader takes "Noise" when there is one, else "RNG".
+_RNG_NAMES = {"per-image": "CPU", "a1111-cpu": "CPU", "a1111-gpu": "NV"}
+_WEB_UI_MODES = ("a1111-cpu", "a1111-gpu")
 
 
 def generation_params(pipe: Pipeline, *, steps, sampler, guidance_scale, seed, width, height, noise,
-                      clip_skip=1, batch_size=1, batch_pos=0, extra=None) -> dict:
-    """The web UI's field names and order; sdlab-only fields come after them."""
+                      clip_skip=1, batch_size=1, batch_pos=0, subseed=None, subseed_strength=0,
+                      seed_resize_from=None, extra=None) -> dict:
+    """The web UI's field names and order; sdlab-only fields come after them. The variation fields are
+    written as the web UI writes them: only with a strength, "Seed resize from" as WIDTHxHEIGHT."""
     params = {
         "Steps": steps,
         "Sampler": sampler,
@@ -19,11 +26,14 @@ def generation_params(pipe: Pipeline, *, steps, sampler, guidance_scale, seed, w
         "Size": f"{width}x{height}",
         "Model hash": pipe.model_hash,
         "Model": pipe.model_name,
+        "Variation seed": subseed if subseed_strength else None,
+        "Variation seed strength": subseed_strength if subseed_strength else None,
+        "Seed resize from": f"{seed_resize_from[0]}x{seed_resize_from[1]}" if seed_resize_from else None,
         "Clip skip": clip_skip if clip_skip != 1 else None,
         "Batch size": batch_size if batch_size > 1 else None,
         "Batch pos": batch_pos if batch_size > 1 else None,
         "RNG": _RNG_NAMES.get(noise),
-        "Noise": noise if noise not in _RNG_NAMES else None,
+        "Noise": noise if noise not in _WEB_UI_MODES else None,
         "Prediction": pipe.config.prediction if pipe.config.prediction != "epsilon" else None,
     }
     params.update(extra or {})
