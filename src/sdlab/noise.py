@@ -50,10 +50,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .config import NOISE_MODES
 from .errors import InputError
 
-NOISE_MODES = ("per-image", "diffusers", "a1111-cpu", "a1111-gpu", "comfy")
-DEFAULT_NOISE = "per-image"
 PER_IMAGE_MODES = ("per-image", "a1111-cpu", "a1111-gpu")  # a generator per image: variation seeds work
 
 # -- Philox4x32-10 (Salmon, Moraes, Dror, Shaw: "Parallel random numbers: as easy as 1, 2, 3", SC 2011)

@@ -13,8 +13,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..config import DEFAULT_SAMPLER
-from ..noise import DEFAULT_NOISE
+from ..config import DEFAULT_NOISE, DEFAULT_SAMPLER
 
 
 @dataclass
