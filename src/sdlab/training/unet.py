@@ -246,7 +246,7 @@ class UNetTrainer(UNetFamilyTrainer):
         size = self.config.resolution or self.resolution
         result = pipe.txt2img(prompts, steps=options.validation_steps, guidance_scale=options.validation_guidance,
                               seed=self.config.seed, width=size, height=size, batch_size=len(prompts),
-                              sampler=options.validation_sampler)
+                              sampler=options.validation_sampler, noise="diffusers")
         image_grid(result.images, columns=len(prompts), labels=prompts).save(Path(out_dir) / f"step-{step:06d}.png")
 
 
