@@ -260,7 +260,7 @@ def test_bad_output_options_are_one_line(tmp_path, capsys, args, fragment):
 def test_grid_tiles_the_batch_as_the_web_ui_and_carries_the_first_images_parameters(tmp_path):
     assert main(["generate", "x", "--seed", "4", "--batch", "3", "--grid", "--outdir", str(tmp_path), *TINY]) == 0
     folder = tmp_path / "txt2img" / today_folder(tmp_path).name
-    assert sorted(os.listdir(folder)) == ["00000-4.png", "00001-4.png", "00002-4.png", "grid-00000.png"]
+    assert sorted(os.listdir(folder)) == ["00000-4.png", "00001-5.png", "00002-6.png", "grid-00000.png"]
     with Image.open(folder / "grid-00000.png") as grid, Image.open(folder / "00000-4.png") as first:
         assert grid.size == (64, 64)  # 3 images: round(sqrt(3)) = 2 rows of 2
         assert grid.text["parameters"] == first.text["parameters"]
