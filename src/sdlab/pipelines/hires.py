@@ -21,7 +21,7 @@ from ..errors import InputError
 from .checks import check_steps, check_strength, size_or_default
 from .images import to_pixels
 from .latents import with_tiled_vae
-from .options import HiresOptions, read_options
+from .options import GenerationOptions, HiresOptions, read_options
 from .pipeline import GenerationResult, Pipeline
 from .run import Run, Start, generate, over_batches
 
@@ -96,7 +96,7 @@ def hires_fix(pipe: Pipeline, prompt, negative_prompt="", **settings) -> Generat
     return over_batches(options, lambda batch: hires_batch(pipe, batch, hires))
 
 
-def hires_batch(pipe: Pipeline, options, hires: HiresOptions) -> GenerationResult:
+def hires_batch(pipe: Pipeline, options: GenerationOptions, hires: HiresOptions) -> GenerationResult:
     """hires_fix() of one batch, its seeds resolved (over_batches)."""
     key = hires_upscaler_key(hires.hires_upscaler)
     label, mode = HIRES_UPSCALERS[key]

@@ -15,7 +15,7 @@ from PIL import Image
 from ..errors import InputError
 from .images import load_image, pad_by_stretching, tensor_to_mask, to_pixels
 from .inpaint import inpaint_image
-from .options import EditOptions, MaskOptions, OutpaintOptions, read_options
+from .options import EditOptions, GenerationOptions, MaskOptions, OutpaintOptions, read_options
 from .pipeline import GenerationResult, Pipeline
 from .run import over_batches
 
@@ -94,8 +94,8 @@ def outpaint(pipe: Pipeline, prompt, init_image, negative_prompt="", **settings)
     return over_batches(options, lambda batch: outpaint_batch(pipe, image, sides, batch, outpainting, masking))
 
 
-def outpaint_batch(pipe: Pipeline, image: Image.Image, sides: dict[str, int], options, outpainting: OutpaintOptions,
-                   masking: MaskOptions) -> GenerationResult:
+def outpaint_batch(pipe: Pipeline, image: Image.Image, sides: dict[str, int], options: GenerationOptions,
+                   outpainting: OutpaintOptions, masking: MaskOptions) -> GenerationResult:
     """outpaint() of one batch, its seed resolved (over_batches): the margins' noise is seeded with it."""
     seed, overlap = options.seed, outpainting.overlap
     canvas = pad_by_stretching(image, sides["left"], sides["right"], sides["top"], sides["bottom"])
