@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -209,12 +210,12 @@ def test_without_o_images_are_numbered_in_the_outputs_folder_and_never_overwritt
     assert main(["generate", "x", "--seed", "7", *TINY]) == 0
     assert sorted(os.listdir(folder)) == ["00000-7.png", "00001-7.png"]
     (folder / "00041-3.png").write_bytes(b"someone else's")  # numbering goes on from the highest, as the web UI's
-    assert main(["generate", "x", "--seed", "5", "--batch", "2", *TINY]) == 0  # diffusers noise: one seed per batch
-    assert {"00042-5.png", "00043-5.png"} <= set(os.listdir(folder))
+    assert main(["generate", "x", "--seed", "5", "--batch", "2", *TINY]) == 0  # per-image noise: image i is seed + i
+    assert {"00042-5.png", "00043-6.png"} <= set(os.listdir(folder))
     assert (folder / "00041-3.png").read_bytes() == b"someone else's"
     printed = capsys.readouterr().out.splitlines()
     assert printed[-2:] == [f"wrote {os.path.join('outputs', 'txt2img', folder.name, name)}"
-                            for name in ("00042-5.png", "00043-5.png")]
+                            for name in ("00042-5.png", "00043-6.png")]
     assert Image.open(folder / "00042-5.png").text["parameters"].startswith("x\nSteps: 2")
 
 
@@ -259,7 +260,7 @@ def test_bad_output_options_are_one_line(tmp_path, capsys, args, fragment):
 def test_grid_tiles_the_batch_as_the_web_ui_and_carries_the_first_images_parameters(tmp_path):
     assert main(["generate", "x", "--seed", "4", "--batch", "3", "--grid", "--outdir", str(tmp_path), *TINY]) == 0
     folder = tmp_path / "txt2img" / today_folder(tmp_path).name
-    assert sorted(os.listdir(folder)) == ["00000-4.png", "00001-4.png", "00002-4.png", "grid-00000.png"]
+    assert sorted(os.listdir(folder)) == ["00000-4.png", "00001-5.png", "00002-6.png", "grid-00000.png"]
     with Image.open(folder / "grid-00000.png") as grid, Image.open(folder / "00000-4.png") as first:
         assert grid.size == (64, 64)  # 3 images: round(sqrt(3)) = 2 rows of 2
         assert grid.text["parameters"] == first.text["parameters"]
@@ -406,3 +407,77 @@ def test_tokenize_shows_what_the_encoder_receives_of_a_weighted_prompt():
     assert "  2 tokens in 1 chunk of 75" in lines
     code, stdout, _ = run_cli("tokenize", "--json", "(red:1.3) circle")
     assert json.loads(stdout) == [[263, 736, 281, 272, 269, 274, 264, 7117]], "--json keeps its id lists"
+
+
+# -- seeds: every image's parameters make it again ---------------------------------------------------------
+
+
+def rerun_arguments(parameters: str, model: str) -> list[str]:
+    """`sdlab generate` arguments from an image's parameters alone, as a web UI user re-runs a picture."""
+    from sdlab.infotext import parse_infotext
+
+    fields = parse_infotext(parameters)
+    args = ["generate", fields["Prompt"], "--model", model, "--steps", fields["Steps"], "--sampler", fields["Sampler"],
+            "--cfg", fields["CFG scale"], "--seed", fields["Seed"], "--size", fields["Size"],
+            "--noise", fields["Noise"]]
+    if fields["Negative prompt"]:
+        args += ["--negative", fields["Negative prompt"]]
+    if "Variation seed strength" in fields:
+        args += ["--subseed", fields["Variation seed"], "--subseed-strength", fields["Variation seed strength"]]
+    if "Seed resize from" in fields:
+        args += ["--seed-resize-from", fields["Seed resize from"]]
+    return args
+
+
+def assert_each_image_is_its_parameters_alone(paths, tmp_path):
+    for i, path in enumerate(paths):
+        parameters = Image.open(path).text["parameters"]
+        again = tmp_path / f"again-{i}.png"
+        assert main([*rerun_arguments(parameters, "demo"), "--quiet", "-o", str(again)]) == 0
+        assert Image.open(again).tobytes() == Image.open(path).tobytes(), parameters
+        alone = re.sub(r", Batch size: \d+, Batch pos: \d+", "", parameters)
+        assert Image.open(again).text["parameters"] == alone
+
+
+def test_every_png_of_a_default_batch_reproduces_its_image_as_a_single_run(tmp_path):
+    out = tmp_path / "batch.png"
+    assert main(["generate", "a red circle", "--negative", "blue", "--seed", "7", "--batch", "3", "-o", str(out),
+                 *TINY]) == 0
+    paths = [out, tmp_path / "batch-1.png", tmp_path / "batch-2.png"]
+    seeds = [int(Image.open(p).text["parameters"].split("Seed: ")[1].split(",")[0]) for p in paths]
+    assert seeds == [7, 8, 9]
+    assert len({Image.open(p).tobytes() for p in paths}) == 3
+    assert_each_image_is_its_parameters_alone(paths, tmp_path)
+
+
+def test_variation_seeds_and_batch_count_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "v.png"
+    assert main(["generate", "x", "--seed", "3", "--batch", "2", "--n-iter", "2", "--subseed", "40",
+                 "--subseed-strength", "0.3", "--seed-resize-from", "48x16", "-o", str(out), *TINY]) == 0
+    paths = [out] + [tmp_path / f"v-{i}.png" for i in range(1, 4)]
+    texts = [Image.open(p).text["parameters"] for p in paths]
+    assert all("Seed: 3," in t and "Variation seed strength: 0.3, Seed resize from: 48x16" in t for t in texts)
+    assert [t.split("Variation seed: ")[1].split(",")[0] for t in texts] == ["40", "41", "42", "43"]
+    assert_each_image_is_its_parameters_alone(paths[2:], tmp_path)
+    main(["generate", "x", "--n-iter", "0", *TINY, "-o", str(tmp_path / "z.png")])
+    assert capsys.readouterr().err.strip().endswith("batch count (n_iter) must be a positive integer, got 0")
+
+
+def test_a_lora_given_on_the_command_line_is_written_into_the_prompt_as_a_tag(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "tiny-ink.safetensors"
+    save_file({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 64) * 0.1,
+               "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(256, 2) * 0.1},
+              str(lora))
+    out = tmp_path / "l.png"
+    code = main(["generate", "a cat", "--lora", f"{lora}:0.7", "--seed", "2", "-o", str(out), *TINY])
+    assert code == 0
+    text = Image.open(out).text["parameters"]
+    assert text.startswith("a cat <lora:tiny-ink:0.7>\n"), text
+    assert "Lora hashes: " in text
+    again = tmp_path / "again.png"
+    assert main([*rerun_arguments(text, "demo"), "--lora-dir", str(tmp_path), "--quiet", "-o", str(again)]) == 0
+    assert Image.open(again).tobytes() == Image.open(out).tobytes()
+    assert Image.open(again).text["parameters"] == text

@@ -62,3 +62,16 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_png(Image.new("RGB", (8, 8)), str(tmp_path / "out.png"), "x")
     assert os.listdir(tmp_path) == []
+
+
+def test_variation_seed_fields_round_trip_in_the_web_uis_words():
+    params = {"Steps": 20, "Sampler": "Euler a", "CFG scale": 7, "Seed": 5, "Size": "64x64", "Model": "m",
+              "Variation seed": 123, "Variation seed strength": 0.35, "Seed resize from": "512x768",
+              "RNG": "CPU", "Noise": "per-image"}
+    text = format_infotext("a <lora:ink:0.7> cat", "", params)
+    assert "Variation seed: 123, Variation seed strength: 0.35, Seed resize from: 512x768, RNG: CPU" in text
+    parsed = parse_infotext(text)
+    assert parsed["Prompt"] == "a <lora:ink:0.7> cat"
+    assert {key: parsed[key] for key in ("Variation seed", "Variation seed strength", "Seed resize from", "Noise")} \
+        == {"Variation seed": "123", "Variation seed strength": "0.35", "Seed resize from": "512x768",
+            "Noise": "per-image"}

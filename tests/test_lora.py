@@ -466,6 +466,25 @@ def test_a_pipeline_strips_tags_applies_loras_and_gets_its_infotext_fields(model
     assert_restored(pipe, before)
 
 
+def test_loras_asked_for_beside_the_prompt_are_written_as_the_web_uis_tags(models, tmp_path):
+    from sdlab.adapters import lora_request_tags
+
+    assert lora_request_tags([]) == ""
+    assert lora_request_tags(["a/ink.safetensors", ("b/soft.pt", 0.75), ("c.safetensors", 0.5, 1.0)]) == \
+        "<lora:ink:1> <lora:soft:0.75> <lora:c:0.5:1>"
+    pipe, unet, text_encoder = models
+    ink = kohya_file(tmp_path / "ink.safetensors", unet, text_encoder)
+    assert lora_request_tags([(read_lora(ink, name="renamed"), 0.3)]) == "<lora:renamed:0.3>"
+    settings = dict(steps=2, seed=4, width=32, height=32, sampler="Euler")
+    given = pipe.txt2img("a cat", loras=[(str(ink), 0.8)], **settings)
+    assert given.infotexts[0].startswith("a cat <lora:ink:0.8>\n")
+    assert f'Lora hashes: "ink: {lora_shorthash(ink)}"' in given.infotexts[0]
+    tagged = pipe.txt2img("a cat <lora:ink:0.8>", lora_dirs=[tmp_path], **settings)
+    assert tagged.infotexts == given.infotexts
+    assert torch.equal(tagged.latents, given.latents)
+    unload_loras(pipe)
+
+
 def test_kohya_names_of_the_original_unet_layout_are_read_too(models, tmp_path):
     pipe, unet, text_encoder = models
     path = kohya_file(tmp_path / "style.safetensors", unet, text_encoder, text=False)

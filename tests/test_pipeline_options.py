@@ -1,6 +1,8 @@
 """The options every pipeline shares: one GenerationOptions read from the keyword arguments, a side left
 out is the model's size, and a size or a name the pipelines do not take is refused before anything runs."""
 
+import os
+
 import pytest
 
 import sdlab
@@ -59,3 +61,26 @@ def test_upscale_refuses_the_sizes_its_images_give(demo):
 
     with pytest.raises(InputError, match="upscale sets width itself"):
         demo.upscale(Image.new("RGB", (8, 8)), "x", width=64)
+
+
+def test_the_seed_options_are_the_last_fields_with_the_web_uis_defaults():
+    options = GenerationOptions()
+    assert options.noise == "per-image"
+    assert (options.subseed, options.subseed_strength, options.seed_resize_from, options.n_iter) == (None, 0.0, None, 1)
+
+
+def test_returned_images_carry_their_parameters_and_save_keeps_them(demo, tmp_path):
+    from PIL import Image
+
+    from sdlab.outputs import read_parameters
+
+    result = demo.txt2img("a red circle", steps=1, seed=3, width=32, height=32, batch_size=2)
+    assert [image.info["parameters"] for image in result.images] == result.infotexts
+    paths = result.save(tmp_path / "circle.png")
+    assert paths == [str(tmp_path / "circle.png"), str(tmp_path / "circle-1.png")]
+    assert [read_parameters(p) for p in paths] == result.infotexts
+    assert Image.open(paths[1]).tobytes() == result.images[1].tobytes()
+    numbered = result.save(tmp_path / "outputs")  # a folder: the web UI's numbered names, NNNNN-SEED.png
+    assert [os.path.basename(p) for p in numbered] == ["00000-3.png", "00001-4.png"]
+    assert read_parameters(numbered[1]) == result.infotexts[1]
+    assert read_parameters(result.save(tmp_path / "circle.webp")[0]) == result.infotexts[0]

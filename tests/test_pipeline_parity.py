@@ -126,7 +126,7 @@ def test_batch_and_explicit_latents_match_diffusers(tmp_path):
     )
     pipe = sdlab.load(str(tmp_path))
     result = pipe.txt2img(["a cat", "a dog"], ["", "ugly"], steps=5, guidance_scale=5.0, width=32, height=32,
-                          batch_size=2, sampler="Euler", latents=latents.clone())
+                          batch_size=2, sampler="Euler", latents=latents.clone(), noise="diffusers")
     assert_latents_close(result.latents, expected_latents)
     for ours, theirs in zip(result.images, expected):
         assert psnr(np.asarray(ours), np.asarray(theirs)) >= 40

@@ -129,7 +129,8 @@ def test_a_batch_of_images_and_prompts_matches_diffusers(models):
     expected_latents, expected = run_diffusers(
         reference, prompts, images, num_inference_steps=4, guidance_scale=5.0, noise_level=30,
         generator=torch.Generator("cpu").manual_seed(3))
-    result = upscale(pipe, images, prompts, steps=4, guidance_scale=5.0, noise_level=30, seed=3, sampler="Euler a")
+    result = upscale(pipe, images, prompts, steps=4, guidance_scale=5.0, noise_level=30, seed=3, sampler="Euler a",
+                     noise="diffusers")
     assert_latents_close(result.latents, expected_latents)
     for ours, theirs in zip(result.images, expected):
         assert psnr(np.asarray(ours), np.asarray(theirs)) >= 40

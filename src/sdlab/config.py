@@ -71,6 +71,9 @@ class TextConfig:
 
 # The sampler every command, pipeline and evaluation uses when none is named: the web UI's default.
 DEFAULT_SAMPLER = "Euler a"
+# Whose random numbers a seed gives (noise.py): here, so that the CLI names them without loading torch.
+NOISE_MODES = ("per-image", "diffusers", "a1111-cpu", "a1111-gpu", "comfy")
+DEFAULT_NOISE = "per-image"
 
 
 @dataclass(frozen=True)

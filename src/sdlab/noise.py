@@ -3,6 +3,10 @@
 A seed only reproduces an image if the same Gaussian numbers land in the same places. Each popular
 tool draws them differently, so sdlab offers each tool's scheme:
 
+- `per-image` (sdlab's default): image i of a batch has its own CPU generator seeded with `seed + i`,
+  which hands out everything that image needs in diffusers' call order: its VAE posterior sample
+  (img2img), its initial noise, each step's noise. An image is thus the same whatever batch it was
+  made in, and a batch of one is exactly `diffusers`. Its initial and step noise are `a1111-cpu`'s.
 - `diffusers`: one `torch.Generator("cpu")` seeded once; the initial latents are one
   `torch.randn((B, C, h, w))` draw and every later stochastic step draws the full batch shape again
   from the same generator (what diffusers' pipelines and schedulers do with a CPU generator).
@@ -20,6 +24,10 @@ tool draws them differently, so sdlab offers each tool's scheme:
   numbers via `cuda_randn`; ComfyUI run on a CPU instead seeds its step generator with `seed + 1`.
   Its SDE samplers (Brownian-tree noise) are not covered by this module.
 
+Variation seeds (the web UI's "Variation seed", `Variation`) belong to the per-image modes: the seed's
+noise is bent towards a second seed's by spherical interpolation, and "Seed resize from" draws the
+seed's noise at another size and pastes it, centred, into a draw of the right size.
+
 CUDA reproduction (`a1111-gpu`, `comfy` steps). Torch's CUDA `randn` launches
 `distribution_elementwise_grid_stride_kernel`: thread `i` runs `curand_init(seed, subsequence=i,
 offset)` and its first `curand_normal4` value goes to element `i`. That holds while the tensor fits
@@ -35,15 +43,17 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from numbers import Integral
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from .config import NOISE_MODES
 from .errors import InputError
 
-NOISE_MODES = ("diffusers", "a1111-cpu", "a1111-gpu", "comfy")
+PER_IMAGE_MODES = ("per-image", "a1111-cpu", "a1111-gpu")  # a generator per image: variation seeds work
 
 # -- Philox4x32-10 (Salmon, Moraes, Dror, Shaw: "Parallel random numbers: as easy as 1, 2, 3", SC 2011)
 
@@ -124,14 +134,130 @@ def cuda_randn(seed: int, shape: Sequence[int], draw: int = 0) -> torch.Tensor:
     return torch.from_numpy(normals.reshape(tuple(shape)))
 
 
-# -- noise sources of the four tools --------------------------------------------------------------
+# -- a generator for each image (the web UI's ImageRNG) -----------------------------------------
+
+
+class CpuGenerator:
+    """torch's CPU generator seeded with `seed`: each `randn` is its next draw."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+
+    def randn(self, shape: Sequence[int]) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.generator)
+
+
+class CudaGenerator:
+    """torch's CUDA generator seeded with `seed` (the web UI's "NV" source), computed by cuda_randn."""
+
+    def __init__(self, seed: int):
+        self.seed, self.draws = seed, 0
+
+    def randn(self, shape: Sequence[int]) -> torch.Tensor:
+        drawn = cuda_randn(self.seed, shape, draw=self.draws)
+        self.draws += 1
+        return drawn
+
+
+@dataclass(frozen=True)
+class Variation:
+    """The web UI's variation seeds for one batch. Image i's initial noise is slerp(strength, its seed's
+    noise, the noise of subseeds[i]); with `resize_from` (h, w), a latent size, the seed's noise is drawn
+    at that size and pasted centred into the image's (its "Seed resize from")."""
+
+    subseeds: Sequence[int] = ()
+    strength: float = 0.0
+    resize_from: Optional[tuple[int, int]] = None
+
+
+def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation from `low` (t = 0) to `high` (t = 1) of one image's noise (C, h, w), as the
+    web UI computes it: one angle per (channel, column), the norms taken down the rows (dim 1). Nearly
+    parallel noises fall back to a linear mix with the web UI's weights, which are the other way round;
+    kept, so that the same seeds give the same noise."""
+    low_unit = low / low.norm(dim=1, keepdim=True)
+    high_unit = high / high.norm(dim=1, keepdim=True)
+    cos = (low_unit * high_unit).sum(1)  # (C, w)
+    if cos.mean() > 0.9995:
+        return low * t + high * (1 - t)
+    omega = torch.acos(cos)
+    return ((torch.sin((1 - t) * omega) / torch.sin(omega)).unsqueeze(1) * low
+            + (torch.sin(t * omega) / torch.sin(omega)).unsqueeze(1) * high)
+
+
+def _centred(size: int, inner: int) -> tuple[int, int, int]:
+    """(start on the canvas, start in the pasted noise, length) of one axis of a centred paste; the web
+    UI floors the offset, so an odd difference puts the extra row or column at the end."""
+    offset = (size - inner) // 2
+    length = inner if offset >= 0 else inner + 2 * offset
+    return max(offset, 0), max(-offset, 0), length
+
+
+def paste_centred(noise: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+    """`noise` (C, h', w') centred on `canvas` (C, h, w): cropped where it is larger, surrounded by the
+    canvas where it is smaller."""
+    (to_y, from_y, rows), (to_x, from_x, columns) = (_centred(canvas.shape[axis], noise.shape[axis]) for axis in (1, 2))
+    pasted = canvas.clone()
+    pasted[:, to_y:to_y + rows, to_x:to_x + columns] = noise[:, from_y:from_y + rows, from_x:from_x + columns]
+    return pasted
+
+
+def batch_seeds(seed: int, batch_size: int, variation: Optional[Variation] = None) -> list[int]:
+    """Each image's seed, the web UI's rule: seed + i; with a variation strength every image keeps the
+    seed and the variation seeds count up instead."""
+    if variation is not None and variation.strength:
+        return [seed] * batch_size
+    return [seed + i for i in range(batch_size)]
+
+
+class ImageNoise:
+    """Image i of a batch draws from a generator of its own (`make_generator(seeds[i])`), so its numbers
+    do not depend on the batch it is in: the web UI's ImageRNG, which sdlab's per-image modes share.
+
+    `first()` is the initial noise, variation seeds applied; `draw(shape)` is every image's next draw.
+    When the seed's noise is resized it comes from a fresh generator of the seed, and the image's own
+    generator draws the canvas it is pasted on, as in the web UI.
+    """
+
+    def __init__(self, make_generator: Callable, seeds: Sequence[int], shape: Sequence[int],
+                 variation: Optional[Variation] = None):
+        self.make_generator = make_generator
+        self.seeds = list(seeds)
+        self.shape = tuple(shape)
+        self.variation = variation or Variation()
+        self.generators = [make_generator(seed) for seed in self.seeds]
+
+    def draw(self, shape: Sequence[int]) -> torch.Tensor:
+        """(B, *shape): the next draw of each image's generator."""
+        return torch.stack([generator.randn(shape) for generator in self.generators])
+
+    def first(self) -> torch.Tensor:
+        """The initial noise (B, C, h, w)."""
+        return torch.stack([self._first(i) for i in range(len(self.seeds))])
+
+    def _first(self, i: int) -> torch.Tensor:
+        variation = self.variation
+        noise_shape = self.shape if variation.resize_from is None else (self.shape[0], *variation.resize_from)
+        resized = noise_shape != self.shape
+        if resized:
+            noise = self.make_generator(self.seeds[i]).randn(noise_shape)
+        else:
+            noise = self.generators[i].randn(self.shape)
+        if variation.strength:
+            noise = slerp(variation.strength, noise, self.make_generator(variation.subseeds[i]).randn(noise_shape))
+        if resized:
+            noise = paste_centred(noise, self.generators[i].randn(self.shape))
+        return noise
+
+
+# -- noise sources of the tools ---------------------------------------------------------------------
 
 
 class NoiseSource:
     """The Gaussian noise of one generation: the initial latents' noise, then one draw per step.
 
-    `initial()` is drawn when the source is made, so it always comes first in the generators'
-    order; `step_noise()` gives the next stochastic step's noise (ancestral / SDE samplers).
+    `initial()` is drawn when the source is made, so it always comes first in the generators' order;
+    `step_noise()` gives the next stochastic step's noise (ancestral / SDE samplers).
     Both return float32 CPU tensors of shape (B, C, h, w).
     """
 
@@ -147,26 +273,17 @@ class NoiseSource:
         return self._next_step()
 
 
+def image_noise(mode: str, seed: int, batch_size: int, shape: Sequence[int],
+                variation: Optional[Variation] = None) -> ImageNoise:
+    """The generators of a per-image mode (PER_IMAGE_MODES) for a batch, seeded by batch_seeds."""
+    make_generator = CudaGenerator if mode == "a1111-gpu" else CpuGenerator
+    return ImageNoise(make_generator, batch_seeds(seed, batch_size, variation), shape, variation)
+
+
 def _diffusers(seed: int, batch_size: int, shape: tuple[int, ...]):
     generator = torch.Generator("cpu").manual_seed(seed)
     full_shape = (batch_size, *shape)
     draw = lambda: torch.randn(full_shape, generator=generator)  # noqa: E731
-    return draw(), draw
-
-
-def _a1111_cpu(seed: int, batch_size: int, shape: tuple[int, ...]):
-    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch_size)]
-    draw = lambda: torch.stack([torch.randn(shape, generator=g) for g in generators])  # noqa: E731
-    return draw(), draw
-
-
-def _a1111_gpu(seed: int, batch_size: int, shape: tuple[int, ...]):
-    draws = itertools.count()
-
-    def draw():
-        k = next(draws)
-        return torch.stack([cuda_randn(seed + i, shape, draw=k) for i in range(batch_size)])
-
     return draw(), draw
 
 
@@ -177,30 +294,61 @@ def _comfy(seed: int, batch_size: int, shape: tuple[int, ...]):
     return initial, lambda: cuda_randn(seed, full_shape, draw=next(step_draws))
 
 
-_MODES = {"diffusers": _diffusers, "a1111-cpu": _a1111_cpu, "a1111-gpu": _a1111_gpu, "comfy": _comfy}
+_WHOLE_BATCH_MODES = {"diffusers": _diffusers, "comfy": _comfy}
 
 
-def _check(mode: str, seed, batch_size, shape) -> None:
-    if mode not in _MODES:
+def _is_count(value, least: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, Integral) and value >= least
+
+
+def check_variation(mode: str, batch_size: int, variation: Optional[Variation]) -> None:
+    """Variation seeds need a generator per image, and a variation seed for each image."""
+    if variation is None:
+        return
+    strength = variation.strength
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise InputError(f"variation strength must be a number from 0 (the seed's noise) to 1 (the variation "
+                         f"seed's), got {strength!r}")
+    if (strength or variation.resize_from is not None) and mode not in PER_IMAGE_MODES:
+        raise InputError(f"variation seeds and seed resize are the web UI's, made with a generator per image; "
+                         f"noise mode {mode!r} has one for the whole batch: use {', '.join(PER_IMAGE_MODES)}")
+    if strength:
+        subseeds = list(variation.subseeds)
+        if len(subseeds) != batch_size or not all(_is_count(s, 0) and s < 2**64 for s in subseeds):
+            raise InputError(f"variation seeds must be {batch_size} integers from 0 to 2**64 - 1, got {subseeds!r}")
+    if variation.resize_from is not None and (
+            len(variation.resize_from) != 2 or not all(_is_count(n, 1) for n in variation.resize_from)):
+        raise InputError(f"seed resize must be two positive sizes, got {variation.resize_from!r}")
+
+
+def check_noise_request(mode: str, seed, batch_size, shape, variation: Optional[Variation] = None) -> None:
+    """Refuse, with what to do, what noise_source could not draw."""
+    if mode not in NOISE_MODES:
         raise InputError(f"unknown noise mode {mode!r}; choose one of: {', '.join(NOISE_MODES)}")
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+    if not _is_count(seed, 0):
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+    if not _is_count(batch_size, 1):
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if len(shape) != 3 or not all(isinstance(n, Integral) and n > 0 for n in shape):
+    if len(shape) != 3 or not all(_is_count(n, 1) for n in shape):
         raise InputError(f"noise shape must be three positive sizes (C, h, w), got {tuple(shape)!r}")
+    check_variation(mode, batch_size, variation)
     # The web UI's seeds are 32-bit and image i of a batch uses seed + i; torch seeds are 64-bit.
     limit = 2**32 if mode.startswith("a1111") else 2**64
-    if seed + batch_size - 1 >= limit:
+    if max(batch_seeds(seed, batch_size, variation)) >= limit:
         raise InputError(
             f"seed {seed} with batch size {batch_size} is out of range for {mode!r}: "
             f"seed + batch_size - 1 must be below {limit}"
         )
 
 
-def noise_source(mode: str, seed: int, batch_size: int, shape: Sequence[int]) -> NoiseSource:
-    """The noise a tool named by `mode` would use for `batch_size` latents of shape (C, h, w)."""
-    _check(mode, seed, batch_size, shape)
+def noise_source(mode: str, seed: int, batch_size: int, shape: Sequence[int],
+                 variation: Optional[Variation] = None) -> NoiseSource:
+    """The noise a tool named by `mode` would use for `batch_size` latents of shape (C, h, w); `variation`:
+    the web UI's variation seeds and seed resize (per-image modes only)."""
+    check_noise_request(mode, seed, batch_size, shape, variation)
     seed, batch_size, shape = int(seed), int(batch_size), tuple(int(n) for n in shape)
-    initial, next_step = _MODES[mode](seed, batch_size, shape)
+    if mode in PER_IMAGE_MODES:
+        images = image_noise(mode, seed, batch_size, shape, variation)
+        return NoiseSource(mode, images.first(), lambda: images.draw(shape))
+    initial, next_step = _WHOLE_BATCH_MODES[mode](seed, batch_size, shape)
     return NoiseSource(mode, initial, next_step)

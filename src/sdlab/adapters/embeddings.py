@@ -21,7 +21,6 @@ Ids above 49407 also outrank the end token in `pooled()`'s argmax; SD's conditio
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import weakref
@@ -34,6 +33,7 @@ from torch import nn
 
 from ..checkpoint.io import read_state_dict
 from ..errors import CheckpointError, InputError
+from ..hashes import file_sha256
 from ..tokenizer import CHUNK_LENGTH, get_tokenizer
 
 EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
@@ -46,18 +46,13 @@ class Embedding:
     name: str
     vectors: torch.Tensor  # (n, D)
     path: Optional[str] = None
-    shorthash: Optional[str] = None  # the web UI's "TI hashes" value: SHA-256 of the file, 12 hex digits
+    # the web UI's "TI hashes" value: 12 hex digits of the file's SHA-256 (its textual_inversion.py `shorthash`)
+    shorthash: Optional[str] = None
 
 
 # -- reading files --------------------------------------------------------------------------------------
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_pickle(path: Path) -> dict:

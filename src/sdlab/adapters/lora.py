@@ -461,6 +461,30 @@ def lora_hashes(applied: Iterable[AppliedLora]) -> Optional[str]:
     return ", ".join(entries) or None
 
 
+def _weight_text(weight: float) -> str:
+    return str(int(weight)) if float(weight).is_integer() else repr(float(weight))
+
+
+def lora_request_tags(loras: Iterable) -> str:
+    """The web UI's prompt tags for LoRAs asked for beside the prompt (`loras`: file | (file, weight) |
+    (file, te_weight, unet_weight)): '<lora:stem:weight>' each, space-separated. The web UI knows LoRAs
+    only as such tags, so an image's parameters carry them in its prompt; --lora-dir then finds the files."""
+    tags = []
+    for item in loras:
+        source, te_weight, unet_weight = _request(item)
+        if isinstance(source, Lora):
+            name = source.name
+        elif isinstance(source, (str, os.PathLike)):
+            name = Path(source).stem
+        else:
+            name = "lora"  # a state dict has no file name; read_lora calls it so
+        weights = _weight_text(te_weight)
+        if unet_weight != te_weight:
+            weights += f":{_weight_text(unet_weight)}"
+        tags.append(f"<lora:{name}:{weights}>")
+    return " ".join(tags)
+
+
 def apply_prompt_adapters(pipe, prompts: Sequence[str], negative_prompts: Sequence[str], *, loras: Iterable = (),
                           lora_search: Iterable = (), mode: str = "merge") -> tuple[list[str], list[str], dict]:
     """What a pipeline does with adapters before encoding its prompts.

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from ..config import DEFAULT_SAMPLER
+from ..config import DEFAULT_NOISE, DEFAULT_SAMPLER, NOISE_MODES
 from ..errors import InputError, SdlabError
 from .saving import add_output_options, check_output_options, save_results
 
@@ -146,8 +146,10 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
     parser.add_argument("--batch", type=int, default=1, help="images per run")
     parser.add_argument("--prediction", choices=("epsilon", "v"), default=None,
                         help="override the model's prediction type (SD2 768 models are v)")
-    parser.add_argument("--noise", default="diffusers",
-                        help="whose random numbers: diffusers, a1111-cpu, a1111-gpu, comfy (same seed, same image as that tool)")
+    parser.add_argument("--noise", default=DEFAULT_NOISE,
+                        help=f"whose random numbers: {', '.join(NOISE_MODES)}. per-image: image i of a batch is the "
+                             "image of seed + i alone (the web UI's CPU RNG); the others give the same image as that "
+                             f"tool for the same seed, diffusers one generator for the whole batch (default: {DEFAULT_NOISE})")
     parser.add_argument("--clip-skip", type=int, default=1, help="use the text encoder's Nth-last layer (default 1)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta / ancestral noise amount")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: detected)")
@@ -161,6 +163,27 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
                         help="merge LoRAs into the weights (fast) or apply them on the fly")
     parser.add_argument("--embedding", action="append", default=[], metavar="FILE_OR_DIR",
                         help="textual-inversion embedding(s) to use by name in prompts; repeatable")
+    add_seed_options(parser)
+
+
+def add_seed_options(parser: argparse.ArgumentParser) -> None:
+    """The web UI's variation seeds and batch count."""
+    group = parser.add_argument_group("variation seeds and batch count", "the web UI's Extra seed options")
+    group.add_argument("--subseed", type=int, default=None, metavar="N",
+                       help="variation seed: image i's noise is bent towards the noise of N + i (default: random)")
+    group.add_argument("--subseed-strength", type=float, default=0.0, metavar="S",
+                       help="how far: 0 is the seed's noise, 1 the variation seed's; every image then keeps --seed")
+    group.add_argument("--seed-resize-from", type=parse_size, default=None, metavar="WxH",
+                       help="the seed's noise as it is at this size, centred: a seed found at one size keeps its "
+                            "composition at another")
+    group.add_argument("--n-iter", type=int, default=1, metavar="N",
+                       help="batch count: N batches one after another, each --batch images, seeds going on (default 1)")
+
+
+def seed_kwargs(args) -> dict:
+    """The variation seeds and batch count as pipeline keywords."""
+    return dict(subseed=args.subseed, subseed_strength=args.subseed_strength, seed_resize_from=args.seed_resize_from,
+                n_iter=args.n_iter)
 
 
 def add_tiled_vae_option(parser: argparse.ArgumentParser) -> None:
@@ -209,8 +232,9 @@ def load_for(args, task: str = "txt2img"):
 
 
 def run_and_save(args, started: float, run, steps: int) -> int:
-    """Run `run(callback)` under a progress bar of `steps` steps and write its images with their parameters."""
-    step, close = progress_callback(steps, args.quiet)
+    """Run `run(callback)` under a progress bar of `steps` steps per batch (--n-iter batches) and write its
+    images with their parameters."""
+    step, close = progress_callback(steps * getattr(args, "n_iter", 1), args.quiet)
     try:
         result = run(step)
     finally:

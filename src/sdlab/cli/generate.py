@@ -8,7 +8,7 @@ import sys
 import time
 
 from ..errors import InputError
-from .common import add_generation_options, check_image_file, load_for, prepare_generation, run_and_save
+from .common import add_generation_options, check_image_file, load_for, prepare_generation, run_and_save, seed_kwargs
 from .saving import check_writable_file, grid_path, output_paths
 from .upscale import add_hires_options, cmd_hires
 
@@ -73,12 +73,14 @@ def generation_kwargs(args) -> dict:
                 batch_size=args.batch, sampler=args.sampler, schedule_type=args.schedule, tiling=args.tiling,
                 noise=args.noise, clip_skip=args.clip_skip, eta=args.eta,
                 loras=args.lora, lora_dirs=args.lora_dir, lora_mode=args.lora_mode,
-                tiled_vae=getattr(args, "tiled_vae", None))
+                tiled_vae=getattr(args, "tiled_vae", None), **seed_kwargs(args))
 
 
 def cmd_generate(args) -> int:
     if args.hires_scale and args.attention_maps:
         raise InputError("--attention-maps maps one sampling pass; leave out --hires-scale")
+    if args.n_iter != 1 and args.attention_maps:
+        raise InputError("--attention-maps maps one batch; leave out --n-iter")
     if args.hires_scale:
         return cmd_hires(args)
     prepare_generation(args)
@@ -86,7 +88,7 @@ def cmd_generate(args) -> int:
         check_writable_file(args.attention_maps)
         if not args.attention_maps.lower().endswith(".png"):
             raise InputError(f"--attention-maps must be a .png file, got '{args.attention_maps}'")
-        images = output_paths(args.output, args.batch) + [grid_path(args.output)] if args.output else []
+        images = output_paths(args.output, args.batch * args.n_iter) + [grid_path(args.output)] if args.output else []
         if os.path.abspath(args.attention_maps) in map(os.path.abspath, images):
             raise InputError(f"--attention-maps {args.attention_maps} is also an image output; give it its own file")
     started = time.perf_counter()

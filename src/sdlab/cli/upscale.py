@@ -10,7 +10,7 @@ import time
 
 from ..errors import InputError
 from .common import (add_generation_options, add_tiled_vae_option, check_image_file, load_for, prepare_generation,
-                     run_and_save)
+                     run_and_save, seed_kwargs)
 
 
 def add_hires_options(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def _common_kwargs(args) -> dict:
     return dict(steps=args.steps, guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler,
                 schedule_type=args.schedule, tiling=args.tiling, noise=args.noise,
                 clip_skip=args.clip_skip, eta=args.eta, loras=args.lora, lora_dirs=args.lora_dir,
-                lora_mode=args.lora_mode)
+                lora_mode=args.lora_mode, **seed_kwargs(args))
 
 
 def cmd_hires(args) -> int:

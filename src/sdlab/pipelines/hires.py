@@ -21,10 +21,9 @@ from ..errors import InputError
 from .checks import check_steps, check_strength, size_or_default
 from .images import to_pixels
 from .latents import with_tiled_vae
-from .options import HiresOptions, read_options
+from .options import GenerationOptions, HiresOptions, read_options
 from .pipeline import GenerationResult, Pipeline
-from .run import Run, Start, generate, vae_tiling
-from .seeds import resolve_seed
+from .run import Run, Start, generate, over_batches, vae_tiling
 
 # sdlab name -> (the web UI's "Hires upscaler" name, torch interpolation mode; None: in pixel space)
 HIRES_UPSCALERS = {
@@ -87,12 +86,18 @@ def hires_fix(pipe: Pipeline, prompt, negative_prompt="", **settings) -> Generat
 
     `settings`: the fields of options.HiresOptions and GenerationOptions. hires_upscaler: 'latent'
     (bilinear), 'latent-nearest-exact' or 'lanczos' (pixels, re-encoded). Both passes share the seed
-    and the options (guidance_scale, batch_size, sampler, schedule_type, tiling, noise, clip_skip, eta,
-    loras, ...); `latents` replace the first pass's noise. `callback` gets each step's dict with "pass":
-    1 or 2. tiled_vae: as in upscale(); checked for the large size before anything runs.
-    The parameters written are the first pass's with the web UI's hires fields added.
+    and the options (guidance_scale, batch_size, sampler, schedule_type, tiling, noise, clip_skip, eta, loras, ...); `latents`
+    replace the first pass's noise. `callback` gets each step's dict with "pass": 1 or 2. tiled_vae:
+    as in upscale(); checked for the large size before anything runs.
+    The parameters written are the first pass's with the web UI's hires fields added. n_iter batches
+    run both passes one after another.
     """
     options, hires = read_options("hires_fix", prompt, negative_prompt, settings, HiresOptions)
+    return over_batches(options, lambda batch: hires_batch(pipe, batch, hires))
+
+
+def hires_batch(pipe: Pipeline, options: GenerationOptions, hires: HiresOptions) -> GenerationResult:
+    """hires_fix() of one batch, its seeds resolved (over_batches)."""
     key = hires_upscaler_key(hires.hires_upscaler)
     label, mode = HIRES_UPSCALERS[key]
     width, height = size_or_default(pipe, options.width, options.height)
@@ -102,7 +107,7 @@ def hires_fix(pipe: Pipeline, prompt, negative_prompt="", **settings) -> Generat
     check_steps(hires_steps)
     check_strength(hires.hires_strength)
     total, strength = second_pass_steps(hires_steps, hires.hires_strength, pipe.config.schedule.num_train_timesteps)
-    seed = resolve_seed(options.seed)
+    seed = options.seed
     tiled = with_tiled_vae(pipe, vae_tiling(options), target_width, target_height, options.batch_size)
     callback = options.callback
 

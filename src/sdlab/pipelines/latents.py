@@ -27,9 +27,12 @@ def with_tiled_vae(pipe: Pipeline, tiled_vae: Optional[bool], width: int, height
 
 @torch.no_grad()
 def decode_latents(pipe: Pipeline, latents: torch.Tensor) -> list[Image.Image]:
+    """(B, C, h, w) scaled latents -> B images, decoded one at a time as the web UI decodes them: a batched
+    convolution may round differently from a single one, and an image must not depend on its batch."""
     vae = pipe.vae
     vae_dtype = next(vae.parameters()).dtype
-    images = vae.decode(latents.to(pipe.device, vae_dtype) / pipe.config.vae.scaling_factor)
+    scaled = latents.to(pipe.device, vae_dtype) / pipe.config.vae.scaling_factor
+    images = torch.cat([vae.decode(scaled[i:i + 1]) for i in range(scaled.shape[0])])
     # the same rounding as diffusers' image processor, so images compare bit for bit
     array = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)]

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..config import DEFAULT_SAMPLER
+from ..config import DEFAULT_NOISE, DEFAULT_SAMPLER
 
 
 @dataclass
@@ -31,7 +31,7 @@ class GenerationOptions:
     sampler: str = DEFAULT_SAMPLER  # a samplers.py name, the web UI's included
     schedule_type: Optional[str] = None  # the web UI's "Schedule type" (schedules.SCHEDULE_TYPES); None: Automatic
     tiling: bool = False  # seamless images: UNet and VAE pad circularly (models/seamless.py), the web UI's "Tiling"
-    noise: str = "diffusers"  # whose random numbers to draw (noise.NOISE_MODES)
+    noise: str = DEFAULT_NOISE  # whose random numbers to draw (noise.NOISE_MODES); "per-image": image i is seed + i alone
     latents: Optional[torch.Tensor] = None  # replaces the seeded initial noise: (B, C, H/f, W/f), standard normal
     clip_skip: int = 1  # text-encoder layers left out from the end, as the web UI counts them
     eta: Optional[float] = None  # noise scale of ancestral and SDE steps; None: the sampler's default
@@ -40,6 +40,12 @@ class GenerationOptions:
     lora_dirs: Sequence = ()  # where <lora:name:...> tags find their files, by stem
     lora_mode: str = "merge"  # "merge" into the weights, or "dynamic": applied on the fly
     tiled_vae: Optional[bool] = None  # VAE in tiles; None: when the image is large or would not fit whole
+    # the web UI's variation seeds (per-image noise modes): image i's noise is slerp(subseed_strength, the
+    # noise of its seed, the noise of subseed + i); with a strength every image keeps the seed
+    subseed: Optional[int] = None  # None: a random 32-bit one when subseed_strength > 0
+    subseed_strength: float = 0.0  # 0: the seed's noise, 1: the variation seed's
+    seed_resize_from: Optional[tuple[int, int]] = None  # (width, height) px: the seed's noise as drawn at that size
+    n_iter: int = 1  # the web UI's batch count: batches one after another, batch k seeded seed + k * batch_size
 
 
 @dataclass

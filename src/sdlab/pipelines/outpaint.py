@@ -15,9 +15,9 @@ from PIL import Image
 from ..errors import InputError
 from .images import load_image, pad_by_stretching, tensor_to_mask, to_pixels
 from .inpaint import inpaint_image
-from .options import EditOptions, MaskOptions, OutpaintOptions, read_options
+from .options import EditOptions, GenerationOptions, MaskOptions, OutpaintOptions, read_options
 from .pipeline import GenerationResult, Pipeline
-from .seeds import resolve_seed
+from .run import over_batches
 
 SIDES = ("left", "right", "top", "bottom")
 MARGIN_NOISE = 0.1  # std of the Gaussian noise on the stretched margins, in [-1, 1] pixel units
@@ -91,7 +91,13 @@ def outpaint(pipe: Pipeline, prompt, init_image, negative_prompt="", **settings)
     if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
         raise InputError(f"overlap must be 0 or more pixels, got {overlap!r}")
     sides = round_canvas(image.size, parse_extend(outpainting.extend), pipe.size_multiple)
-    seed = resolve_seed(options.seed)
+    return over_batches(options, lambda batch: outpaint_batch(pipe, image, sides, batch, outpainting, masking))
+
+
+def outpaint_batch(pipe: Pipeline, image: Image.Image, sides: dict[str, int], options: GenerationOptions,
+                   outpainting: OutpaintOptions, masking: MaskOptions) -> GenerationResult:
+    """outpaint() of one batch, its seed resolved (over_batches): the margins' noise is seeded with it."""
+    seed, overlap = options.seed, outpainting.overlap
     canvas = pad_by_stretching(image, sides["left"], sides["right"], sides["top"], sides["bottom"])
     width, height = canvas.size
 

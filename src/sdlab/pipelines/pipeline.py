@@ -15,6 +15,7 @@ from PIL import Image
 
 from ..config import ModelConfig
 from ..hashes import short_hash
+from ..outputs import format_of, save_image, save_numbered
 
 if TYPE_CHECKING:
     from ..checkpoint.vae_file import VAEFile
@@ -22,10 +23,31 @@ if TYPE_CHECKING:
 
 @dataclass
 class GenerationResult:
+    """What a pipeline made. Each image carries its infotext as `image.info["parameters"]`, where
+    Pillow puts a PNG's text chunk when it reads one; Pillow does not write it back by itself, so
+    save with `result.save(...)` (or sdlab.outputs.save_image) to keep it in the file."""
+
     images: list[Image.Image]
     infotexts: list[str]  # the web UI's `parameters` text, one per image
     seeds: list[int]
     latents: Optional[torch.Tensor] = None  # final latents (B, C, h, w), before decoding
+
+    def __post_init__(self):
+        for image, infotext in zip(self.images, self.infotexts):
+            image.info["parameters"] = infotext
+
+    def save(self, path: str | os.PathLike = ".") -> list[str]:
+        """Write the images with their parameters (PNG text chunk, or EXIF for .jpg/.webp) and return the
+        paths. A file name (.png, .jpg, .webp): that file, and for a batch STEM-1.EXT, STEM-2.EXT, ...;
+        anything else is a folder (made if missing), which gets numbered PNGs, NNNNN-SEED.png, after the
+        highest number there, as the web UI names them."""
+        path = os.fspath(path)
+        if format_of(path) is None:
+            return [save_numbered(image, path, infotext, seed)
+                    for image, infotext, seed in zip(self.images, self.infotexts, self.seeds)]
+        stem, extension = os.path.splitext(path)
+        paths = [path] + [f"{stem}-{i}{extension}" for i in range(1, len(self.images))]
+        return [save_image(image, target, infotext) for image, target, infotext in zip(self.images, paths, self.infotexts)]
 
 
 @dataclass
@@ -54,6 +76,7 @@ class Pipeline:
 
     @property
     def model_hash(self) -> Optional[str]:
+        """The web UI's "Model hash": 10 hex digits of the checkpoint file's SHA-256; None for a folder."""
         return short_hash(self.model_path) if self.model_path else None
 
 

@@ -7,13 +7,14 @@ blending) and its own infotext fields (STYLE principle 5).
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from ..adapters import apply_prompt_adapters
+from ..adapters import apply_prompt_adapters, lora_request_tags
 from ..denoisers import Denoiser
 from ..errors import InputError
 from ..guidance import CFGDenoiser
@@ -26,7 +27,7 @@ from .masks import KeepOutsideMask, unmasked_concat
 from .options import GenerationOptions
 from .params import generation_params
 from .pipeline import GenerationResult, Pipeline
-from .seeds import NoiseDraws, image_seeds, resolve_seed
+from .seeds import NoiseDraws, image_seeds, resolve_seed, resolve_subseed, seed_variation
 from .text import encode_text
 
 
@@ -101,6 +102,37 @@ def vae_tiling(options: GenerationOptions) -> Optional[bool]:
     return False
 
 
+def over_batches(options: GenerationOptions, run_batch: Callable[[GenerationOptions], GenerationResult]) -> GenerationResult:
+    """The web UI's batch count: `options.n_iter` batches of `run_batch` one after another, all images
+    returned together. Seeds go on from batch to batch as the web UI's do: batch k starts at seed +
+    k * batch_size (with a variation strength the seed stays and the variation seed goes on instead),
+    so every image keeps the seed it would have in one long batch. The callback's step dicts say which
+    batch they belong to ("batch": k)."""
+    n_iter = options.n_iter
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise InputError(f"batch count (n_iter) must be a positive integer, got {n_iter!r}")
+    if n_iter > 1 and options.latents is not None:
+        raise InputError("latents replace the noise of one batch; give them with n_iter 1")
+    seed = resolve_seed(options.seed)
+    subseed = resolve_subseed(options.subseed, options.subseed_strength)
+    results = []
+    for k in range(n_iter):
+        offset = k * options.batch_size
+        callback = options.callback
+        results.append(run_batch(dataclasses.replace(
+            options, n_iter=1, seed=seed if options.subseed_strength else seed + offset,
+            subseed=subseed + offset if options.subseed_strength else subseed,
+            callback=None if callback is None else (lambda info, k=k: callback({**info, "batch": k})),
+        )))
+    if n_iter == 1:
+        return results[0]
+    latents = [r.latents for r in results]
+    return GenerationResult(
+        [image for r in results for image in r.images], [text for r in results for text in r.infotexts],
+        [s for r in results for s in r.seeds], None if any(x is None for x in latents) else torch.cat(latents),
+    )
+
+
 @torch.no_grad()
 def generate(
     pipe: Pipeline,
@@ -117,7 +149,11 @@ def generate(
     with no step left the init latents are decoded as they are. LoRAs (`options.loras` and the prompts'
     `<lora:name:w>` tags) are applied before encoding, merged or on the fly (`options.lora_mode`).
     `options.tiling` makes the UNet and the VAE seamless for the whole run, encoding an init image included.
+    `options.n_iter` batches run one after another (over_batches), `prepare` once for each.
     """
+    if options.n_iter != 1:
+        return over_batches(options, lambda batch: generate(pipe, batch, strength=strength, prepare=prepare,
+                                                            params=params))
     width, height = size_or_default(pipe, options.width, options.height)
     check_steps(options.steps)
     check_noise(options.noise)
@@ -135,17 +171,20 @@ def _generate(pipe: Pipeline, options: GenerationOptions, width: int, height: in
     spec = resolve_sampler(options.sampler)
     prompts = as_list(options.prompt, options.batch_size, "prompt")
     negatives = as_list(options.negative_prompt, options.batch_size, "negative prompt")
+    seed = resolve_seed(options.seed)
+    subseed = resolve_subseed(options.subseed, options.subseed_strength)
+    variation = seed_variation(subseed, options.subseed_strength, options.seed_resize_from, options.batch_size,
+                               pipe.latent_factor)
     clean, clean_negatives, adapter_fields = apply_prompt_adapters(
         pipe, prompts, negatives, loras=options.loras, lora_search=options.lora_dirs, mode=options.lora_mode)
     check_prompts(clean, clean_negatives)
-    seed = resolve_seed(options.seed)
 
     shape = (pipe.config.latent_channels, height // pipe.latent_factor, width // pipe.latent_factor)
     if options.latents is not None and tuple(options.latents.shape) != (options.batch_size, *shape):
         raise InputError(f"latents must have shape {(options.batch_size, *shape)}, got {tuple(options.latents.shape)}")
     denoise_steps = min(int(options.steps * strength), options.steps)
     run = Run(pipe, options.batch_size, width, height, seed, options.steps, options.steps - denoise_steps,
-              NoiseDraws(options.noise, seed, options.batch_size, shape, options.latents))
+              NoiseDraws(options.noise, seed, options.batch_size, shape, options.latents, variation))
     start = prepare(run) if prepare is not None else Start()
     if run.start_step and start.init_latents is None:
         raise InputError(f"denoising strength {strength} needs an init image to start from")
@@ -180,7 +219,10 @@ def _generate(pipe: Pipeline, options: GenerationOptions, width: int, height: in
             latents = model.finish(latents)
     images = decode_latents(pipe, latents)
 
-    seeds = image_seeds(seed, options.batch_size, options.noise)
+    seeds = image_seeds(seed, options.batch_size, options.noise, variation)
+    subseeds = list(variation.subseeds) if variation is not None and variation.strength else [None] * len(seeds)
+    # LoRAs asked for beside the prompt are written into it as the web UI's tags, which are all it knows
+    lora_tags = lora_request_tags(options.loras)
     sampler_name, schedule_label = sampler_and_schedule_names(spec, options.schedule_type)
     infotexts = []
     for i, image_seed in enumerate(seeds):
@@ -188,7 +230,9 @@ def _generate(pipe: Pipeline, options: GenerationOptions, width: int, height: in
             pipe, steps=options.steps, sampler=sampler_name, schedule_type=schedule_label,
             guidance_scale=options.guidance_scale, seed=image_seed, tiling=options.tiling,
             width=width, height=height, noise=options.noise, clip_skip=options.clip_skip, batch_size=options.batch_size,
-            batch_pos=i, extra={**(params or {}), **adapter_fields, "Eta": options.eta},
+            batch_pos=i, subseed=subseeds[i], subseed_strength=options.subseed_strength,
+            seed_resize_from=options.seed_resize_from, extra={**(params or {}), **adapter_fields, "Eta": options.eta},
         )
-        infotexts.append(format_infotext(prompts[i], negatives[i], fields))
+        prompt = " ".join(text for text in (prompts[i], lora_tags) if text)
+        infotexts.append(format_infotext(prompt, negatives[i], fields))
     return GenerationResult(images, infotexts, seeds, latents)

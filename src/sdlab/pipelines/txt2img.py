@@ -11,7 +11,9 @@ def txt2img(pipe: Pipeline, prompt, negative_prompt="", **settings) -> Generatio
     """Generate `batch_size` images for `prompt` (a string, or one per image).
 
     `settings`: the fields of options.GenerationOptions (steps, guidance_scale, seed, width, height,
-    batch_size, sampler, noise, latents, clip_skip, eta, callback, loras, lora_dirs, lora_mode, tiled_vae).
+    batch_size, sampler, noise, latents, clip_skip, eta, callback, loras, lora_dirs, lora_mode, tiled_vae,
+    subseed, subseed_strength, seed_resize_from, n_iter). With the default noise, "per-image", image i of a
+    batch is the image of seed + i alone, so each image's parameters make it again.
     `latents` replaces the seeded initial noise (B, C, H/f, W/f), standard normal; `callback` gets the
     sampler's step dict ({'i', 'total', 'sigma', 'x', 'denoised'}) after every step. An inpainting
     checkpoint (9 input channels) paints the whole canvas, its mask all ones. LoRAs: `loras`

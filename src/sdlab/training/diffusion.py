@@ -127,5 +127,5 @@ def validation_grid(model_config: ModelConfig, unet, vae, text_encoder, prompts:
     device = next(unet.parameters()).device
     pipe = Pipeline(model_config, unet, vae, text_encoder, device, torch.float32)
     result = pipe.txt2img(prompts, steps=steps, guidance_scale=guidance_scale, seed=seed, width=size, height=size,
-                          batch_size=len(prompts), sampler=sampler)
+                          batch_size=len(prompts), sampler=sampler, noise="diffusers")
     image_grid(result.images, columns=len(prompts), labels=prompts).save(path)
