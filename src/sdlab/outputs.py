@@ -110,6 +110,12 @@ def save_image(image: Image.Image, path: str, infotext: Optional[str] = None, fm
     return path
 
 
+def write_file(data: bytes, path: str) -> str:
+    """Write `data` to `path` atomically, replacing a file of that name (animations, sheets); returns `path`."""
+    _write(data, path, exclusive=False)
+    return path
+
+
 def day_folder(outdir: str, kind: str, day: Optional[datetime.date] = None) -> str:
     """`<outdir>/<kind>/<YYYY-MM-DD>`, today's by default (local time, as the web UI's)."""
     if kind not in KINDS:

@@ -13,6 +13,7 @@ from .common import CommandParser, run_reporting_errors
 from .eval import add_eval_command
 from .generate import add_generate_commands
 from .info import add_info_commands
+from .inside import add_inside_commands
 from .serve import add_serve_command
 from .train import add_train_command
 from .upscale import add_upscale_command
@@ -28,6 +29,7 @@ def build_parser() -> CommandParser:
     add_train_command(commands)
     add_eval_command(commands)
     add_serve_command(commands)
+    add_inside_commands(commands)  # noise, schedule, latents, interpolate
     return parser
 
 

@@ -19,6 +19,12 @@ def add_generate_commands(commands) -> None:
     add_generation_options(generate)
     generate.add_argument("--attention-maps", metavar="PNG", default=None,
                           help="also write where each word of the prompt was read (cross-attention, first image)")
+    generate.add_argument("--trajectory", metavar="FILE", default=None,
+                          help="also write the denoising trajectory of the first image: the latents and the predicted "
+                               "clean image every --every steps, as a .webp or .gif animation with a .png grid beside "
+                               "it, or as a .png grid alone")
+    generate.add_argument("--every", type=int, default=None, metavar="N",
+                          help="with --trajectory: record every Nth step (default 5)")
     add_hires_options(generate)
     generate.set_defaults(run=cmd_generate)
 
@@ -81,6 +87,8 @@ def cmd_generate(args) -> int:
         raise InputError("--attention-maps maps one sampling pass; leave out --hires-scale")
     if args.n_iter != 1 and args.attention_maps:
         raise InputError("--attention-maps maps one batch; leave out --n-iter")
+    if args.hires_scale and args.trajectory:
+        raise InputError("--trajectory follows one sampling pass; leave out --hires-scale")
     if args.hires_scale:
         return cmd_hires(args)
     prepare_generation(args)
@@ -91,15 +99,51 @@ def cmd_generate(args) -> int:
         images = output_paths(args.output, args.batch * args.n_iter) + [grid_path(args.output)] if args.output else []
         if os.path.abspath(args.attention_maps) in map(os.path.abspath, images):
             raise InputError(f"--attention-maps {args.attention_maps} is also an image output; give it its own file")
+    if args.trajectory:
+        check_trajectory_option(args)
+    elif args.every is not None:
+        raise InputError("--every sets the steps --trajectory records; give --trajectory FILE too")
     started = time.perf_counter()
     pipe = load_for(args)
 
     def run(step):
         return pipe.txt2img(args.prompt, args.negative, callback=step, **generation_kwargs(args))
 
+    if args.trajectory:
+        run = run_saving_trajectory(args, pipe, run)
     if args.attention_maps:
         return run_and_save(args, started, lambda step: run_saving_attention_maps(args, pipe, run, step), args.steps)
     return run_and_save(args, started, run, args.steps)
+
+
+def check_trajectory_option(args) -> None:
+    """--trajectory's files can be written and are none of the image outputs; --every is 1 or more."""
+    from ..inside.trajectory import Trajectory, trajectory_paths
+
+    Trajectory(5 if args.every is None else args.every)
+    paths = trajectory_paths(args.trajectory)
+    for path in paths:
+        check_writable_file(path)
+    taken = output_paths(args.output, args.batch * args.n_iter) + [grid_path(args.output)] if args.output else []
+    taken += [args.attention_maps] if args.attention_maps else []
+    clash = set(map(os.path.abspath, paths)) & set(map(os.path.abspath, taken))
+    if clash:
+        raise InputError(f"--trajectory would write {', '.join(sorted(clash))}, which is also an output; "
+                         "give the trajectory its own file name")
+
+
+def run_saving_trajectory(args, pipe, run):
+    """`run`, recording the first image's trajectory and writing it to --trajectory (module inside.trajectory)."""
+    from ..inside.trajectory import Trajectory, save_trajectory
+
+    def run_recording(step):
+        trajectory = Trajectory(5 if args.every is None else args.every, then=step)
+        result = run(trajectory)
+        for path in save_trajectory(trajectory.frames(pipe, result), args.trajectory):
+            print(f"wrote {path}")
+        return result
+
+    return run_recording
 
 
 def run_saving_attention_maps(args, pipe, run, step):

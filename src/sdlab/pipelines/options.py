@@ -33,6 +33,9 @@ class GenerationOptions:
     tiling: bool = False  # seamless images: UNet and VAE pad circularly (models/seamless.py), the web UI's "Tiling"
     noise: str = DEFAULT_NOISE  # whose random numbers to draw (noise.NOISE_MODES); "per-image": image i is seed + i alone
     latents: Optional[torch.Tensor] = None  # replaces the seeded initial noise: (B, C, H/f, W/f), standard normal
+    # (cond, uncond) text embeddings, (B, 77*n, D) each, used instead of encoding the prompts (which the
+    # infotext still names): interpolating between prompts' encodings (inside/latents.py)
+    text_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     clip_skip: int = 1  # text-encoder layers left out from the end, as the web UI counts them
     eta: Optional[float] = None  # noise scale of ancestral and SDE steps; None: the sampler's default
     callback: Optional[Callable[[dict], None]] = None  # the sampler's step dict, after every step

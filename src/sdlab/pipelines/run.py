@@ -202,7 +202,10 @@ def _generate(pipe: Pipeline, options: GenerationOptions, width: int, height: in
     if denoise_steps == 0:
         latents = start.init_latents.to(pipe.device)
     else:
-        cond, uncond = encode_text(pipe, clean, clean_negatives, options.clip_skip, steps=denoise_steps)
+        if options.text_embeddings is not None:
+            cond, uncond = (embedding.to(pipe.device, pipe.dtype) for embedding in options.text_embeddings)
+        else:
+            cond, uncond = encode_text(pipe, clean, clean_negatives, options.clip_skip, steps=denoise_steps)
         sigmas = sampler_sigmas(spec, pipe.config.schedule, options.steps,
                                 schedule_type=options.schedule_type)[run.start_step:]
         model = make_denoiser(pipe, cond, uncond, options.guidance_scale, sampler=spec, sigmas=sigmas, **conditioning)
