@@ -18,6 +18,8 @@ from fastapi.testclient import TestClient
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 
+from sdlab.cli import main  # noqa: E402
+from sdlab.errors import InputError  # noqa: E402
 from sdlab.server import ray_app  # noqa: E402  (needs ray, skipped above without it)
 from sdlab.server.app import create_app  # noqa: E402
 from sdlab.server.settings import ServerSettings  # noqa: E402
@@ -78,3 +80,19 @@ def test_two_replicas_share_the_work_and_match_the_single_process_server(ray_ser
         expected = single_process_answers[seed]
         assert json.loads(answer["info"])["infotexts"] == json.loads(expected["info"])["infotexts"]
         assert np.abs(pixels(answer) - pixels(expected)).max() <= 1, f"seed {seed} differs"
+
+
+def test_serve_run_arguments_become_settings():
+    settings, replicas = ray_app.settings_from_args(
+        {"replicas": "3", "models_dir": "models", "max_steps": "20", "max_cfg": "12.5", "api_auth": "a:b",
+         "cors_allow_origins": "http://x,http://y", "load_model_at_start": "false"})
+    assert replicas == 3 and settings.models_dir == "models" and settings.max_steps == 20
+    assert settings.max_cfg == 12.5 and settings.api_auth == (("a", "b"),)
+    assert settings.cors_allow_origins == ("http://x", "http://y") and settings.load_model_at_start is False
+    with pytest.raises(InputError, match="unknown argument 'modelsdir'"):
+        ray_app.settings_from_args({"modelsdir": "models"})
+
+
+def test_ray_options_need_workers_ray(capsys):
+    assert main(["serve", "--replicas", "2"]) == 2
+    assert "--workers ray" in capsys.readouterr().err

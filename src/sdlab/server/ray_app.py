@@ -132,7 +132,8 @@ def deploy(settings: ServerSettings, replicas: Optional[int] = None) -> str:
     """Start Serve's HTTP proxy on settings.host:port and run the replicas on the connected cluster."""
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(sdlab_app(settings, replicas), name="sdlab", route_prefix="/")
-    return f"http://{settings.host}:{settings.port}"
+    shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"http://{shown_host}:{settings.port}"
 
 
 def stop() -> None:
