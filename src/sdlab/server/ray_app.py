@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
 import time
 from typing import Optional
@@ -144,11 +145,18 @@ def stop() -> None:
         ray.shutdown()
 
 
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve_until_interrupted(settings: ServerSettings, replicas: Optional[int], address: Optional[str],
                             announce) -> None:
-    """`sdlab serve --workers ray`: deploy, call `announce(url)`, wait for Ctrl-C, always tear down."""
+    """`sdlab serve --workers ray`: deploy, call `announce(url)`, wait for Ctrl-C or SIGTERM, always
+    tear down (Ray's own SIGTERM handling would exit without removing the deployment)."""
     try:
-        announce(start(settings, replicas, address))
+        url = start(settings, replicas, address)
+        signal.signal(signal.SIGTERM, stop_on_sigterm)  # after ray.init, which installs its own
+        announce(url)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
