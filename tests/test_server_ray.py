@@ -79,6 +79,8 @@ def test_two_replicas_share_the_work_and_match_the_single_process_server(ray_ser
     for seed, _, answer in results:
         expected = single_process_answers[seed]
         assert json.loads(answer["info"])["infotexts"] == json.loads(expected["info"])["infotexts"]
+        # Ray gives each CPU replica one thread, this process has more: sums in another order can move
+        # a pixel by one level, nothing more
         assert np.abs(pixels(answer) - pixels(expected)).max() <= 1, f"seed {seed} differs"
 
 
