@@ -1,7 +1,9 @@
-"""`sdlab serve`: the HTTP server (the web UI's /sdapi/v1, sdlab's /api/v1, the web page) in one process."""
+"""`sdlab serve`: the HTTP server (the web UI's /sdapi/v1, sdlab's /api/v1, the web page) in one process,
+or with `--workers ray` as a Ray Serve deployment with one replica per device (server/ray_app.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import sys
 
@@ -27,6 +29,13 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--outdir", default="outputs", help="where save_images writes (default: outputs)")
     serve.add_argument("--device", default=None, help="cpu, cuda, mps (default: detected)")
     serve.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fastest safe for the device)")
+    serve.add_argument("--workers", choices=("single", "ray"), default="single",
+                       help="single: one process (default); ray: a Ray Serve deployment, one replica per device")
+    serve.add_argument("--replicas", type=int, default=None, metavar="N",
+                       help="with --workers ray: how many replicas (default: one per GPU in the cluster, or 1)")
+    serve.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                       help="with --workers ray: the cluster to join ('auto': the one `ray start` made here; "
+                            "default: a new local Ray instance)")
     serve.set_defaults(run=cmd_serve)
 
 
@@ -44,32 +53,66 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def warn_if_open(settings) -> None:
+    from ..server.settings import is_loopback
+
+    if not is_loopback(settings.host) and not settings.api_auth:
+        print(f"sdlab: warning: listening on {settings.host} without --api-auth: anyone who can reach this "
+              "machine can use the server", file=sys.stderr)
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
     from ..server.app import create_app
-    from ..server.settings import ServerSettings, is_loopback, parse_api_auth
+    from ..server.settings import ServerSettings, parse_api_auth
 
-    for name in ("max_size", "max_batch", "max_steps"):
-        if getattr(args, name) < 1:
+    for name in ("max_size", "max_batch", "max_steps", "replicas"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     settings = ServerSettings(
         host=args.host, port=args.port, models_dir=args.models_dir, model=args.model,
         api_auth=parse_api_auth(args.api_auth), max_size=args.max_size, max_batch=args.max_batch,
         max_steps=args.max_steps, cors_allow_origins=tuple(args.cors_allow_origins), outputs_dir=args.outdir,
         device=args.device, dtype=args.dtype)
+    if args.workers == "ray":
+        return serve_with_ray(settings, args)
+    if args.replicas is not None or args.ray_address is not None:
+        raise InputError("--replicas and --ray-address need --workers ray")
     app = create_app(settings)
     sock = bind(args.host, args.port)
     port = sock.getsockname()[1]
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
-    if not is_loopback(args.host) and not settings.api_auth:
-        print(f"sdlab: warning: listening on {args.host} without --api-auth: anyone who can reach this machine "
-              "can use the server", file=sys.stderr)
+    warn_if_open(settings)
     print(f"sdlab: serving on http://{shown_host}:{port} (API docs at /docs; Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
         pass
+    print("sdlab: stopped", file=sys.stderr)
+    return 0
+
+
+def serve_with_ray(settings, args) -> int:
+    try:
+        from ..server import ray_app
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "ray":
+            raise
+        raise InputError("--workers ray needs Ray Serve: pip install 'sdlab[ray]'") from None
+    if settings.port == 0:
+        # Ray's proxy takes a fixed port: pick a free one now (it is free again once probed)
+        probe = bind(settings.host, 0)
+        settings = dataclasses.replace(settings, port=probe.getsockname()[1])
+        probe.close()
+    else:
+        bind(settings.host, settings.port).close()  # a taken port is one clear line, before Ray starts
+    warn_if_open(settings)
+
+    def announce(url: str) -> None:
+        print(f"sdlab: serving on {url} with Ray Serve (API docs at /docs; Ctrl-C stops)", flush=True)
+
+    ray_app.serve_until_interrupted(settings, args.replicas, args.ray_address, announce)
     print("sdlab: stopped", file=sys.stderr)
     return 0
