@@ -1,5 +1,7 @@
 """`sdlab generate --params-from IMAGE`: an image's parameters, read back, re-make it; the command line wins."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,7 @@ SIZE = ["--size", "64x64", "--quiet"]
 def bundled():
     from sdlab.bundled import BUNDLED_MODEL
 
-    if not BUNDLED_MODEL.exists():
+    if not os.path.exists(BUNDLED_MODEL):
         pytest.skip("the bundled model is not installed")
     return str(BUNDLED_MODEL)
 
@@ -53,7 +55,7 @@ def pixels(path) -> np.ndarray:
 
 
 def without_batch_fields(text: str) -> str:
-    """A batch's image re-runs alone: the same text but for "Batch size" and "Batch pos"."""
+    """The parameters' fields but "Batch size" and "Batch pos": a batch's image re-runs alone."""
     fields = parse_infotext(text)
     return {key: value for key, value in fields.items() if key not in ("Batch size", "Batch pos")}
 
