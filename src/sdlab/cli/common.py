@@ -30,7 +30,22 @@ class CommandParser(argparse.ArgumentParser):
         # the innermost subcommand parses first and so names itself; its parents keep that name
         if not hasattr(namespace, "command_prog"):
             namespace.command_prog = self.prog
+            if getattr(namespace, "params_from", None) is not None:
+                namespace.given_options = self.options_given(sys.argv[1:] if args is None else args, namespace)
+            elif getattr(namespace, "prompt", "") is None:  # optional only beside --params-from
+                self.error("the following arguments are required: prompt")
         return namespace, extras
+
+    def options_given(self, args: list, parsed: argparse.Namespace) -> set[str]:
+        """The options (by dest) that `args` set, as opposed to their defaults: parsed again into a
+        namespace that already holds every dest, so argparse fills in no default. List options (append)
+        start empty, the others as a marker no option sets."""
+        unset = object()
+        namespace = argparse.Namespace(**{dest: [] if isinstance(value, list) else unset
+                                          for dest, value in vars(parsed).items()})
+        argparse.ArgumentParser.parse_known_args(self, args, namespace)
+        # an absent optional positional (the prompt) is set to its default, None
+        return {dest for dest, value in vars(namespace).items() if value is not unset and value not in ([], None)}
 
     def parse_args(self, args=None, namespace=None):
         namespace, extras = self.parse_known_args(args, namespace)
@@ -109,10 +124,18 @@ def vae_option(text: str) -> str:
 
 
 def add_generation_options(parser: argparse.ArgumentParser, default_size: str = "the model's",
-                           kind: str = "txt2img", cfg: float = 7.0) -> None:
-    """Options shared by every command that runs the denoising loop; `kind` names its outputs subfolder."""
-    parser.add_argument("prompt", help="what the image should show; (word:1.3) emphasises, [word] de-emphasises, "
-                        "[from:to:when] and [a|b] edit it across steps, <lora:name:0.8> applies a LoRA")
+                           kind: str = "txt2img", cfg: float = 7.0, params_from: bool = False) -> None:
+    """Options shared by every command that runs the denoising loop; `kind` names its outputs subfolder.
+    `params_from`: the command takes --params-from, whose file may give the prompt."""
+    prompt_help = ("what the image should show; (word:1.3) emphasises, [word] de-emphasises, [from:to:when] and "
+                   "[a|b] edit it across steps, <lora:name:0.8> applies a LoRA")
+    if params_from:
+        parser.add_argument("prompt", nargs="?", default=None, help=prompt_help + " (default: --params-from's)")
+        parser.add_argument("--params-from", default=None, metavar="IMAGE",
+                            help="re-run an image: take every setting its parameters name (PNG, JPEG, WebP, as the "
+                                 "web UI writes them); options given on the command line win")
+    else:
+        parser.add_argument("prompt", help=prompt_help)
     add_output_options(parser, kind)
     parser.add_argument("--negative", default="", help="negative prompt: what the image should not show")
     parser.add_argument("--style", action="append", default=[], metavar="NAME",
@@ -206,6 +229,65 @@ def prepare_generation(args) -> None:
         args.prompt, args.negative = apply_styles(args.prompt, args.negative, args.style, load_styles(path))
 
 
+# pipeline keyword (pipelines.from_params) -> the command-line option that sets it
+_OPTION_OF_SETTING = {
+    "prompt": "prompt", "negative_prompt": "negative", "steps": "steps", "guidance_scale": "cfg", "seed": "seed",
+    "sampler": "sampler", "schedule_type": "schedule", "tiling": "tiling", "noise": "noise", "clip_skip": "clip_skip",
+    "eta": "eta", "subseed": "subseed", "subseed_strength": "subseed_strength",
+    "seed_resize_from": "seed_resize_from", "strength": "strength", "resize_mode": "resize_mode",
+    "mask_blur": "mask_blur", "only_masked": "only_masked", "padding": "padding", "invert_mask": "invert_mask",
+    "hires_scale": "hires_scale", "hires_strength": "hires_strength", "hires_steps": "hires_steps",
+    "hires_upscaler": "hires_upscaler", "prediction": "prediction",
+}
+
+
+def apply_params_from(args) -> None:
+    """--params-from IMAGE: the image's parameters become the options the command line left out. Fields
+    this command has no option for, and values sdlab cannot use, are said in one line each."""
+    if args.params_from is None:
+        return
+    from ..outputs import read_parameters
+    from ..pipelines.from_params import options_from_infotext
+
+    check_image_file(args.params_from, "--params-from")
+    text = read_parameters(args.params_from)
+    if not text:
+        raise InputError(f"{args.params_from} carries no generation parameters; give an image sdlab or the web "
+                         "UI wrote with its parameters")
+    settings, hires, model, notes = options_from_infotext(text)
+    settings = {**settings, **(hires or {})}
+    if "prediction" in model:
+        settings["prediction"] = model["prediction"]
+    if "width" in settings:
+        settings["size"] = (settings.pop("width"), settings.pop("height"))
+    if "fill" in settings:
+        settings["fill"] = settings["fill"].replace(" ", "-")  # the --fill choices' spelling
+    unused = []
+    for name, value in settings.items():
+        option = _OPTION_OF_SETTING.get(name, name)
+        if not hasattr(args, option):
+            unused.append(name)
+        elif option not in args.given_options:
+            setattr(args, option, value)
+    if unused:
+        notes.append(f"settings this command does not take: {', '.join(unused)}")
+    args.params_model = model
+    for note in notes:
+        print(f"sdlab: note: {args.params_from}: {note}", file=sys.stderr)
+
+
+def warn_if_other_model(args, pipe) -> None:
+    """--params-from names a model other than the loaded one: one warning line, the run goes on."""
+    model = getattr(args, "params_model", None)
+    if not model or ("hash" not in model and "name" not in model):
+        return
+    same = model["hash"] == pipe.model_hash if "hash" in model else model["name"] == pipe.model_name
+    if not same:
+        named = " ".join(v for v in (model.get("name"), model.get("hash") and f"[{model['hash']}]") if v)
+        print(f"sdlab: warning: {args.params_from} was made with model {named}; this run uses {pipe.model_name} "
+              f"[{pipe.model_hash}]", file=sys.stderr)
+
+
 def check_image_file(path: str, what: str) -> None:
     """A folder given where an image belongs says so (opening it would say 'not found')."""
     if os.path.isdir(path):
@@ -228,6 +310,7 @@ def load_for(args, task: str = "txt2img"):
     pipe = load(args.model, prediction=args.prediction, device=args.device, dtype=args.dtype, task=task, vae=args.vae)
     if args.embedding:
         load_embeddings(pipe.text_encoder, args.embedding)
+    warn_if_other_model(args, pipe)
     return pipe
 
 

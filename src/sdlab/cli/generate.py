@@ -8,7 +8,8 @@ import sys
 import time
 
 from ..errors import InputError
-from .common import add_generation_options, check_image_file, load_for, prepare_generation, run_and_save, seed_kwargs
+from .common import (add_generation_options, apply_params_from, check_image_file, load_for, prepare_generation,
+                     run_and_save, seed_kwargs)
 from .saving import check_writable_file, grid_path, output_paths
 from .upscale import add_hires_options, cmd_hires
 
@@ -16,7 +17,7 @@ from .upscale import add_hires_options, cmd_hires
 def add_generate_commands(commands) -> None:
     """Register generate, img2img, inpaint and outpaint on sdlab's subcommands."""
     generate = commands.add_parser("generate", help="text to image")
-    add_generation_options(generate)
+    add_generation_options(generate, params_from=True)
     generate.add_argument("--attention-maps", metavar="PNG", default=None,
                           help="also write where each word of the prompt was read (cross-attention, first image)")
     generate.add_argument("--trajectory", metavar="FILE", default=None,
@@ -29,12 +30,13 @@ def add_generate_commands(commands) -> None:
     generate.set_defaults(run=cmd_generate)
 
     img2img = commands.add_parser("img2img", help="repaint an image towards a prompt")
-    add_generation_options(img2img, default_size="the image's", kind="img2img")
+    add_generation_options(img2img, default_size="the image's", kind="img2img", params_from=True)
     add_init_options(img2img, strength=0.75)
     img2img.set_defaults(run=cmd_img2img)
 
     inpaint = commands.add_parser("inpaint", help="repaint the white part of a mask")
-    add_generation_options(inpaint, default_size="the image's; with --only-masked the model's", kind="inpaint")
+    add_generation_options(inpaint, default_size="the image's; with --only-masked the model's", kind="inpaint",
+                           params_from=True)
     add_init_options(inpaint, strength=0.75)
     inpaint.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
     add_mask_options(inpaint)
@@ -83,6 +85,7 @@ def generation_kwargs(args) -> dict:
 
 
 def cmd_generate(args) -> int:
+    apply_params_from(args)
     if args.hires_scale and args.attention_maps:
         raise InputError("--attention-maps maps one sampling pass; leave out --hires-scale")
     if args.n_iter != 1 and args.attention_maps:
@@ -176,6 +179,7 @@ def denoising_steps(args) -> int:
 def cmd_img2img(args) -> int:
     from ..pipelines.images import load_image, resize_mode_key
 
+    apply_params_from(args)
     prepare_generation(args)
     check_image_file(args.init, "init image")
     started = time.perf_counter()
@@ -193,6 +197,7 @@ def cmd_inpaint(args) -> int:
 
     from ..pipelines.images import load_image, load_mask, resize_mode_key
 
+    apply_params_from(args)
     prepare_generation(args)
     check_image_file(args.init, "init image")
     check_image_file(args.mask, "mask")
