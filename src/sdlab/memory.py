@@ -197,6 +197,9 @@ def check_limits(width: int, height: int, batch_size: int, steps: Optional[int] 
 
 
 def gib(n: int) -> str:
+    """Bytes in the binary unit that reads best: 39 MiB, 4.0 GiB, 14.8 TiB."""
+    if n < 2**30:
+        return f"{n / 2**20:.0f} MiB"
     return f"{n / 2**30:.1f} GiB" if n < 2**40 else f"{n / 2**40:.1f} TiB"
 
 
