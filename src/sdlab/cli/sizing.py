@@ -68,6 +68,8 @@ def model_path(args, task: str) -> str:
 def config_without_weights(path: str, prediction: Optional[str] = None):
     """The ModelConfig of the model at `path` read without its weights; None when that cannot be told
     without loading (pickles) or the file is unreadable (the loader then says why, in its words)."""
+    from safetensors import SafetensorError
+
     from .. import bundled
     from ..errors import SdlabError
 
@@ -80,7 +82,7 @@ def config_without_weights(path: str, prediction: Optional[str] = None):
             config = _safetensors_config(path, prediction)
         else:
             return None
-    except (SdlabError, OSError, ValueError, KeyError, TypeError):
+    except (SdlabError, SafetensorError, OSError, ValueError, KeyError, TypeError):
         return None
     return config if prediction is None else config.replace(prediction=prediction)
 
