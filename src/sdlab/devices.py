@@ -5,13 +5,15 @@ AVX2-only CPUs torch's bf16 kernels are ~40x slower than fp32. fp16 matmuls on C
 slow everywhere. So the CPU default is fp32; bf16 is offered where the hardware has it.
 
 Memory: `available_memory_bytes` says what a device has free; estimates of what a step needs (so far
-the VAE's decode, `vae_decode_bytes`) are compared with it before the work starts, so a request that
-cannot fit is refused or run another way (the tiled VAE) instead of failing half-way.
+the VAE's decode, `vae_decode_bytes`; a whole generation's in memory.py) are compared with it before the
+work starts, so a request that cannot fit is refused or run another way (the tiled VAE) instead of
+failing half-way.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import platform
 from typing import Optional
@@ -98,6 +100,7 @@ def resolve(device: str | None, dtype: str | None) -> tuple[torch.device, torch.
 
 # -- memory ------------------------------------------------------------------------------------------
 
+VAE_TILE = 64  # latent pixels per side of the tiled VAE's tiles (512 px for SD; models/tiling.py)
 AUTO_TILE_PIXELS = 1024 * 1024  # above one megapixel, SD's untiled fp32 decode needs several GiB
 
 
@@ -120,12 +123,17 @@ def available_memory_bytes(device: torch.device) -> Optional[int]:
 
 
 def vae_decode_bytes(config: VAEConfig, height: int, width: int, batch_size: int = 1,
-                     dtype: torch.dtype = torch.float32) -> int:
-    """About what an untiled decode of a (height, width) image holds at its peak: six activations of
-    its widest full-resolution layer (input, normalised, activated and convolved copies around the
-    first block after the last upsampler), the measured peak of ResnetBlock chains (tests/test_tiling.py)."""
+                     dtype: torch.dtype = torch.float32, tiled: bool = False) -> int:
+    """About what a decode of a (height, width) image holds at its peak, in units of its widest
+    full-resolution layer's activation: six untiled (input, normalised, activated and convolved copies
+    around the first block after the last upsampler), three tiled (the tiles' activations and the
+    whole-image input they were cut from or are put together into): tests/test_tiling.py measures 6.0
+    and 2.75-2.9. An image of one or two tiles holds four, its tiles being as large as the image."""
     widest = max(config.ch * m * (height >> i) * (width >> i) for i, m in enumerate(config.ch_mult))
-    return 6 * batch_size * widest * torch.empty((), dtype=dtype).element_size()
+    f = config.downsample_factor
+    tiles = math.ceil(height / f / VAE_TILE) * math.ceil(width / f / VAE_TILE)
+    units = 6 if not tiled else 3 if tiles > 2 else 4
+    return units * batch_size * widest * torch.empty((), dtype=dtype).element_size()
 
 
 def wants_tiled_vae(config: VAEConfig, height: int, width: int, batch_size: int, dtype: torch.dtype,

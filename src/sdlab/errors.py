@@ -22,3 +22,8 @@ class InputError(SdlabError):
 
 class UnknownSamplerError(InputError):
     """The sampler name is not one sdlab knows; the message lists the known names."""
+
+
+class TooLargeError(InputError):
+    """A request needs more memory than the device has free, or is beyond the configured limits
+    (memory.Limits); the message gives the estimate and what to change."""

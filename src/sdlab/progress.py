@@ -13,6 +13,7 @@ class ProgressBar:
         self.count = 0
         self.start = time.perf_counter()
         self.enabled = self.stream.isatty() if hasattr(self.stream, "isatty") else False
+        self._draw()  # at 0 at once: the first step of a large batch can take minutes
 
     def update(self, n: int = 1, **postfix) -> None:
         self.count = min(self.total, self.count + n)
@@ -20,6 +21,9 @@ class ProgressBar:
 
     def close(self) -> None:
         if self.count == 0:  # nothing ran (e.g. the input was refused): leave no bar behind the error
+            if self.enabled:
+                self.stream.write("\r" + " " * len(self._line({})) + "\r")
+                self.stream.flush()
             return
         if self.enabled:
             self.stream.write("\n")

@@ -7,10 +7,12 @@ import argparse
 import os
 import sys
 import time
+from typing import Optional
 
 from ..config import DEFAULT_NOISE, DEFAULT_SAMPLER, NOISE_MODES
 from ..errors import InputError, SdlabError
 from .saving import add_output_options, check_output_options, save_results
+from .sizing import add_limit_options
 
 EXIT_USER_ERROR = 2
 
@@ -187,6 +189,7 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
     parser.add_argument("--embedding", action="append", default=[], metavar="FILE_OR_DIR",
                         help="textual-inversion embedding(s) to use by name in prompts; repeatable")
     add_seed_options(parser)
+    add_limit_options(parser)
 
 
 def add_seed_options(parser: argparse.ArgumentParser) -> None:
@@ -294,20 +297,35 @@ def check_image_file(path: str, what: str) -> None:
         raise InputError(f"{what} {path} is a directory; give an image file")
 
 
-def progress_callback(total: int, quiet: bool, desc: str = "sampling "):
+def progress_callback(total: int, quiet: bool, desc: str = "sampling ", images: int = 1):
+    """A step callback and its closer: one bar over every image's steps (`images` per step, the batch
+    being denoised together), drawn before the work starts."""
     from ..progress import ProgressBar
 
     if quiet:
         return None, lambda: None
-    bar = ProgressBar(total, desc)
-    return (lambda info: bar.update(1)), bar.close
+    bar = ProgressBar(total * images, desc)
+    return (lambda info: bar.update(images)), bar.close
 
 
-def load_for(args, task: str = "txt2img"):
+def load_for(args, task: str = "txt2img", sizes=None, checked: Optional[bool] = None):
+    """The model for `task`, once the request is known to fit: `sizes(config)` lists every image size
+    the command will make (default: --size, else the model's own), checked against the limits and the
+    free memory before the weights load (sizing.py), or after, for a model only loading can describe.
+    `checked`: refuse_too_large has already run (commands that check before reading their images)."""
     from .. import load
     from ..adapters import load_embeddings
+    from .sizing import check_fits, model_path, refuse_too_large
 
-    pipe = load(args.model, prediction=args.prediction, device=args.device, dtype=args.dtype, task=task, vae=args.vae)
+    sizes = sizes or (lambda config: [args.size or (config.resolution, config.resolution)])
+    path = model_path(args, task)
+    if checked is None:
+        checked = refuse_too_large(args, task, sizes)
+    if not args.quiet:
+        print(f"loading {os.path.basename(os.path.normpath(path))} ...", file=sys.stderr, flush=True)
+    pipe = load(path, prediction=args.prediction, device=args.device, dtype=args.dtype, task=task, vae=args.vae)
+    if not checked:
+        check_fits(args, pipe.config, sizes(pipe.config), pipe.device, pipe.dtype, weights_loaded=True)
     if args.embedding:
         load_embeddings(pipe.text_encoder, args.embedding)
     warn_if_other_model(args, pipe)
@@ -315,9 +333,9 @@ def load_for(args, task: str = "txt2img"):
 
 
 def run_and_save(args, started: float, run, steps: int) -> int:
-    """Run `run(callback)` under a progress bar of `steps` steps per batch (--n-iter batches) and write its
-    images with their parameters."""
-    step, close = progress_callback(steps * getattr(args, "n_iter", 1), args.quiet)
+    """Run `run(callback)` under a progress bar of `steps` steps of the whole batch, --n-iter batches, and
+    write its images with their parameters."""
+    step, close = progress_callback(steps * getattr(args, "n_iter", 1), args.quiet, images=args.batch)
     try:
         result = run(step)
     finally:

@@ -11,6 +11,7 @@ from ..errors import InputError
 from .common import (add_generation_options, apply_params_from, check_image_file, load_for, prepare_generation,
                      run_and_save, seed_kwargs)
 from .saving import check_writable_file, grid_path, output_paths
+from .sizing import image_size, refuse_too_large
 from .upscale import add_hires_options, cmd_hires
 
 
@@ -183,10 +184,13 @@ def cmd_img2img(args) -> int:
     prepare_generation(args)
     check_image_file(args.init, "init image")
     started = time.perf_counter()
+    size = args.size or image_size(args.init, "init image")  # the working size; rounding only shrinks it
+    sizes = lambda config: [size]  # noqa: E731
+    checked = refuse_too_large(args, "txt2img", sizes)  # before the image's pixels are decoded
     image = load_image(args.init, "init image")  # bad input fails before the model loads
     resize_mode_key(args.resize_mode)
     steps = denoising_steps(args)
-    pipe = load_for(args)
+    pipe = load_for(args, sizes=sizes, checked=checked)
     return run_and_save(args, started, lambda step: pipe.img2img(
         args.prompt, image, args.negative, strength=args.strength, resize_mode=args.resize_mode, callback=step,
         **generation_kwargs(args)), steps)
@@ -202,6 +206,12 @@ def cmd_inpaint(args) -> int:
     check_image_file(args.init, "init image")
     check_image_file(args.mask, "mask")
     started = time.perf_counter()
+    size = args.size or image_size(args.init, "init image")
+
+    def sizes(config):
+        return [args.size or (config.resolution, config.resolution)] if args.only_masked else [size]
+
+    checked = refuse_too_large(args, "inpaint", sizes)
     image = load_image(args.init, "init image")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -210,7 +220,7 @@ def cmd_inpaint(args) -> int:
         print(f"sdlab: warning: {warning.message}", file=sys.stderr)
     resize_mode_key(args.resize_mode)
     steps = denoising_steps(args)
-    pipe = load_for(args, "inpaint")
+    pipe = load_for(args, "inpaint", sizes, checked)
     return run_and_save(args, started, lambda step: pipe.inpaint(
         args.prompt, image, mask, args.negative, strength=args.strength, mask_blur=args.mask_blur,
         only_masked=args.only_masked, padding=args.padding, fill=args.fill, invert_mask=args.invert_mask,
@@ -219,17 +229,24 @@ def cmd_inpaint(args) -> int:
 
 def cmd_outpaint(args) -> int:
     from ..pipelines.images import load_image
-    from ..pipelines.outpaint import parse_extend
+    from ..pipelines.outpaint import parse_extend, round_canvas
 
     prepare_generation(args)
     if args.size:
         raise InputError("outpaint takes its size from the image and --extend; leave out --size")
     check_image_file(args.init, "init image")
     started = time.perf_counter()
-    image = load_image(args.init, "init image")
     extend = parse_extend(args.extend)
+    init_size = image_size(args.init, "init image")
+
+    def sizes(config):
+        sides = round_canvas(init_size, extend, config.vae.downsample_factor)
+        return [(init_size[0] + sides["left"] + sides["right"], init_size[1] + sides["top"] + sides["bottom"])]
+
+    checked = refuse_too_large(args, "txt2img", sizes)  # before the image and its canvas are allocated
+    image = load_image(args.init, "init image")
     steps = denoising_steps(args)
-    pipe = load_for(args)
+    pipe = load_for(args, sizes=sizes, checked=checked)
     options = generation_kwargs(args)
     del options["width"], options["height"]
     return run_and_save(args, started, lambda step: pipe.outpaint(

@@ -11,6 +11,7 @@ import time
 from ..errors import InputError
 from .common import (add_generation_options, add_tiled_vae_option, check_image_file, load_for, prepare_generation,
                      run_and_save, seed_kwargs)
+from .sizing import image_size, refuse_too_large
 
 
 def add_hires_options(parser: argparse.ArgumentParser) -> None:
@@ -35,12 +36,17 @@ def _common_kwargs(args) -> dict:
 
 def cmd_hires(args) -> int:
     """`sdlab generate ... --hires-scale S`: txt2img, then the hires pass; one progress bar for both."""
-    from ..pipelines.hires import hires_fix
+    from ..pipelines.hires import hires_fix, hires_size
 
     prepare_generation(args)
     started = time.perf_counter()
     hires_steps = args.steps if args.hires_steps is None else args.hires_steps
-    pipe = load_for(args)
+
+    def sizes(config):  # both passes: the first at --size, the second enlarged
+        first = args.size or (config.resolution, config.resolution)
+        return [first, hires_size(*first, args.hires_scale, config.vae.downsample_factor)]
+
+    pipe = load_for(args, sizes=sizes)
     width, height = args.size or (None, None)
     return run_and_save(args, started, lambda step: hires_fix(
         pipe, args.prompt, args.negative, hires_scale=args.hires_scale, hires_strength=args.hires_strength,
@@ -50,7 +56,7 @@ def cmd_hires(args) -> int:
 
 def cmd_upscale(args) -> int:
     from ..pipelines.images import load_image
-    from ..pipelines.upscale import upscale
+    from ..pipelines.upscale import SCALE, upscale
 
     prepare_generation(args)
     if args.size is not None or args.batch != 1:
@@ -58,8 +64,11 @@ def cmd_upscale(args) -> int:
                          "leave out --size and --batch")
     check_image_file(args.image, "image to upscale")
     started = time.perf_counter()
+    width, height = image_size(args.image, "image to upscale")
+    sizes = lambda config: [(width * SCALE, height * SCALE)]  # noqa: E731
+    checked = refuse_too_large(args, "upscale", sizes)  # the 4x output, before the image is decoded
     image = load_image(args.image, "image to upscale")  # bad input fails before the model loads
-    pipe = load_for(args, "upscale")
+    pipe = load_for(args, "upscale", sizes, checked)
     return run_and_save(args, started, lambda step: upscale(
         pipe, image, args.prompt, args.negative, noise_level=args.noise_level, tiled_vae=args.tiled_vae,
         callback=step, **_common_kwargs(args)), args.steps)

@@ -39,13 +39,13 @@ import torch
 from torch import nn
 
 from ..config import VAEConfig
-from ..devices import wants_tiled_vae
+from ..devices import VAE_TILE, wants_tiled_vae
 from ..errors import InputError
 from .vae import (
     AttnBlock, AutoencoderKL, DiagonalGaussian, Downsample, GroupNorm, Statistics, Upsample, norm_statistics,
 )
 
-TILE = 64  # latent pixels per tile side (512 px for a factor-8 VAE)
+TILE = VAE_TILE  # latent pixels per tile side (512 px for a factor-8 VAE)
 
 
 @dataclass(frozen=True)

@@ -115,8 +115,11 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         normed = self.norm(x)
-        # (B, C, H, W) -> (B, 1 head, H*W, C)
-        q, k, v = (proj(normed).reshape(b, 1, c, h * w).transpose(2, 3) for proj in (self.q, self.k, self.v))
+        # (B, C, H, W) -> (B, 1 head, H*W, C), copied so the channels are contiguous: with strided channels
+        # torch's CPU kernel falls back to the math path, which holds the whole (H*W)^2 attention matrix
+        # (17 GB for SD's 2048 px decode), while the fused kernel holds a few blocks of it
+        q, k, v = (proj(normed).reshape(b, 1, c, h * w).transpose(2, 3).contiguous()
+                   for proj in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
         out = out.transpose(2, 3).reshape(b, c, h, w)
         return x + self.proj_out(out)
