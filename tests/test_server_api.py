@@ -86,6 +86,16 @@ def test_sampler_index_and_scheduler(client):
     assert "Karras" in info["infotexts"][0]
 
 
+def test_scheduler_is_the_schedule_type_and_tiling_is_passed_on(client, pipe):
+    info = json.loads(txt2img(client, sampler_name="Euler", scheduler="karras", tiling=True, seed=5)["info"])
+    assert info["sampler_name"] == "Euler"
+    assert "Schedule type: Karras" in info["infotexts"][0] and "Tiling: True" in info["infotexts"][0]
+    answer = txt2img(client, sampler_name="Euler", scheduler="karras", tiling=True, seed=5)
+    expected = pipe.txt2img("a red circle", sampler="Euler", schedule_type="karras", tiling=True, seed=5,
+                            **{"width": 64, "height": 64, "steps": 4}).images[0]
+    assert np.array_equal(np.asarray(from_base64(answer["images"][0]).convert("RGB")), np.asarray(expected))
+
+
 def test_n_iter_runs_batches_with_the_next_seeds(client):
     info = json.loads(txt2img(client, seed=100, n_iter=2, batch_size=1)["info"])
     assert info["all_seeds"] == [100, 101] and len(info["infotexts"]) == 2
@@ -218,6 +228,44 @@ def test_options_switch_the_model_by_name(tmp_path):
         assert json.loads(txt2img(local)["info"])["sd_model_name"] == "second"
         models = {m["name"]: m["current"] for m in local.get("/api/v1/models").json()}
         assert models["second.safetensors"] and not models["first.safetensors"]
+
+
+def shifted_vae_file(pipe, path):
+    """The bundled model's VAE with its decoder's last bias moved: a VAE file that decodes visibly otherwise."""
+    from safetensors.torch import save_file
+
+    weights = {key: value.detach().clone().contiguous() for key, value in pipe.vae.state_dict().items()}
+    weights["decoder.conv_out.bias"] += 0.5
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(path))
+
+
+def test_options_switch_the_vae(tmp_path, pipe):
+    shutil.copy(bundled.BUNDLED_MODEL, tmp_path / "model.safetensors")
+    shifted_vae_file(pipe, tmp_path / "VAE" / "shifted.safetensors")
+    shifted_vae_file(pipe, tmp_path / "model.vae.safetensors")
+    with TestClient(create_app(ServerSettings(models_dir=str(tmp_path), model="model.safetensors"))) as local:
+        assert [v["model_name"] for v in local.get("/sdapi/v1/sd-vae").json()] == ["model.vae.safetensors",
+                                                                                  "shifted.safetensors"]
+        assert "model.vae" not in [m["model_name"] for m in local.get("/sdapi/v1/sd-models").json()]
+
+        def picture(**fields):
+            answer = txt2img(local, seed=9, **fields)
+            return np.asarray(from_base64(answer["images"][0]), dtype=np.float32), json.loads(answer["info"])
+
+        # "Automatic" takes model.vae.safetensors, the file beside the checkpoint with its name
+        automatic, info = picture()
+        assert info["sd_vae_name"] == "model.vae.safetensors"
+        assert local.post("/sdapi/v1/options", json={"sd_vae": "None"}).status_code == 200
+        own, info = picture()
+        assert info["sd_vae_name"] is None and local.get("/sdapi/v1/options").json()["sd_vae"] == "None"
+        assert np.abs(automatic - own).mean() > 5
+        assert local.post("/sdapi/v1/options", json={"sd_vae": "shifted.safetensors"}).status_code == 200
+        shifted, info = picture()
+        assert info["sd_vae_name"] == "shifted.safetensors" and info["sd_vae_hash"]
+        assert np.array_equal(shifted, automatic)
+        assert_error(local.post("/sdapi/v1/options", json={"sd_vae": "../model.safetensors"}), 404, "not found")
+        assert local.get("/sdapi/v1/options").json()["sd_vae"] == "shifted.safetensors"
 
 
 # -- refusals -------------------------------------------------------------------------------------------

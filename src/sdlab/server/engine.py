@@ -29,7 +29,7 @@ from ..pipelines.params import generation_params
 from ..pipelines.seeds import image_seeds
 from ..previews import LatentPreview, fit_for_pipeline
 from .jobs import Job
-from .model_folder import ModelEntry, ModelFolder, UnknownModelError
+from .model_folder import VAE_AUTOMATIC, ModelEntry, ModelFolder, UnknownModelError
 from .settings import ServerSettings
 
 PREVIEW_MODES = ("approx", "full", "none")
@@ -38,8 +38,7 @@ UPSCALER_NAMES = ("None", "Lanczos", "Nearest", "SD x4")  # what extras and the 
 
 def engine_takes(option: str) -> bool:
     """Whether this sdlab's GenerationOptions has `option`: the web UI's fields whose engine option
-    arrives with a later sdlab (schedule types, variation seeds, batch count, tiling) are passed on
-    only then."""
+    arrives with a later sdlab (variation seeds, batch count) are passed on only then."""
     return option in {f.name for f in dataclasses.fields(GenerationOptions)}
 
 
@@ -80,9 +79,11 @@ class Work:
 
 @dataclass
 class LoadWork:
-    """A model switch: make `model` the current model (None: the server's first model)."""
+    """A model or VAE switch: make `model` the current model (None: the current one, or the server's
+    first model before any), loaded with the VAE the `vae` choice names (None: the current choice)."""
 
     model: Optional[str] = None
+    vae: Optional[str] = None  # "Automatic", "None" or a name from ModelFolder.vaes() (the web UI's sd_vae)
 
 
 class StopSampling(Exception):
@@ -114,8 +115,10 @@ class Engine:
         self.entry: Optional[ModelEntry] = None  # its entry; None with the random-weight demo
         self.default_entry: Optional[ModelEntry] = None  # the model jobs without one of their own use
         self.loaded_once = False
+        self.vae_choice = VAE_AUTOMATIC  # the web UI's sd_vae
+        self.vae_path: Optional[str] = None  # the VAE file the loaded model has; None: its own
         self.embeddings: dict[str, dict] = {"loaded": {}, "skipped": {}}
-        self._previews: dict[str, LatentPreview] = {}  # per model path, fitted once
+        self._previews: dict[tuple, LatentPreview] = {}  # per model path and VAE file, fitted once
         self._upscaler = None
 
     # -- models -------------------------------------------------------------------------------------
@@ -126,20 +129,25 @@ class Engine:
         return entry.title if entry else "sdlab-demo-random"
 
     def _load(self, entry: Optional[ModelEntry]):
-        """Make `entry` the loaded model (no-op when it is); its preview map is fitted on first use."""
-        if self.pipe is not None and self.entry == entry:
+        """Make `entry` with the chosen VAE the loaded model (no-op when it is); its preview map is
+        fitted on first use."""
+        vae_path = self.folder.vae_for(entry, self.vae_choice)
+        if self.pipe is not None and self.entry == entry and self.vae_path == vae_path:
             return self.pipe
         from .. import load
 
         self.pipe = None  # let the old model's memory go before the new one is read
-        pipe = load(entry.path if entry else None, device=self.settings.device, dtype=self.settings.dtype)
+        pipe = load(entry.path if entry else None, device=self.settings.device, dtype=self.settings.dtype, vae=vae_path)
         self.embeddings = self._load_embeddings(pipe)
-        self.pipe, self.entry = pipe, entry
-        key = entry.path if entry else "demo"
-        if key not in self._previews:
-            self._previews[key] = fit_for_pipeline(pipe)
+        self.pipe, self.entry, self.vae_path = pipe, entry, vae_path
+        if self._preview_key() not in self._previews:
+            self._previews[self._preview_key()] = fit_for_pipeline(pipe)
         self.loaded_once = True
         return pipe
+
+    def _preview_key(self) -> tuple:
+        """The preview map is fitted to a model's VAE: one per model and VAE file."""
+        return (self.entry.path if self.entry else "demo", self.vae_path)
 
     def _load_embeddings(self, pipe) -> dict:
         """Every embedding of the models folder that fits this text encoder; the others are listed as skipped."""
@@ -189,9 +197,7 @@ class Engine:
         """Run `job` on this thread; its outcome goes into the job (results, or error and status)."""
         try:
             if isinstance(job.work, LoadWork):
-                entry = self.folder.find(job.work.model) if job.work.model else self.folder.default(self.settings.model)
-                self._load(entry)
-                self.default_entry = entry
+                self._switch(job.work)
             elif job.work.kind == "extras":
                 self._extras(job, job.work)
             else:
@@ -211,14 +217,34 @@ class Engine:
         if job.error and isinstance(job.work, LoadWork):  # nobody may be waiting for a model load: say it here too
             print(f"sdlab: error: cannot load the model: {job.error}", file=sys.stderr)
 
+    def _switch(self, work: LoadWork) -> None:
+        """A model or VAE switch; a VAE that does not fit the model leaves the choice as it was."""
+        if work.model:
+            entry = self.folder.find(work.model)
+        elif self.loaded_once:
+            entry = self.default_entry
+        else:
+            entry = self.folder.default(self.settings.model)
+        previous = self.vae_choice
+        if work.vae is not None:
+            self.vae_choice = work.vae
+        try:
+            self._load(entry)
+        except SdlabError:
+            self.vae_choice = previous
+            raise
+        self.default_entry = entry
+
     # -- generation ---------------------------------------------------------------------------------
 
     def _generate(self, job: Job, work: Work) -> None:
         pipe = self.upscaler() if work.kind == "upscale" and work.model is None else self._pipeline_for(work)
-        preview_map = None if work.kind == "upscale" else self._previews.get(self.entry.path if self.entry else "demo")
+        preview_map = None if work.kind == "upscale" else self._previews.get(self._preview_key())
         job.batch_count = work.n_iter
         job.info = {"sd_model_name": self.entry.model_name if self.entry and work.kind != "upscale" else pipe.model_name,
-                    "sd_model_hash": pipe.model_hash, "job_timestamp": datetime.datetime.now().strftime("%Y%m%d%H%M%S"),
+                    "sd_model_hash": pipe.model_hash,
+                    "sd_vae_name": pipe.vae_file.name if pipe.vae_file else None,
+                    "sd_vae_hash": pipe.vae_file.hash if pipe.vae_file else None, "job_timestamp": datetime.datetime.now().strftime("%Y%m%d%H%M%S"),
                     "version": f"sdlab {__version__}"}
         seed = work.settings["seed"]
         for batch in range(work.n_iter):

@@ -1,5 +1,5 @@
 """What both APIs check and build before a job is queued: the server's limits, the sampler and its
-schedule, the seed, and the options this sdlab may or may not have yet. A request that fails here is
+schedule type, the seed, and the options this sdlab may or may not have yet. A request that fails here is
 answered at once (4xx) and never waits in the queue.
 """
 
@@ -18,12 +18,10 @@ from .settings import ServerSettings
 # The web UI's request fields whose engine option may not exist in this sdlab yet (web UI name ->
 # GenerationOptions field). Each is passed on only when GenerationOptions has the field.
 WEBUI_TO_ENGINE = {
-    "scheduler": "schedule_type",
     "subseed": "subseed",
     "subseed_strength": "subseed_strength",
     "seed_resize_from_w": "seed_resize_from_w",
     "seed_resize_from_h": "seed_resize_from_h",
-    "tiling": "tiling",
     "n_iter": "n_iter",
 }
 
@@ -67,18 +65,15 @@ def sampler_settings(sampler: str, schedule: Optional[str], eta: Optional[float]
     """{"sampler", ["schedule_type"], ["eta"]} for a sampler name, a schedule type and eta.
 
     Unknown names raise (UnknownSamplerError names the samplers there are). A schedule type other than
-    "Automatic" goes to the engine's schedule_type option when it has one, and otherwise rides on the
-    sampler's name ("DPM++ 2M Karras"), which every sdlab reads. eta is passed only to samplers that
-    take one: web UI clients send it whatever the sampler, and the web UI ignores it where it means nothing.
+    "Automatic" goes to the pipelines' schedule_type option for the samplers that take one. eta is passed
+    only to samplers that take one: web UI clients send it whatever the sampler, and the web UI ignores
+    it where it means nothing.
     """
     spec = resolve_sampler(sampler)
     settings = {"sampler": spec.name}
     kind = resolve_schedule(schedule) if schedule else None
     if kind is not None and kind.function is not None and spec.takes_schedule_types:
-        if engine_takes(WEBUI_TO_ENGINE["scheduler"]):
-            settings[WEBUI_TO_ENGINE["scheduler"]] = kind.key
-        else:
-            settings["sampler"] = resolve_sampler(f"{spec.name} {kind.label}").name
+        settings["schedule_type"] = kind.key
     if eta is not None and spec.eta is not None:
         if not math.isfinite(eta) or eta < 0:
             raise InputError(f"eta must be 0 or more, got {eta!r}")
@@ -113,14 +108,6 @@ def variation_settings(subseed: Optional[int], subseed_strength: Optional[float]
         settings[WEBUI_TO_ENGINE["seed_resize_from_w"]] = resize_w
         settings[WEBUI_TO_ENGINE["seed_resize_from_h"]] = resize_h
     return settings, reported
-
-
-def tiling_settings(tiling: Optional[bool]) -> dict:
-    if not tiling:
-        return {}
-    if not engine_takes(WEBUI_TO_ENGINE["tiling"]):
-        raise InputError("tiling (seamless images) is not available in this sdlab version; send tiling false")
-    return {WEBUI_TO_ENGINE["tiling"]: True}
 
 
 def batches(n_iter: int) -> tuple[dict, int]:

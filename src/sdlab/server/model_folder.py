@@ -5,7 +5,9 @@ Names are paths relative to the models folder ("sub/model.safetensors"), as the 
 titles are. Only what a scan of the folder found can be loaded, so `../x`, `/etc/x` and the like are
 refused before anything touches the disk; a symlink whose target lies outside the folder is left
 out of the scan. LoRAs, embeddings and VAEs live in the web UI's subfolders (`Lora/`,
-`embeddings/`, `VAE/`), which the checkpoint scan skips.
+`embeddings/`, `VAE/`), which the checkpoint scan skips; a VAE may also sit beside the checkpoints as
+`<name>.vae.safetensors` (or `.vae.pt`, `.vae.ckpt`), which the web UI's "Automatic" VAE picks for the
+checkpoint of the same name.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ VAE_FOLDERS = ("VAE", "vae")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+VAE_BESIDE_SUFFIXES = tuple(".vae" + suffix for suffix in VAE_SUFFIXES)  # model.vae.safetensors
+VAE_AUTOMATIC, VAE_NONE = "Automatic", "None"  # the web UI's sd_vae choices besides the files
 
 
 class UnknownModelError(InputError):
@@ -110,7 +114,8 @@ class ModelFolder:
 
     def refresh(self) -> None:
         entries = [ModelEntry(name, path) for name, path in
-                   scan_files(self.models_dir, CHECKPOINT_SUFFIXES, LORA_FOLDERS + EMBEDDING_FOLDERS + VAE_FOLDERS)]
+                   scan_files(self.models_dir, CHECKPOINT_SUFFIXES, LORA_FOLDERS + EMBEDDING_FOLDERS + VAE_FOLDERS)
+                   if not name.lower().endswith(VAE_BESIDE_SUFFIXES)]
         names = {entry.name for entry in entries}
         for entry in self._extra + self._bundled():
             if entry.name not in names:
@@ -176,5 +181,36 @@ class ModelFolder:
                 for _, path in scan_files(folder, EMBEDDING_SUFFIXES)]
 
     def vaes(self) -> list[tuple[str, str]]:
-        return [(name, path) for folder in subfolders(self.models_dir, VAE_FOLDERS)
-                for name, path in scan_files(folder, VAE_SUFFIXES)]
+        """(name, path) of the VAE files: those in VAE/ by their path there, those beside the checkpoints
+        (`*.vae.safetensors`) by their path in the models folder; sorted by name."""
+        found = [entry for folder in subfolders(self.models_dir, VAE_FOLDERS)
+                 for entry in scan_files(folder, VAE_SUFFIXES)]
+        skip = LORA_FOLDERS + EMBEDDING_FOLDERS + VAE_FOLDERS
+        found += [entry for entry in scan_files(self.models_dir, VAE_BESIDE_SUFFIXES, skip)]
+        return sorted(found)
+
+    def check_vae(self, choice: str) -> str:
+        """`choice` when it is "Automatic", "None" or a VAE's name; else UnknownModelError listing them."""
+        text = str(choice).strip()
+        if text in (VAE_AUTOMATIC, VAE_NONE) or text in (name for name, _ in self.vaes()):
+            return text
+        known = ", ".join([VAE_AUTOMATIC, VAE_NONE] + [name for name, _ in self.vaes()])
+        raise UnknownModelError(f"VAE '{text}' not found; choose one of: {known} (GET /sdapi/v1/sd-vae)")
+
+    def vae_for(self, entry: Optional[ModelEntry], choice: str) -> Optional[str]:
+        """The VAE file a model loads with for the sd_vae `choice`; None: the model's own VAE.
+        "Automatic" takes the file beside the checkpoint with its name (model.vae.safetensors), as the
+        web UI does; "None" always keeps the model's own."""
+        vaes = self.vaes()
+        if choice == VAE_NONE:
+            return None
+        if choice == VAE_AUTOMATIC:
+            if entry is None:
+                return None
+            stem = os.path.splitext(entry.path)[0]
+            return next((path for _, path in vaes if path.lower() in
+                         (stem.lower() + suffix for suffix in VAE_BESIDE_SUFFIXES)), None)
+        for name, path in vaes:
+            if name == choice:
+                return path
+        raise UnknownModelError(f"VAE '{choice}' is no longer in the models folder; see GET /sdapi/v1/sd-vae")

@@ -48,6 +48,7 @@ class JobRequest(_Request):
     batch_size: int = 1
     sampler: str = DEFAULT_SAMPLER
     schedule_type: Optional[str] = Field(default=None, description="a name from GET /api/v1/schedules; null: automatic")
+    tiling: bool = Field(default=False, description="seamless images: they tile without a visible seam")
     clip_skip: int = 1
     model: Optional[str] = Field(default=None, description="a name from GET /api/v1/models; null: the current one")
     loras: list[LoraRequest] = []

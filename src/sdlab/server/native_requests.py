@@ -31,9 +31,9 @@ def job_work(request: JobRequest, limits: ServerSettings, folder: ModelFolder) -
                     loras=[(folder.find_lora(lora.name), float(lora.weight)) for lora in request.loras],
                     **sampler_settings(request.sampler, request.schedule_type, None))
     if kind != "upscale":
-        settings["batch_size"] = request.batch_size
-    elif request.batch_size != 1:
-        raise InputError("upscale makes one image per input image; leave batch_size at 1")
+        settings.update(batch_size=request.batch_size, tiling=request.tiling)
+    elif request.batch_size != 1 or request.tiling:
+        raise InputError("upscale makes one image per input image, untiled; leave batch_size at 1 and tiling false")
     if sized:
         settings.update(width=request.width, height=request.height)
     model = folder.find(request.model).name if request.model is not None else None

@@ -61,10 +61,13 @@ class Server:
             raise ApiError(job.error_status, job.error_type, job.error)
         return job
 
-    async def switch_model(self, name: str) -> None:
-        """Make `name` the current model: a job in the queue, after the running one."""
-        entry = self.folder.find(name)
-        await self.run("load", LoadWork(entry.name))
+    async def switch_model(self, name: Optional[str] = None, vae: Optional[str] = None) -> None:
+        """Make `name` the current model and `vae` the VAE choice ("Automatic", "None" or a VAE's name;
+        None leaves either as it is): a job in the queue, after the running one. Unknown names are
+        refused here, before anything waits."""
+        model = self.folder.find(name).name if name is not None else None
+        choice = self.folder.check_vae(vae) if vae is not None else None
+        await self.run("load", LoadWork(model, choice))
 
     def current_model_title(self) -> Optional[str]:
         return self.engine.model_title

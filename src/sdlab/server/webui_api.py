@@ -162,18 +162,20 @@ async def get_options(request: Request) -> dict[str, Any]:
     entry = server.engine.default_entry if server.engine.loaded_once else None
     values["sd_model_checkpoint"] = server.current_model_title()
     values["sd_checkpoint_hash"] = entry.sha256 if entry else None
+    values["sd_vae"] = server.engine.vae_choice
     return values
 
 
 @router.post("/options")
 async def set_options(request: Request, body: dict[str, Any] = Body(...)):
-    """Store settings; `sd_model_checkpoint` switches the model once the running job is done."""
+    """Store settings; `sd_model_checkpoint` and `sd_vae` switch the model or its VAE once the running
+    job is done."""
     server = server_of(request)
     body = dict(body)
-    model = body.pop("sd_model_checkpoint", None)
+    model, vae = body.pop("sd_model_checkpoint", None), body.pop("sd_vae", None)
     server.options.update(body)
-    if model is not None:
-        await server.switch_model(str(model))
+    if model is not None or vae is not None:
+        await server.switch_model(None if model is None else str(model), None if vae is None else str(vae))
     return None
 
 
@@ -256,7 +258,9 @@ async def embeddings(request: Request):
 
 @router.get("/sd-vae")
 async def sd_vae(request: Request):
-    return [{"model_name": name, "filename": path} for name, path in server_of(request).folder.vaes()]
+    """The VAE files `sd_vae` may name (besides "Automatic" and "None"), as the web UI lists them."""
+    folder = server_of(request).folder
+    return await run_in_threadpool(lambda: [{"model_name": name, "filename": path} for name, path in folder.vaes()])
 
 
 @router.get("/prompt-styles")

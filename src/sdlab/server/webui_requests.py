@@ -21,8 +21,7 @@ from ..pipelines.inpaint import MASKED_CONTENT
 from ..styles import apply_styles, default_styles_file, load_styles
 from .engine import Work
 from .generation import (
-    batches, check_limits, check_number, check_output_size, request_seed, sampler_settings, tiling_settings,
-    variation_settings,
+    batches, check_limits, check_number, check_output_size, request_seed, sampler_settings, variation_settings,
 )
 from .images import decode_image, decode_optional
 from .model_folder import ModelFolder
@@ -119,7 +118,7 @@ def _common(request: ProcessingRequest, kind: str, limits: ServerSettings, optio
     prompt, negative = _prompts(request)
     settings = dict(steps=steps, guidance_scale=float(cfg), seed=request_seed(request.seed), batch_size=batch_size,
                     clip_skip=clip_skip, lora_dirs=folder.lora_folders(), **sampler, **variation,
-                    **tiling_settings(request.tiling), **engine_batches)
+                    tiling=bool(request.tiling), **engine_batches)
     preview, every = options.preview()
     save_format = str(overrides.get("samples_format", options.get("samples_format", "png"))).lower()
     work = Work(kind=kind, prompt=prompt, negative_prompt=negative, settings=settings, n_iter=server_batches,
@@ -219,8 +218,8 @@ def info_json(planned: PlannedJob, job) -> str:
         "face_restoration_model": None,
         "sd_model_name": job.info.get("sd_model_name"),
         "sd_model_hash": job.info.get("sd_model_hash"),
-        "sd_vae_name": None,
-        "sd_vae_hash": None,
+        "sd_vae_name": job.info.get("sd_vae_name"),
+        "sd_vae_hash": job.info.get("sd_vae_hash"),
         "seed_resize_from_w": request.seed_resize_from_w,
         "seed_resize_from_h": request.seed_resize_from_h,
         "denoising_strength": request.denoising_strength,
