@@ -10,6 +10,7 @@ import sys
 
 from .. import __version__
 from .common import CommandParser, run_reporting_errors
+from .embeddings import add_embeddings_command
 from .eval import add_eval_command
 from .generate import add_generate_commands
 from .info import add_info_commands
@@ -28,6 +29,7 @@ def build_parser() -> CommandParser:
     add_train_command(commands)
     add_eval_command(commands)
     add_serve_command(commands)
+    add_embeddings_command(commands)  # embeddings nearest, map, export
     return parser
 
 
