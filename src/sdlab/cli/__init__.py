@@ -10,6 +10,8 @@ import sys
 
 from .. import __version__
 from .common import CommandParser, run_reporting_errors
+from .digits import add_digits_command
+from .embeddings import add_embeddings_command
 from .eval import add_eval_command
 from .generate import add_generate_commands
 from .info import add_info_commands
@@ -30,6 +32,8 @@ def build_parser() -> CommandParser:
     add_eval_command(commands)
     add_serve_command(commands)
     add_inside_commands(commands)  # noise, schedule, latents, interpolate
+    add_embeddings_command(commands)  # embeddings nearest, map, export
+    add_digits_command(commands)  # digits train, draw, eval
     return parser
 
 
