@@ -239,6 +239,14 @@ class TrainConfig:
     resolution: Optional[int] = None  # training image side; unset: the model config's resolution
     crop: Literal["center", "random"] = "center"
     flip: bool = False  # random horizontal flips (images only; captions saying "left" would then lie)
+    # Aspect-ratio buckets (training/buckets.py, kohya's convention): each batch from one (width, height),
+    # sides multiples of bucket_reso_steps (unset: the model's VAE x UNet downsampling) between
+    # min_bucket_reso (unset: half the resolution) and max_bucket_reso (unset: the resolution), at most
+    # max_bucket_reso^2 pixels
+    buckets: bool = False
+    min_bucket_reso: Optional[int] = None
+    max_bucket_reso: Optional[int] = None
+    bucket_reso_steps: Optional[int] = None
     num_workers: int = 0  # DataLoader processes decoding images
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPUs, fp32 on CPUs
