@@ -442,6 +442,9 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
                           f"{config.grad_accum} (each accumulation step takes batch_size / grad_accum samples)")
     if config.resolution is not None and config.resolution < 8:
         raise ConfigError(f"{source}: 'resolution' must be at least 8 pixels, got {config.resolution}")
+    for key in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+        if getattr(config, key) is not None and getattr(config, key) < 1:
+            raise ConfigError(f"{source}: '{key}' must be at least 1 pixel, got {getattr(config, key)}")
     if config.shard_model:
         if config.trainer not in SHARDABLE_TRAINERS:
             raise ConfigError(f"{source}: shard_model shards the UNet trainers ({', '.join(SHARDABLE_TRAINERS)}), "

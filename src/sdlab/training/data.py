@@ -150,9 +150,11 @@ class ImageFolder:
 
 
 def _oriented_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) after the EXIF rotation exif_transpose applies (orientations 5-8 turn by 90°)."""
-    turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    return (image.height, image.width) if turned else image.size
+    """(width, height) after the EXIF rotation exif_transpose applies (orientations 5-8 turn by 90°).
+    Only JPEG and WebP are asked: their EXIF sits in the header, while a PNG's may follow the pixels
+    and reading it would decode the whole file."""
+    orientation = image.getexif().get(0x0112, 1) if image.format in ("JPEG", "MPO", "WEBP") else 1
+    return (image.height, image.width) if orientation in (5, 6, 7, 8) else image.size
 
 
 def _image_files(folder: str) -> list[str]:
