@@ -2,10 +2,9 @@
 # Trains sdlab's bundled shapes models from nothing and installs them in src/sdlab/weights/:
 # VAE, text encoder, UNet, the UNet and text encoder together, the relation contrast runs, their
 # repair and the mirrored-caption denoising runs, the VAE's decoder fine-tuned on its frozen encoder,
-# preference fine-tuning (DPO) on the model's own pictures judged by the shapes checker, the UNet
-# fine-tuned on aspect-ratio buckets of 64 to 128 px (square and not), then the inpainting (fine-tuned
-# three times more with object masks) and x4-upscaling UNets grown from the DPO model, on its text
-# encoder and VAE (recipes/shapes-*.toml). Each stage resumes from its last
+# preference fine-tuning (DPO) on the model's own pictures judged by the shapes checker, then the
+# inpainting (fine-tuned three times more with object masks) and x4-upscaling UNets grown from that
+# UNet, on its text encoder and VAE (recipes/shapes-*.toml). Each stage resumes from its last
 # checkpoint when run again; finished stages are skipped.
 #   ./scripts/train_bundled.sh [RUNS_DIR]          (default: runs/)
 set -euo pipefail
@@ -36,9 +35,6 @@ stage relation-mirror-2 unet recipes/shapes-relation-mirror.toml --base "$runs/s
 stage vae-decoder vae recipes/shapes-vae-decoder.toml --base "$runs/shapes-relation-mirror-2/last.safetensors"
 stage dpo dpo recipes/shapes-dpo.toml --base "$runs/shapes-vae-decoder/last.safetensors"
 stage dpo-2 dpo recipes/shapes-dpo.toml --base "$runs/shapes-dpo/last.safetensors" --set seed=6
-# the UNet alone, on canvases from 64 to 128 px: the VAE and text encoder stay dpo-2's, which the
-# inpainting and upscaling UNets below are grown on
-stage buckets unet recipes/shapes-buckets.toml --base "$runs/shapes-dpo-2/last.safetensors"
 final="$runs/shapes-dpo-2/last.safetensors"
 stage inpaint inpaint recipes/shapes-inpaint.toml --base "$final"
 stage inpaint-objects inpaint recipes/shapes-inpaint-objects.toml --base "$runs/shapes-inpaint/last.safetensors"
@@ -48,4 +44,4 @@ stage inpaint-objects-3 inpaint recipes/shapes-inpaint-objects.toml --base "$run
   --set shapes.object_masks=0.7
 stage upscale upscale recipes/shapes-upscale.toml --base "$final"
 $python -c "import sys, sdlab.bundled as b; print(*b.package(*sys.argv[1:]), sep='\n')" \
-  "$runs/shapes-buckets/last.safetensors" "$runs/shapes-inpaint-objects-3/last.safetensors" "$runs/shapes-upscale/last.safetensors"
+  "$final" "$runs/shapes-inpaint-objects-3/last.safetensors" "$runs/shapes-upscale/last.safetensors"

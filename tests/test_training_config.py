@@ -176,7 +176,7 @@ def test_every_stage_of_the_bundled_models_script_is_a_valid_recipe():
         overrides = dict(cli.parse_assignment(value) for flag, value in zip(rest, rest[1:]) if flag == "--set")
         stages[name] = load_config(trainer, str(RECIPES.parent / recipe), overrides)
     assert list(stages) == ["vae", "text", "unet", "unet-text", "relation-a", "relation-b", "relation-c",
-                            "relation-repair", "relation-mirror", "relation-mirror-2", "vae-decoder", "dpo", "dpo-2", "buckets", "inpaint",
+                            "relation-repair", "relation-mirror", "relation-mirror-2", "vae-decoder", "dpo", "dpo-2", "inpaint",
                             "inpaint-objects", "inpaint-objects-2", "inpaint-objects-3", "upscale"]
     first = stages["relation-a"]
     assert (first.steps, first.lr_schedule_steps, first.ema_decay) == (750, 2000, 0)
@@ -190,9 +190,6 @@ def test_every_stage_of_the_bundled_models_script_is_a_valid_recipe():
     preference = stages["dpo"]  # from the last full model: its pictures are judged through the final decoder
     assert preference.init_from_base and preference.options.samples_per_caption >= 2 and preference.data == "shapes"
     assert stages["dpo-2"].seed != preference.seed  # the second round draws other captions
-    buckets = stages["buckets"]  # the UNet alone: the inpainter and upscaler keep sharing dpo-2's VAE and text encoder
-    assert buckets.buckets and buckets.init_from_base and not buckets.options.train_text_encoder
-    assert (buckets.min_bucket_reso, buckets.max_bucket_reso) == (64, 128)
     assert [stages[f"inpaint-objects{n}"].sections["shapes"].object_masks for n in ("", "-2", "-3")] == [0.5, 0.7, 0.7]
 
 
