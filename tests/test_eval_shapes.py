@@ -8,7 +8,7 @@ import pytest
 
 from sdlab.cli import main
 from sdlab.shapes.dataset import parse_caption, render, scene_from_caption
-from sdlab.shapes.evaluation import evaluate, format_table, paraphrased, table, wilson_interval
+from sdlab.shapes.evaluation import evaluate, format_table, paraphrased, table, wilson_interval, write_report
 
 
 class RenderingPipe:
@@ -20,6 +20,8 @@ class RenderingPipe:
     def txt2img(self, prompts, **kwargs):
         self.calls.append(kwargs)
         rng = np.random.default_rng(kwargs["seed"])
+        canvas = (kwargs.get("width", 64), kwargs.get("height", 64))
+        aspect = canvas[0] / canvas[1]
         images = []
         for prompt in prompts:
             if self.wrong:  # same layout, every colour swapped for another
@@ -27,13 +29,13 @@ class RenderingPipe:
                 swap = {"red": "green", "green": "blue", "blue": "red", "yellow": "purple", "purple": "orange",
                         "orange": "yellow"}
                 objects = tuple((swap.get(c, "red"), s, z) for c, s, z in meaning.objects)
-                prompt_scene = scene_from_caption(prompt, rng)
+                prompt_scene = scene_from_caption(prompt, rng, aspect)
                 prompt_scene = prompt_scene.__class__(prompt_scene.background, tuple(
                     o.__class__(objects[i][0], o.shape, o.size, o.side, o.center)
                     for i, o in enumerate(prompt_scene.objects)), prompt_scene.position, prompt_scene.relation)
-                images.append(render(prompt_scene))
+                images.append(render(prompt_scene, canvas))
             else:
-                images.append(render(scene_from_caption(prompt, rng)))
+                images.append(render(scene_from_caption(prompt, rng, aspect), canvas))
         seed = kwargs["seed"]
         return SimpleNamespace(images=images, seeds=[seed + i for i in range(len(prompts))])
 
@@ -103,8 +105,21 @@ def test_eval_command_writes_its_table_report_and_sheet(tmp_path, capsys):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+def test_a_wide_canvas_is_asked_for_and_judged_per_axis(tmp_path):
+    pipe = RenderingPipe()
+    judged = evaluate(pipe, n=20, seed=3, batch_size=8, with_paraphrases=False, width=96, height=64)
+    assert all(call["width"] == 96 and call["height"] == 64 for call in pipe.calls)
+    assert judged[0].image.size == (96, 64) and table(judged)["relation"]["all"] >= 0.9
+    plain = RenderingPipe()
+    evaluate(plain, n=2, with_paraphrases=False)
+    assert all("width" not in call and "height" not in call for call in plain.calls)  # the model's own size
+    write_report(judged, str(tmp_path), {})
+    assert (tmp_path / "sheet.png").is_file()
+
+
 @pytest.mark.parametrize("flags, message", [(["-n", "0"], "--captions must be at least 1"),
-                                            (["--batch", "0"], "--batch must be at least 1")])
+                                            (["--batch", "0"], "--batch must be at least 1"),
+                                            (["--size", "96x"], "--size takes N or WxH")])
 def test_eval_command_refuses_bad_numbers_in_one_line(flags, message, capsys):
     assert main(["eval", "shapes", "--model", "demo", *flags]) == 2
     err = capsys.readouterr().err

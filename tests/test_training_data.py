@@ -177,3 +177,27 @@ def test_an_image_that_fails_to_decode_mid_run_is_replaced_by_the_next_one(tmp_p
     image, caption = data[n]
     assert caption == "picture number 2" and torch.equal(image, data.load(2)[0])
     assert "cannot decode" in capsys.readouterr().err
+
+
+def test_an_image_is_scaled_to_cover_a_wide_or_tall_canvas_and_cropped_to_it():
+    rng = np.random.default_rng(0)
+    image = halves(60, 30)
+    wide = resize_and_crop(image, (32, 16), "center", rng)
+    assert wide.size == (32, 16)
+    tall = resize_and_crop(image, (16, 32), "center", rng)  # 2:1 into 1:2: scaled to 64 x 32, the middle cut
+    assert tall.size == (16, 32)
+    pixels = np.asarray(tall)
+    assert (pixels[:, :6, 0] > 200).all() and (pixels[:, -6:, 2] > 200).all()
+    assert resize_and_crop(image, 16, "center", rng).size == (16, 16)
+
+
+def test_the_folder_records_each_images_size_as_seen_after_exif_rotation(tmp_path):
+    root = make_folder(tmp_path / "data", 2, size=(40, 20))
+    rotated = Image.new("RGB", (40, 20), "red")
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    rotated.save(root / "img09.jpg", exif=exif)
+    data = ImageFolder(str(root), size=16)
+    assert data.sizes == [(40, 20), (40, 20), (20, 40)]
+    image, _ = data.sample_at(0, 24, 8, index=0)
+    assert image.shape == (3, 8, 24)

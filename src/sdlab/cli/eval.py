@@ -21,6 +21,8 @@ def add_eval_command(commands) -> None:
     add_run_options(shapes, cmd_eval_shapes, seed_help="seed of the captions and of image 0 (image i: seed + i)")
     shapes.add_argument("--batch", type=int, default=16, help="images per sampling run")
     shapes.add_argument("--no-paraphrases", action="store_true", help="skip the paraphrased second pass")
+    shapes.add_argument("--size", default=None, help="image size, N or WxH, e.g. 128 or 96x64 (default: the model's "
+                        "resolution); a canvas that is not square is judged with positions per axis")
     shapes.add_argument("--out", default=None, help="folder for results.json and sheet.png (every image with its verdict)")
 
     inpaint = kinds.add_parser("inpaint", help="erase a shape / paint one where the mask is, judged from pixels",
@@ -72,20 +74,33 @@ def cmd_eval_shapes(args) -> int:
         raise InputError(f"--captions must be at least 1, got {args.captions}")
     if args.batch < 1:
         raise InputError(f"--batch must be at least 1, got {args.batch}")
+    width, height = _image_size(args.size)
     started = time.perf_counter()
     total = args.captions * (1 if args.no_paraphrases else 2)
     pipe, judged = _load_and_evaluate(args, "txt2img", total, lambda pipe, progress: evaluate(
         pipe, args.captions, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler,
-        batch_size=args.batch, with_paraphrases=not args.no_paraphrases, progress=progress))
+        batch_size=args.batch, with_paraphrases=not args.no_paraphrases, progress=progress,
+        width=width, height=height))
     counts = {g: sum(j.group == g for j in judged) for g in GROUPS}
-    print(f"{pipe.model_name}: {len(judged)} images, {args.steps} steps {args.sampler}, CFG {args.cfg}, seed {args.seed}")
+    size = f", {judged[0].image.width}x{judged[0].image.height}" if judged else ""
+    print(f"{pipe.model_name}: {len(judged)} images{size}, {args.steps} steps {args.sampler}, CFG {args.cfg}, seed {args.seed}")
     print(format_table(table(judged), counts))
     if args.out:
         write_report(judged, args.out, {key: getattr(args, key) for key in
-                                        ("model", "captions", "seed", "steps", "cfg", "sampler", "batch")})
+                                        ("model", "captions", "seed", "steps", "cfg", "sampler", "batch", "size")})
         print(f"wrote {args.out}/results.json and {args.out}/sheet.png")
     print(f"{time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
+
+
+def _image_size(text):
+    """--size N or WxH -> (width, height); (None, None) when unset."""
+    if text is None:
+        return None, None
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise InputError(f"--size takes N or WxH in pixels, e.g. 128 or 96x64; got '{text}'")
+    return int(parts[0]), int(parts[-1])
 
 
 def _run_edit_eval(args, task: str, total: int, evaluate):

@@ -8,6 +8,9 @@ bounding box (circle pi/4, square 1, triangle 1/2); size = nearest nominal side 
 position = nearest nominal centre; relation from the two centres. Measurements use each pixel's
 soft coverage, and area and centroid do not move under blur, so anti-aliased or slightly blurred
 edges and colour noise from a small generative model leave the verdicts alone.
+
+A width x height image is judged as sdlab.shapes.dataset draws such canvases: centres as fractions of
+each axis, sides as fractions of the shorter side; a square image exactly as the spec says.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ class DetectedObject:
     shape: str
     size: str
     position: str
-    center: tuple[float, float]  # bounding-box centre of the best template, fractions
-    side: float  # bounding-box side of the best template, fraction
+    center: tuple[float, float]  # bounding-box centre of the best template, fractions of width and height
+    side: float  # bounding-box side of the best template, fraction of the shorter image side
     overlap: float  # soft IoU of the object with that template
     area: float  # fraction of the image
 
@@ -58,8 +61,8 @@ def _as_array(image) -> np.ndarray:
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3
-            and image.dtype == np.uint8 and image.shape[0] == image.shape[1]):
-        raise InputError("the shapes checker takes a square PIL image or (S, S, 3) uint8 array; "
+            and image.dtype == np.uint8):
+        raise InputError("the shapes checker takes a PIL image or (H, W, 3) uint8 array; "
                          "convert model outputs first")
     return image.astype(np.float32)
 
@@ -113,7 +116,8 @@ def _background(pixels: np.ndarray) -> tuple[str, np.ndarray]:
 
 
 def _measure(pixels, background_rgb, component, region) -> DetectedObject:
-    size = component.shape[0]
+    height, width = component.shape
+    shorter = min(width, height)
     # the object's own colour: its pixels least mixed with the background (soft or blurred edges)
     distance = np.linalg.norm(pixels[component] - background_rgb, axis=-1)
     rgb = np.median(pixels[component][distance >= np.median(distance)], axis=0)
@@ -122,22 +126,22 @@ def _measure(pixels, background_rgb, component, region) -> DetectedObject:
     alpha = np.clip((alpha - ALPHA_FLOOR) / (1 - 2 * ALPHA_FLOOR), 0, 1) * region
     # Area and centroid survive blur (a symmetric kernel moves no mass), so they place the templates.
     area = max(float(alpha.sum()), 1e-6)
-    centres = np.arange(size) + 0.5
-    cx, cy = float(alpha.sum(axis=0) @ centres) / area, float(alpha.sum(axis=1) @ centres) / area
+    cx = float(alpha.sum(axis=0) @ (np.arange(width) + 0.5)) / area
+    cy = float(alpha.sum(axis=1) @ (np.arange(height) + 0.5)) / area
     colour, fits = _nearest(rgb, COLOURS), []
     for shape, fill in FILL_RATIOS.items():
-        side = math.sqrt(area / fill) / size
+        side = math.sqrt(area / fill) / shorter
         # a triangle's centroid lies 2/3 of the way down from its apex, 1/6 of the side below the box centre
-        center = (cx / size, cy / size - (side / 6 if shape == "triangle" else 0.0))
+        center = (cx / width, cy / height - (side * (shorter / height) / 6 if shape == "triangle" else 0.0))
         template = SceneObject(colour, shape, min(SIZES, key=lambda s: abs(SIZES[s] - side)), side, center)
-        expected = coverage(template, size)
+        expected = coverage(template, (width, height))
         iou = float(np.minimum(alpha, expected).sum() / np.maximum(alpha, expected).sum())
         fits.append((iou, template))
     overlap, best = max(fits, key=lambda fit: fit[0])
     return DetectedObject(
         colour=colour, shape=best.shape if overlap >= MIN_OVERLAP else "unknown", size=best.size,
         position=min(POSITIONS, key=lambda p: math.dist(POSITIONS[p], best.center)),
-        center=best.center, side=best.side, overlap=overlap, area=area / size**2)
+        center=best.center, side=best.side, overlap=overlap, area=area / (width * height))
 
 
 def analyse(image) -> Analysis:

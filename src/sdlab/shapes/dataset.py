@@ -4,6 +4,12 @@ Every number here is the contract of /work/shared/specs/shapes-dataset.md (colou
 positions, relations, held-out pairs, caption forms); outside checkers rely on it, so it changes only
 with a new version of that spec. Coordinates are fractions of the canvas side, x right, y down; an
 object's `center` and `side` are those of its bounding box.
+
+The spec's canvases are square. A width x height canvas (aspect-ratio buckets, hires fix, outpainting)
+extends it the one consistent way: a position is a fraction of each axis (x of the width, y of the
+height), a side a fraction of the SHORTER side (circles stay round, a large shape stays large), and the
+relation distances and clearances are fractions of the axis they are measured along. On a square canvas
+every formula reduces to the spec's, bit for bit.
 """
 
 from __future__ import annotations
@@ -244,10 +250,28 @@ def parse_caption(caption: str) -> Meaning:
 # ---------------------------------------------------------------- scenes
 
 
-def _clear(objects) -> bool:
+def canvas_size(size) -> tuple[int, int]:
+    """(width, height) of a render size: an int N (N x N, the spec's) or a (width, height) pair."""
+    sides = list(size) if isinstance(size, (tuple, list)) else [size, size]
+    if len(sides) != 2 or any(not isinstance(side, (int, np.integer)) or isinstance(side, bool) or side < 1
+                              for side in sides):
+        raise InputError(f"render size must be a positive integer number of pixels or a (width, height) "
+                         f"pair of them, got {size!r}")
+    return int(sides[0]), int(sides[1])
+
+
+def box_extents(side: float, aspect: float) -> tuple[float, float]:
+    """An object's bounding-box side as fractions of the canvas width and height; `side` is a fraction of
+    the shorter side, aspect = width / height (1: both are `side`)."""
+    return side * min(1.0, 1 / aspect), side * min(1.0, aspect)
+
+
+def _clear(objects, aspect: float = 1.0) -> bool:
     """No object touches the border or another object (bounding boxes, CLEARANCE apart)."""
-    boxes = [(o.center[0] - o.side / 2, o.center[1] - o.side / 2, o.center[0] + o.side / 2,
-              o.center[1] + o.side / 2) for o in objects]
+    boxes = []
+    for o in objects:
+        half_x, half_y = (e / 2 for e in box_extents(o.side, aspect))
+        boxes.append((o.center[0] - half_x, o.center[1] - half_y, o.center[0] + half_x, o.center[1] + half_y))
     if any(min(b[0], b[1]) < CLEARANCE or max(b[2], b[3]) > 1 - CLEARANCE for b in boxes):
         return False
     for i, a in enumerate(boxes):
@@ -261,8 +285,9 @@ def _side(rng: np.random.Generator, size: str) -> float:
     return SIZES[size] + rng.uniform(-SIZE_JITTER, SIZE_JITTER)
 
 
-def layout(meaning: Meaning, rng: np.random.Generator) -> Scene:
-    """A scene that `meaning` describes, with the spec's jitter; rejection keeps objects clear."""
+def layout(meaning: Meaning, rng: np.random.Generator, aspect: float = 1.0) -> Scene:
+    """A scene that `meaning` describes on a canvas of `aspect` = width / height, with the spec's jitter;
+    rejection keeps objects clear."""
     background = meaning.background or list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     while True:
         if len(meaning.objects) == 1:
@@ -281,11 +306,12 @@ def layout(meaning: Meaning, rng: np.random.Generator) -> Scene:
             centers = [(a, c) if axis == 0 else (c, a) for a, c in zip(along, across)]
             objects = tuple(SceneObject(colour, shape, RELATION_SIZE, _side(rng, RELATION_SIZE), tuple(xy))
                             for (colour, shape, _), xy in zip(meaning.objects, centers))
-        if _clear(objects):
+        if _clear(objects, aspect):
             return Scene(background, objects, meaning.position, meaning.relation)
 
 
-def sample_scene(rng: np.random.Generator, single_object_fraction: float = SINGLE_OBJECT_FRACTION) -> Scene:
+def sample_scene(rng: np.random.Generator, single_object_fraction: float = SINGLE_OBJECT_FRACTION,
+                 aspect: float = 1.0) -> Scene:
     """A random training scene: never a held-out colour-shape pair; one object with probability
     `single_object_fraction`, else two."""
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
@@ -293,30 +319,33 @@ def sample_scene(rng: np.random.Generator, single_object_fraction: float = SINGL
         colour, shape = TRAINING_PAIRS[rng.integers(len(TRAINING_PAIRS))]
         size = list(SIZES)[rng.integers(len(SIZES))]
         position = list(POSITIONS)[rng.integers(len(POSITIONS))]
-        return layout(Meaning(((colour, shape, size),), position=position, background=background), rng)
+        return layout(Meaning(((colour, shape, size),), position=position, background=background), rng, aspect)
     first = TRAINING_PAIRS[rng.integers(len(TRAINING_PAIRS))]
     others = [pair for pair in TRAINING_PAIRS if pair[0] != first[0]]
     second = others[rng.integers(len(others))]
     relation = list(RELATIONS)[rng.integers(len(RELATIONS))]
-    return layout(Meaning((first + (None,), second + (None,)), relation=relation, background=background), rng)
+    return layout(Meaning((first + (None,), second + (None,)), relation=relation, background=background), rng,
+                  aspect)
 
 
-def scene_from_caption(caption: str, rng: np.random.Generator) -> Scene:
+def scene_from_caption(caption: str, rng: np.random.Generator, aspect: float = 1.0) -> Scene:
     """A scene matching `caption` (held-out pairs allowed: this is for evaluation); a random background
     when the caption names none."""
-    return layout(parse_caption(caption), rng)
+    return layout(parse_caption(caption), rng, aspect)
 
 
 # ---------------------------------------------------------------- rendering
 
 
-def coverage(obj: SceneObject, size: int) -> np.ndarray:
-    """(size, size) fraction of each pixel covered by `obj`, from SUPERSAMPLE^2 samples per pixel."""
-    half = obj.side * size / 2
-    cx, cy = obj.center[0] * size, obj.center[1] * size
-    x0, x1 = max(0, math.floor(cx - half)), min(size, math.ceil(cx + half))
-    y0, y1 = max(0, math.floor(cy - half)), min(size, math.ceil(cy + half))
-    result = np.zeros((size, size), dtype=np.float32)
+def coverage(obj: SceneObject, size) -> np.ndarray:
+    """(height, width) fraction of each pixel covered by `obj`, from SUPERSAMPLE^2 samples per pixel;
+    `size` is N (N x N) or (width, height)."""
+    width, height = canvas_size(size)
+    half = obj.side * min(width, height) / 2
+    cx, cy = obj.center[0] * width, obj.center[1] * height
+    x0, x1 = max(0, math.floor(cx - half)), min(width, math.ceil(cx + half))
+    y0, y1 = max(0, math.floor(cy - half)), min(height, math.ceil(cy + half))
+    result = np.zeros((height, width), dtype=np.float32)
     if x1 <= x0 or y1 <= y0:
         return result
     dx = x0 + (np.arange((x1 - x0) * SUPERSAMPLE) + 0.5) / SUPERSAMPLE - cx
@@ -333,14 +362,13 @@ def coverage(obj: SceneObject, size: int) -> np.ndarray:
     return result
 
 
-def render(scene: Scene, size: int = 64) -> Image.Image:
-    """The scene as a size x size RGB image: flat background, flat anti-aliased shapes."""
-    if not isinstance(size, int) or size < 1:
-        raise InputError(f"render size must be a positive integer number of pixels, got {size!r}")
-    image = np.empty((size, size, 3), dtype=np.float32)
+def render(scene: Scene, size=64) -> Image.Image:
+    """The scene as an RGB image, size x size or (width, height): flat background, flat anti-aliased shapes."""
+    width, height = canvas_size(size)
+    image = np.empty((height, width, 3), dtype=np.float32)
     image[:] = BACKGROUNDS[scene.background]
     for obj in scene.objects:
-        alpha = coverage(obj, size)[..., None]
+        alpha = coverage(obj, (width, height))[..., None]
         image = image * (1 - alpha) + np.asarray(COLOURS[obj.colour], dtype=np.float32) * alpha
     return Image.fromarray(np.rint(image).astype(np.uint8), "RGB")
 
@@ -348,11 +376,13 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
 # ---------------------------------------------------------------- datasets
 
 
-def training_example(seed: int, index: int, size: int = 64,
+def training_example(seed: int, index: int, size=64,
                      single_object_fraction: float = SINGLE_OBJECT_FRACTION) -> tuple[Scene, str, Image.Image]:
-    """Example `index` of the stream `seed`: a pure function of (seed, index)."""
+    """Example `index` of the stream `seed` on a size x size or (width, height) canvas: a pure function of
+    (seed, index, size)."""
+    width, height = canvas_size(size)
     rng = np.random.default_rng([seed, index])
-    scene = sample_scene(rng, single_object_fraction)
+    scene = sample_scene(rng, single_object_fraction, width / height)
     return scene, training_caption(scene, rng), render(scene, size)
 
 
@@ -396,7 +426,11 @@ class ShapesData:
                                        else single_object_fraction)
 
     def __getitem__(self, n: int) -> tuple[torch.Tensor, str]:
-        _, caption, image = training_example(self.seed, n, self.size, self.single_object_fraction)
+        return self.sample_at(n, self.size, self.size)
+
+    def sample_at(self, n: int, width: int, height: int) -> tuple[torch.Tensor, str]:
+        """Sample n drawn on a width x height canvas (an aspect-ratio bucket's, training/buckets.py)."""
+        _, caption, image = training_example(self.seed, n, (width, height), self.single_object_fraction)
         return to_tensor(image), caption
 
     def validation_examples(self, count: int) -> list[tuple[torch.Tensor, str]]:

@@ -46,10 +46,13 @@ def paraphrased(captions: list[tuple[str, str]], seed: int) -> list[tuple[str, s
 
 def evaluate(pipe, n: int = 100, seed: int = 0, *, steps: int = 20, guidance_scale: float = 5.0,
              sampler: str = DEFAULT_SAMPLER, batch_size: int = 16, with_paraphrases: bool = True,
-             progress: Optional[Callable[[int], None]] = None) -> list[Judged]:
+             progress: Optional[Callable[[int], None]] = None, width: Optional[int] = None,
+             height: Optional[int] = None) -> list[Judged]:
     """Generate one image per evaluation caption and check it. Image i gets seed `seed + i` with the
     web UI's per-image noise, so any one of them is reproduced alone by
-    `sdlab generate CAPTION --seed S --noise a1111-cpu` with the same steps, sampler and CFG."""
+    `sdlab generate CAPTION --seed S --noise a1111-cpu` with the same steps, sampler and CFG (and
+    --width/--height: unset, the model's resolution)."""
+    size = {key: value for key, value in (("width", width), ("height", height)) if value is not None}
     tagged = evaluation_captions(n, seed)
     if with_paraphrases:
         tagged = tagged + paraphrased(tagged, seed)
@@ -58,7 +61,7 @@ def evaluate(pipe, n: int = 100, seed: int = 0, *, steps: int = 20, guidance_sca
         chunk = tagged[start:start + batch_size]
         prompts = [caption for _, caption in chunk]
         result = pipe.txt2img(prompts, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                              seed=seed + start, batch_size=len(chunk), noise="a1111-cpu")
+                              seed=seed + start, batch_size=len(chunk), noise="a1111-cpu", **size)
         for i, ((group, caption), image) in enumerate(zip(chunk, result.images)):
             judged.append(Judged(group, caption, result.seeds[i], check(image, caption), image))
         if progress is not None:
@@ -103,15 +106,15 @@ def format_table(rates: dict[str, dict[str, float]], counts: dict[str, int]) -> 
 
 def contact_sheet(judged: list[Judged], columns: int = 10, zoom: int = 2) -> Image.Image:
     """Every image with its caption, a green frame when all attributes pass, red otherwise."""
-    tile = judged[0].image.width * zoom
+    tile, tile_h = judged[0].image.width * zoom, judged[0].image.height * zoom
     label = 48
     rows = math.ceil(len(judged) / columns)
-    sheet = Image.new("RGB", (columns * (tile + 8), rows * (tile + label + 8)), (235, 235, 235))
+    sheet = Image.new("RGB", (columns * (tile + 8), rows * (tile_h + label + 8)), (235, 235, 235))
     draw = ImageDraw.Draw(sheet)
     for i, j in enumerate(judged):
-        x, y = (i % columns) * (tile + 8) + 4, (i // columns) * (tile + label + 8) + 4
-        draw.rectangle((x - 3, y - 3, x + tile + 2, y + tile + 2), fill=(40, 160, 60) if j.result["all"] else (200, 40, 40))
-        sheet.paste(j.image.resize((tile, tile), Image.NEAREST), (x, y))
+        x, y = (i % columns) * (tile + 8) + 4, (i // columns) * (tile_h + label + 8) + 4
+        draw.rectangle((x - 3, y - 3, x + tile + 2, y + tile_h + 2), fill=(40, 160, 60) if j.result["all"] else (200, 40, 40))
+        sheet.paste(j.image.resize((tile, tile_h), Image.NEAREST), (x, y))
         words, lines, line = j.caption.split(), [], ""
         for word in words:
             if len(line) + len(word) + 1 > tile // 6:
@@ -120,7 +123,7 @@ def contact_sheet(judged: list[Judged], columns: int = 10, zoom: int = 2) -> Ima
             else:
                 line = f"{line} {word}".strip()
         lines.append(line)
-        draw.multiline_text((x, y + tile + 3), "\n".join(lines[:4]), fill=(0, 0, 0), spacing=1)
+        draw.multiline_text((x, y + tile_h + 3), "\n".join(lines[:4]), fill=(0, 0, 0), spacing=1)
     return sheet
 
 

@@ -252,6 +252,14 @@ class TrainConfig:
     resolution: Optional[int] = None  # training image side; unset: the model config's resolution
     crop: Literal["center", "random"] = "center"
     flip: bool = False  # random horizontal flips (images only; captions saying "left" would then lie)
+    # Aspect-ratio buckets (training/buckets.py, kohya's convention): each batch from one (width, height),
+    # sides multiples of bucket_reso_steps (unset: the model's VAE x UNet downsampling) between
+    # min_bucket_reso (unset: half the resolution) and max_bucket_reso (unset: the resolution), at most
+    # max_bucket_reso^2 pixels
+    buckets: bool = False
+    min_bucket_reso: Optional[int] = None
+    max_bucket_reso: Optional[int] = None
+    bucket_reso_steps: Optional[int] = None
     num_workers: int = 0  # DataLoader processes decoding images
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPUs, fp32 on CPUs
@@ -468,6 +476,9 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
                           f"{config.grad_accum} (each accumulation step takes batch_size / grad_accum samples)")
     if config.resolution is not None and config.resolution < 8:
         raise ConfigError(f"{source}: 'resolution' must be at least 8 pixels, got {config.resolution}")
+    for key in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+        if getattr(config, key) is not None and getattr(config, key) < 1:
+            raise ConfigError(f"{source}: '{key}' must be at least 1 pixel, got {getattr(config, key)}")
     if config.shard_model:
         if config.trainer not in SHARDABLE_TRAINERS:
             raise ConfigError(f"{source}: shard_model shards the UNet trainers ({', '.join(SHARDABLE_TRAINERS)}), "

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
+from .buckets import BucketedFolder, BucketedStream, bucket_sizes
 from .config import DATA_SOURCES, TrainConfig
 from .distributed import note
 
@@ -34,27 +35,28 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return array.permute(2, 0, 1).float() / 127.5 - 1
 
 
-def resize_and_crop(image: Image.Image, size: int, crop: str, rng: np.random.Generator) -> Image.Image:
-    """Scale the shorter side to `size` (aspect kept), then cut a size x size square: centred, or at a
-    random offset along the longer side."""
-    width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    if (new_w, new_h) != (width, height):
+def resize_and_crop(image: Image.Image, size, crop: str, rng: np.random.Generator) -> Image.Image:
+    """Scale the image to cover a size x size square, or a (width, height) canvas (aspect kept), then
+    cut that canvas out of it: centred, or at a random offset along the side that sticks out."""
+    width, height = (size, size) if isinstance(size, int) else size
+    scale = max(width / image.width, height / image.height)
+    new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    if (new_w, new_h) != image.size:
         # reducing_gap: shrink by whole factors first (fast, box filter), then Lanczos for the rest
         image = image.resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
     if crop == "random":
-        left, top = int(rng.integers(new_w - size + 1)), int(rng.integers(new_h - size + 1))
+        left, top = int(rng.integers(new_w - width + 1)), int(rng.integers(new_h - height + 1))
     else:
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
+        left, top = (new_w - width) // 2, (new_h - height) // 2
+    return image.crop((left, top, left + width, top + height))
 
 
 class ImageFolder:
     """Images (.jpg/.jpeg/.png/.webp, searched recursively) with same-named .txt captions.
 
     An image without a caption trains with the empty caption, and a file PIL cannot open is skipped;
-    both are counted (`missing_captions`, `unreadable`) and reported once.
+    both are counted (`missing_captions`, `unreadable`) and reported once. `sizes` holds each image's
+    (width, height) as it is seen (EXIF rotation applied), for aspect-ratio buckets.
     """
 
     def __init__(self, folder: str, size: int, crop: str = "center", flip: bool = False, seed: int = 0,
@@ -66,16 +68,18 @@ class ImageFolder:
         self.folder, self.size, self.crop, self.flip, self.seed = folder, size, crop, flip, seed
         self.paths: list[str] = []
         self.captions: list[str] = []
+        self.sizes: list[tuple[int, int]] = []
         self.missing_captions: list[str] = []
         self.unreadable: list[str] = []
         for path in _image_files(folder):
             try:
-                with Image.open(path):  # the header only: a folder of a million images scans in seconds
-                    pass
+                with Image.open(path) as image:  # the header only: a folder of a million images scans in seconds
+                    size = _oriented_size(image)
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
                 self.unreadable.append(path)
                 continue
             self.paths.append(path)
+            self.sizes.append(size)
             self.captions.append(self._caption(path))
         if not self.paths:
             found = f" ({len(self.unreadable)} files could not be read as images)" if self.unreadable else ""
@@ -106,23 +110,28 @@ class ImageFolder:
         """The image sample n shows: epochs are seeded permutations, so each image appears once per epoch."""
         return int(self._order(n // len(self.paths))[n % len(self.paths)])
 
-    def load(self, index: int, rng: Optional[np.random.Generator] = None) -> tuple[torch.Tensor, str]:
-        """Image `index`, resized and cropped (random crop and flip drawn from `rng`), with its caption."""
+    def load(self, index: int, rng: Optional[np.random.Generator] = None,
+             canvas: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, str]:
+        """Image `index`, resized and cropped to size x size or to `canvas` (width, height) (random crop
+        and flip drawn from `rng`), with its caption."""
         rng = rng if rng is not None else np.random.default_rng(0)
         path = self.paths[index]
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image).convert("RGB")
-        image = resize_and_crop(image, self.size, self.crop, rng)
+        image = resize_and_crop(image, canvas or self.size, self.crop, rng)
         if self.flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_tensor(image), self.captions[index]
 
     def __getitem__(self, n: int) -> tuple[torch.Tensor, str]:
+        return self.sample_at(n, self.size, self.size, self.index_of(n))
+
+    def sample_at(self, n: int, width: int, height: int, index: int) -> tuple[torch.Tensor, str]:
+        """Sample n: image `index` on a width x height canvas (an aspect-ratio bucket's, buckets.py)."""
         rng = np.random.default_rng([self.seed, n, 1])
-        index = self.index_of(n)
         for attempt in range(len(self.paths)):
             try:
-                return self.load((index + attempt) % len(self.paths), rng)
+                return self.load((index + attempt) % len(self.paths), rng, (width, height))
             except (OSError, ValueError, SyntaxError) as exc:
                 # a file that passed the scan but fails to decode (truncated): the next image stands in,
                 # the same one on every rank and in every rerun
@@ -140,6 +149,14 @@ class ImageFolder:
             self.crop, self.flip = keep
 
 
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF rotation exif_transpose applies (orientations 5-8 turn by 90°).
+    Only JPEG and WebP are asked: their EXIF sits in the header, while a PNG's may follow the pixels
+    and reading it would decode the whole file."""
+    orientation = image.getexif().get(0x0112, 1) if image.format in ("JPEG", "MPO", "WEBP") else 1
+    return (image.height, image.width) if orientation in (5, 6, 7, 8) else image.size
+
+
 def _image_files(folder: str) -> list[str]:
     found = []
     for root, dirs, files in os.walk(folder):
@@ -155,11 +172,32 @@ def open_data(folder: str, size: int, crop: str = "center", flip: bool = False, 
     return ImageFolder(folder, size, crop, flip, seed, verbose)
 
 
-def training_data(config: TrainConfig, size: int, verbose: bool = True):
-    """The recipe's `data`: a registered data set by its name (module.training_data(config, size)), else a folder."""
+def training_data(config: TrainConfig, size: int, verbose: bool = True, size_multiple: Optional[int] = None):
+    """The recipe's `data`: a registered data set by its name (module.training_data(config, size)), else a
+    folder; with `buckets`, in one-bucket batches (buckets.py) whose sides are multiples of
+    `bucket_reso_steps`, unset: `size_multiple` (the model's, buckets.size_multiple)."""
     if config.data in DATA_SOURCES:
-        return importlib.import_module(DATA_SOURCES[config.data]).training_data(config, size)
-    return open_data(config.data, size, config.crop, config.flip, config.seed, verbose)
+        data = importlib.import_module(DATA_SOURCES[config.data]).training_data(config, size)
+    else:
+        data = open_data(config.data, size, config.crop, config.flip, config.seed, verbose)
+    return bucketed(data, config, size, size_multiple) if config.buckets else data
+
+
+def bucketed(data, config: TrainConfig, size: int, size_multiple: Optional[int] = None):
+    """`data` in one-bucket batches, the buckets from the recipe's min/max_bucket_reso (unset: half the
+    training size and the training size) and bucket_reso_steps."""
+    step = config.bucket_reso_steps or size_multiple or 8
+    if size_multiple and step % size_multiple:
+        raise ConfigError(f"bucket_reso_steps = {step} must be a multiple of {size_multiple}, the model's "
+                          "VAE x UNet downsampling (its latents halve at every UNet level)")
+    low = config.min_bucket_reso or max(step, size // 2 // step * step)
+    high = config.max_bucket_reso or size // step * step
+    sizes = bucket_sizes(low, high, step)
+    if isinstance(data, ImageFolder):
+        return BucketedFolder(data, sizes, config.batch_size, config.seed)
+    if hasattr(data, "sample_at"):
+        return BucketedStream(data, sizes, config.batch_size, config.seed)
+    raise ConfigError(f"data '{config.data}' cannot be drawn at other sizes; drop 'buckets'")
 
 
 # -- batches -----------------------------------------------------------------------------------------

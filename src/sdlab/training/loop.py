@@ -39,6 +39,7 @@ import torch
 from ..errors import ConfigError
 from ..progress import ProgressBar
 from . import distributed, sharding
+from .buckets import size_multiple
 from .config import RESUMABLE_CHANGES, TrainConfig, trainer_module
 from .data import batches, training_data
 from .ema import ema_decay_at
@@ -196,7 +197,8 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
         del state
 
     size = config.resolution or trainer.resolution
-    data = trainer.training_data(size) if hasattr(trainer, "training_data") else training_data(config, size, main)
+    data = (trainer.training_data(size) if hasattr(trainer, "training_data")
+            else training_data(config, size, main, size_multiple(getattr(trainer, "model_config", None))))
     validation_examples = data.validation_examples(config.validation_images)
     micro_batches = batches(data, start_step, config.steps, config.batch_size, config.grad_accum, ctx.rank,
                             ctx.world_size, config.num_workers, config.seed, device)
