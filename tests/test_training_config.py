@@ -268,6 +268,13 @@ def test_lora_and_textual_inversion_flags_are_their_recipe_keys():
         parse_flags(["train", "unet", "--rank", "8"])  # each trainer takes only its own
 
 
+def test_the_bucket_flags_are_their_recipe_keys():
+    config = cli.config_from_args(parse_flags(["train", "lora", "--buckets", "--min-bucket-reso", "64",
+                                               "--max-bucket-reso", "128"]))
+    assert (config.buckets, config.min_bucket_reso, config.max_bucket_reso) == (True, 64, 128)
+    assert cli.config_from_args(parse_flags(["train", "lora"])).buckets is False
+
+
 def help_entries(capsys, trainer: str) -> dict[str, str]:
     """`sdlab train TRAINER --help`'s options, each flag with its help text on one line."""
     with pytest.raises(SystemExit):

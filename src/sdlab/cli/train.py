@@ -61,6 +61,12 @@ COMMON_FLAGS = [
     ("--checkpoint-every", "checkpoint_every", "steps between resumable checkpoints", {"type": int}),
     ("--validate-every", "validate_every", "steps between validation grids (0: at the end only)", {"type": int}),
     ("--num-workers", "num_workers", "DataLoader processes decoding images", {"type": int}),
+    ("--buckets", "buckets", "aspect-ratio buckets for folder data (kohya's): images grouped by similar aspect and "
+                             "size, each batch from one bucket", {"action": "store_const", "const": True}),
+    ("--min-bucket-reso", "min_bucket_reso", "smallest bucket side in pixels (default: half the resolution)",
+     {"type": int}),
+    ("--max-bucket-reso", "max_bucket_reso", "largest bucket side; buckets hold at most its square in pixels "
+                                             "(default: the resolution)", {"type": int}),
     ("--device", "device", "cpu, cuda, cuda:N (default: cuda if present, else cpu)", {}),
     ("--shard-optimizer", "shard_optimizer", "under torchrun, split the AdamW state over the processes (ZeRO stage 1)",
      {"action": "store_const", "const": True}),
