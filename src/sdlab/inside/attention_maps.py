@@ -39,7 +39,7 @@ def prompt_words(prompt: str, steps: int = 1) -> list[str]:
 class WordMaps:
     """Running mean of the attention of tokens 1..count (past the start token) in image `image`'s
     conditional pass, over every recorded call, each map resized to height x width first. Give it to
-    `recorded_cross_attention(unet, sink=...)`: nothing but the sum is kept, so long runs at full SD
+    `recorded_cross_attention(unet, sink=...)` (an attention hook): nothing but the sum is kept, so long runs at full SD
     sizes cost no memory.
 
     Each call runs either the conditional batch alone (rows = batch_size, guidance scale 1) or the
