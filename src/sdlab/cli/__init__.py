@@ -10,6 +10,8 @@ import sys
 
 from .. import __version__
 from .common import CommandParser, run_reporting_errors
+from .attention import add_attention_command
+from .edit import add_edit_command
 from .eval import add_eval_command
 from .generate import add_generate_commands
 from .info import add_info_commands
@@ -28,6 +30,8 @@ def build_parser() -> CommandParser:
     add_train_command(commands)
     add_eval_command(commands)
     add_serve_command(commands)
+    add_edit_command(commands)  # prompt-to-prompt
+    add_attention_command(commands)  # per-word attention maps
     return parser
 
 
