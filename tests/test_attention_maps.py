@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlab.pipelines.attention_maps import WordMaps, attention_sheet, prompt_words
+from sdlab.inside.attention_maps import WordMaps, attention_sheet, prompt_words
 from test_cli import assert_one_line_error, run_cli
 
 

@@ -130,7 +130,7 @@ def test_recording_catches_every_cross_attention_and_stops_after(tmp_path):
     assert {m.shape[0] for m in maps} == {2} and {m.shape[2] for m in maps} == {77}
     assert {m.shape[1] for m in maps} <= {64, 16, 4}  # 8x8 latents and the coarser levels
     torch.testing.assert_close(recorded, plain, rtol=1e-4, atol=1e-5)  # recording changes no output
-    assert all(block.attn2.recorded is None for block in blocks)
+    assert all(block.attn2.hook is None for block in blocks)
     unet(latents, t, context)
     assert len(maps) == len(blocks)
 

@@ -10,6 +10,8 @@ import sys
 
 from .. import __version__
 from .common import CommandParser, run_reporting_errors
+from .attention import add_attention_command
+from .edit import add_edit_command
 from .digits import add_digits_command
 from .embeddings import add_embeddings_command
 from .eval import add_eval_command
@@ -34,6 +36,8 @@ def build_parser() -> CommandParser:
     add_inside_commands(commands)  # noise, schedule, latents, interpolate
     add_embeddings_command(commands)  # embeddings nearest, map, export
     add_digits_command(commands)  # digits train, draw, eval
+    add_edit_command(commands)  # prompt-to-prompt
+    add_attention_command(commands)  # per-word attention maps
     return parser
 
 

@@ -154,7 +154,7 @@ def run_saving_attention_maps(args, pipe, run, step):
     """`run(step)` with the UNet's cross-attention recorded; writes the first image's word maps to
     --attention-maps (temp file, then rename) and returns run's result."""
     from ..models.attention import recorded_cross_attention
-    from ..pipelines.attention_maps import WordMaps, attention_sheet, prompt_words
+    from ..inside.attention_maps import WordMaps, attention_sheet, prompt_words
 
     words = prompt_words(args.prompt, args.steps)
     if not words:

@@ -3,15 +3,20 @@
 Module names follow CompVis `ldm/modules/attention.py`, so the checkpoint keys under
 `input_blocks.N.1.` read `norm`, `proj_in`, `transformer_blocks.K.{attn1,attn2,ff,norm1..3}`,
 `proj_out`. Every attention product goes through `attention()` and every projection is an
-`nn.Linear` named `to_q/to_k/to_v/to_out.0`: the places where attention maps are recorded
-(`recorded_cross_attention`: `sdlab generate --attention-maps`, the grounding loss) and low-rank
-adapters attached (LoRA).
+`nn.Linear` named `to_q/to_k/to_v/to_out.0`: the places where low-rank adapters attach (LoRA).
+
+Attention hooks: `attention_hooks(unet, hook)` sets one function on the attention layers it names;
+while set, each of those layers computes its probabilities explicitly and passes them to
+`hook(site, probabilities)`, which reads them (returns None) or returns the probabilities to use
+instead. Attention maps (`recorded_cross_attention`, `sdlab attention`, the grounding loss) read them,
+prompt-to-prompt replaces them. A layer without a hook runs the fused kernel: one `is None` test.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,26 +38,58 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return out.transpose(1, 2).reshape(b, lq, inner)
 
 
+def _split_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int):
+    b, lq, inner = q.shape
+    d = inner // heads
+    return (q.view(b, lq, heads, d).transpose(1, 2), k.view(b, -1, heads, d).transpose(1, 2),
+            v.view(b, -1, heads, d).transpose(1, 2))
+
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) per head, (B, heads, Lq, Lk): where each query position looks."""
+    q, k, _ = _split_heads(q, k, k, heads)
+    return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
+
+
+def attend(probabilities: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The values mixed by (B, heads, Lq, Lk) probabilities: v (B, Lk, heads * d) -> (B, Lq, heads * d)."""
+    b, heads, lq, _ = probabilities.shape
+    v = v.view(b, -1, heads, v.shape[-1] // heads).transpose(1, 2)
+    return (probabilities @ v).transpose(1, 2).reshape(b, lq, -1)
+
+
 def attention_with_probabilities(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention()` computed step by step, also returning the attention probabilities averaged over the
-    heads, (B, Lq, Lk): where each query position looks. Differentiable, for losses on the maps."""
-    b, lq, inner = q.shape
-    d = inner // heads
-    q = q.view(b, lq, heads, d).transpose(1, 2)
-    k = k.view(b, -1, heads, d).transpose(1, 2)
-    v = v.view(b, -1, heads, d).transpose(1, 2)
-    probabilities = (q @ k.transpose(-1, -2) * d**-0.5).softmax(dim=-1)  # (B, heads, Lq, Lk)
-    out = (probabilities @ v).transpose(1, 2).reshape(b, lq, inner)
-    return out, probabilities.mean(dim=1)
+    heads, (B, Lq, Lk). Differentiable, for losses on the maps."""
+    probabilities = attention_probabilities(q, k, heads)
+    return attend(probabilities, v), probabilities.mean(dim=1)
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """Which attention layer a hook is called from.
+
+    name: the layer's module path ("input_blocks.1.1.transformer_blocks.0.attn2"); place: "down", "mid"
+    or "up" (input, middle or output blocks); cross: attending to the text (attn2, or attn1 of a block
+    without self-attention) rather than to the image itself.
+    """
+
+    name: str
+    place: str
+    cross: bool
+
+
+# hook(site, probabilities (B, heads, Lq, Lk)) -> None to leave them, or the probabilities to use instead
+AttentionHook = Callable[[AttentionSite, torch.Tensor], Optional[torch.Tensor]]
 
 
 class CrossAttention(nn.Module):
     """Multi-head attention of `x` to `context` (to itself when context is None).
 
     The query, key and value projections have no bias, the output projection has one (ldm).
-    While `recorded` is set (a list, or anything with an `append`), each call appends its head-averaged
-    attention probabilities to it.
+    While `hook` is set (see `attention_hooks`), the probabilities are computed explicitly and go
+    through it.
     """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: Optional[int] = None):
@@ -64,16 +101,17 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         # index 1 is ldm's dropout slot (p = 0 in every SD config); it keeps the key `to_out.0`
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())
-        self.recorded = None  # see recorded_cross_attention
+        self.hook: Optional[AttentionHook] = None  # set by attention_hooks, with self.site
+        self.site: Optional[AttentionSite] = None
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        if self.recorded is None:
+        if self.hook is None:
             return self.to_out(attention(q, k, v, self.heads))
-        out, probabilities = attention_with_probabilities(q, k, v, self.heads)
-        self.recorded.append(probabilities)
-        return self.to_out(out)
+        probabilities = attention_probabilities(q, k, self.heads)
+        replaced = self.hook(self.site, probabilities)
+        return self.to_out(attend(probabilities if replaced is None else replaced, v))
 
 
 class GEGLU(nn.Module):
@@ -174,17 +212,48 @@ def map_shape(positions: int, height: int, width: int) -> tuple[int, int]:
     return h, positions // h
 
 
+PLACES = {"input_blocks": "down", "middle_block": "mid", "output_blocks": "up"}
+
+
+def attention_sites(unet: nn.Module) -> list[tuple[CrossAttention, AttentionSite]]:
+    """Every attention layer of `unet` with its site, in the order a forward pass calls them."""
+    found = []
+    for name, block in unet.named_modules():
+        if isinstance(block, BasicTransformerBlock):
+            place = PLACES.get(name.split(".")[0], "mid")
+            found.append((block.attn1, AttentionSite(f"{name}.attn1", place, block.disable_self_attention)))
+            found.append((block.attn2, AttentionSite(f"{name}.attn2", place, True)))
+    return found
+
+
+@contextmanager
+def attention_hooks(unet: nn.Module, hook: AttentionHook, cross: bool = True, self_attention: bool = False,
+                    places: tuple[str, ...] = ("down", "mid", "up")) -> Iterator[list[AttentionSite]]:
+    """While inside, `hook` sees (and may replace) the probabilities of `unet`'s attention layers: the
+    text cross-attentions when `cross`, the self-attentions when `self_attention`, in the UNet `places`
+    given. Yields the hooked sites. One hook per layer: hooking a hooked layer is a mistake, not a chain."""
+    chosen = [(layer, site) for layer, site in attention_sites(unet)
+              if (cross if site.cross else self_attention) and site.place in places]
+    if any(layer.hook is not None for layer, _ in chosen):
+        raise RuntimeError("an attention hook is already set on these layers; leave its `with` block first")
+    for layer, site in chosen:
+        layer.hook, layer.site = hook, site
+    try:
+        yield [site for _, site in chosen]
+    finally:
+        for layer, _ in chosen:
+            layer.hook, layer.site = None, None
+
+
 @contextmanager
 def recorded_cross_attention(unet: nn.Module, sink=None) -> Iterator:
-    """While inside, every text cross-attention of `unet` (each transformer block's attn2) appends its
-    (B, h*w, tokens) attention probabilities, in call order, to `sink` (anything with an `append`;
-    default a new list), which this yields."""
-    layers = [module.attn2 for module in unet.modules() if hasattr(module, "attn2")]
+    """While inside, every text cross-attention of `unet` appends its head-averaged (B, h*w, tokens)
+    attention probabilities, in call order, to `sink` (anything with an `append`; default a new list),
+    which this yields. Differentiable: the grounding loss trains on them."""
     maps = [] if sink is None else sink
-    for layer in layers:
-        layer.recorded = maps
-    try:
+
+    def record(site: AttentionSite, probabilities: torch.Tensor) -> None:
+        maps.append(probabilities.mean(dim=1))
+
+    with attention_hooks(unet, record):
         yield maps
-    finally:
-        for layer in layers:
-            layer.recorded = None

@@ -9,6 +9,7 @@ the pipeline functions to it, and no module a pipeline imports imports this one.
 
 from __future__ import annotations
 
+from ..inside.prompt_to_prompt import edit
 from .hires import hires_fix
 from .img2img import img2img
 from .inpaint import inpaint
@@ -29,3 +30,4 @@ class StableDiffusion(Pipeline):
     outpaint = outpaint
     hires_fix = hires_fix
     upscale = upscale
+    edit = edit  # prompt-to-prompt (inside/prompt_to_prompt.py)

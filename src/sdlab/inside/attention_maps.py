@@ -2,8 +2,10 @@
 
 At every denoising step, every cross-attention layer gives each latent position a probability over
 the prompt's 77 tokens (averaged over heads here). `WordMaps` averages those of one image's
-conditional pass over steps and layers, each map resized to one size first; `attention_sheet` lays
-out the image beside one heat map per word, as in prompt-to-prompt's figures (Hertz et al. 2022, fig. 4).
+conditional pass over steps and layers, each map resized to one size first; `StepMaps` keeps them per
+sampling step and for chosen steps and layers, as DAAM does (Tang et al. 2023, "What the DAAM:
+Interpreting Stable Diffusion Using Cross Attention"); `attention_sheet` lays out the image beside one
+heat map per word, as in prompt-to-prompt's figures (Hertz et al. 2022, fig. 4).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from ..adapters.lora import parse_lora_tags
 from ..errors import InputError
-from ..models.attention import map_shape
+from ..models.attention import AttentionSite, map_shape
 from ..prompts import prompt_schedule, tokenize_weighted
 from ..tokenizer import END_ID, get_tokenizer
 
@@ -36,10 +38,24 @@ def prompt_words(prompt: str, steps: int = 1) -> list[str]:
     return [word.replace("</w>", "") for word in tokenizer.token_strings(ids)]
 
 
+def word_positions(word: str, ids: list[int], what: str) -> list[int]:
+    """The context positions (1 = the first token after the start token) of every occurrence of `word`'s
+    tokens in a prompt's `ids` (past its start token); a word the prompt lacks is the user's mistake,
+    named with the prompt's words."""
+    tokenizer = get_tokenizer()
+    wanted = tokenizer.encode(word)
+    found = [start + 1 + i for start in range(len(ids) - len(wanted) + 1)
+             if wanted and ids[start:start + len(wanted)] == wanted for i in range(len(wanted))]
+    if not found:
+        words = " ".join(w.replace("</w>", "") for w in tokenizer.token_strings(ids))
+        raise InputError(f"{what}: '{word}' is not a word of the prompt ({words}); name one of its words")
+    return found
+
+
 class WordMaps:
     """Running mean of the attention of tokens 1..count (past the start token) in image `image`'s
     conditional pass, over every recorded call, each map resized to height x width first. Give it to
-    `recorded_cross_attention(unet, sink=...)`: nothing but the sum is kept, so long runs at full SD
+    `recorded_cross_attention(unet, sink=...)` (an attention hook): nothing but the sum is kept, so long runs at full SD
     sizes cost no memory.
 
     Each call runs either the conditional batch alone (rows = batch_size, guidance scale 1) or the
@@ -67,6 +83,33 @@ class WordMaps:
         return self.total / self.calls
 
 
+class StepMaps:
+    """An attention hook (models.attention.attention_hooks) keeping a WordMaps per sampling step, for the
+    steps in `steps` (0-based); the run's step callback calls `advance`."""
+
+    def __init__(self, batch_size: int, count: int, steps: range, height: int = 64, width: int = 64):
+        self.batch_size, self.count, self.steps = batch_size, count, steps
+        self.height, self.width = height, width
+        self.per_step: dict[int, WordMaps] = {}
+        self.step = 0
+
+    def advance(self, info: dict) -> None:
+        self.step = info["i"] + 1
+
+    def __call__(self, site: AttentionSite, probabilities: torch.Tensor) -> None:
+        if self.step in self.steps:
+            if self.step not in self.per_step:
+                self.per_step[self.step] = WordMaps(self.batch_size, self.count, self.height, self.width)
+            self.per_step[self.step].append(probabilities.mean(dim=1))
+
+    def mean(self) -> torch.Tensor:
+        """(count, height, width) over every recorded step and layer."""
+        if not self.per_step:
+            raise ValueError("no cross-attention was recorded in the chosen steps")
+        return (sum(maps.total for maps in self.per_step.values())
+                / sum(maps.calls for maps in self.per_step.values()))
+
+
 def _heat(values: np.ndarray) -> np.ndarray:
     """[0, 1] -> RGB, dark blue through red to yellow."""
     stops = np.array([[20, 20, 90], [60, 60, 200], [220, 40, 40], [250, 230, 60]], dtype=np.float32)
@@ -76,20 +119,22 @@ def _heat(values: np.ndarray) -> np.ndarray:
     return stops[low] * (1 - fraction) + stops[low + 1] * fraction
 
 
-def attention_sheet(image: Image.Image, maps: torch.Tensor, words: list[str], tile: int = 128) -> Image.Image:
-    """The image, then each word's map (scaled to its own maximum) over a faded copy of it, labelled."""
+def attention_sheet(image: Image.Image, maps: torch.Tensor, words: list[str], tile: int = 128,
+                    overlay: bool = True) -> Image.Image:
+    """The image, then each word's map (scaled to its own maximum) over a faded copy of it (`overlay`) or
+    alone, labelled."""
     label = 14
     columns = 1 + len(words)
     sheet = Image.new("RGB", (columns * (tile + 4) + 4, tile + label + 8), (245, 245, 245))
     draw = ImageDraw.Draw(sheet)
     picture = image.convert("RGB").resize((tile, tile), Image.NEAREST)
-    faded = np.asarray(picture, dtype=np.float32) * 0.3
+    faded = np.asarray(picture, dtype=np.float32) * 0.3 if overlay else 0.0
     sheet.paste(picture, (4, 4))
     draw.text((4, tile + 6), "image", fill=(0, 0, 0))
     for i, (word, values) in enumerate(zip(words, maps)):
         values = F.interpolate(values[None, None], size=(tile, tile), mode="bilinear", align_corners=False)[0, 0]
         values = (values / values.max().clamp_min(1e-12)).numpy()
-        blended = faded + _heat(values) * 0.7
+        blended = faded + _heat(values) * (0.7 if overlay else 1.0)
         x = 4 + (i + 1) * (tile + 4)
         sheet.paste(Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)), (x, 4))
         draw.text((x, tile + 6), word[:tile // 6], fill=(0, 0, 0))
