@@ -273,14 +273,14 @@ def test_dropping_a_png_reads_its_parameters_into_the_form(page):
     expect(page.get_by_label("Height", exact=True)).to_have_value("64")
 
 
-def save_screenshots(page, tmp_path, name):
+def save_screenshots(page, tmp_path, name, full_page=False, every_path=False):
     paths = [tmp_path / name]
     folder = os.environ.get("SDLAB_WEB_UI_SCREENSHOTS")
     if folder:
         paths.append(os.path.join(folder, name))
     for path in paths:
-        page.screenshot(path=str(path))
-    return paths[0]
+        page.screenshot(path=str(path), full_page=full_page)
+    return paths if every_path else paths[0]
 
 
 def test_screenshots_simple_and_advanced_and_a_narrow_window(browser, server_url, tmp_path):
@@ -320,3 +320,58 @@ def test_a_result_sent_to_img2img_outpaint_and_upscale_comes_back_at_the_right_s
         generate(page)
         assert picture_pixels(page).shape == shape, mode
     expect(page.get_by_role("list", name="Gallery").get_by_role("button")).to_have_count(4)
+
+
+def test_inside_shows_the_steps_the_attention_maps_and_an_edit_of_the_picture(page, tmp_path):
+    open_advanced(page)
+    page.get_by_label("Prompt", exact=True).fill("a red circle")
+    page.get_by_label("Sampler", exact=True).select_option("Euler")  # an edit needs a deterministic sampler
+    page.get_by_label("Steps", exact=True).fill(FEW_STEPS)
+    page.get_by_label("Size", exact=True).select_option("64x64")
+    page.locator("summary", has_text="Advanced").click()  # closed again: the screenshot shows the output
+    generate(page)
+    picture = picture_pixels(page)
+    inside = page.locator("summary", has_text="Inside")
+    expect(page.get_by_role("button", name="Show denoising steps")).to_be_hidden()  # collapsed by default
+    inside.focus()
+    page.keyboard.press("Enter")  # one key away
+    status = page.locator("#inside-status")
+
+    page.get_by_role("button", name="Show denoising steps").focus()
+    page.keyboard.press("Enter")
+    expect(status).to_have_text("Done.", timeout=JOB_TIMEOUT_MS)
+    predicted = page.get_by_role("list", name="Predicted clean pictures").get_by_role("img")
+    expect(predicted).to_have_count(int(FEW_STEPS) + 1)  # every step of six, then the finished picture
+    expect(predicted.last).to_have_attribute("alt", re.compile("done"))
+    assert np.array_equal(picture_pixels(page, "ol[aria-label='Predicted clean pictures'] li:last-child img"), picture)
+    page.get_by_role("button", name="Pause").click()
+    expect(page.get_by_role("button", name="Play")).to_have_attribute("aria-pressed", "true")
+
+    page.get_by_role("button", name="Attention maps").click()
+    expect(status).to_have_text("Done.", timeout=JOB_TIMEOUT_MS)
+    maps = page.get_by_role("list", name="Attention maps per word")
+    expect(maps.locator("figcaption")).to_have_text(["a", "red", "circle"])
+    expect(maps.get_by_role("img", name="Attention map of “red” over the picture")).to_be_visible()
+
+    target = page.get_by_label("Target prompt")
+    expect(target).to_have_value("a red circle")  # the picture's prompt, to change a word of
+    target.fill("a blue circle")
+    slider = page.get_by_label("Cross-attention steps")
+    slider.focus()
+    page.keyboard.press("ArrowLeft")
+    page.keyboard.press("ArrowLeft")
+    expect(page.locator("#edit-cross-value")).to_have_text("0.7")
+    page.get_by_role("button", name="Edit prompt").click()
+    expect(status).to_have_text("Done.", timeout=JOB_TIMEOUT_MS)
+    pair = page.get_by_role("list", name="Source and edit side by side")
+    expect(pair.locator("figcaption")).to_have_text(["source: a red circle", "edit: a blue circle"])
+    source = picture_pixels(page, "ul[aria-label='Source and edit side by side'] li:first-child img")
+    edit = picture_pixels(page, "ul[aria-label='Source and edit side by side'] li:last-child img")
+    assert np.abs(source - picture).max() <= 2, "the edit's source is the selected picture, redrawn"
+    assert not np.array_equal(source, edit)
+
+    expect(predicted).to_have_count(int(FEW_STEPS) + 1)  # each view keeps its place: all three show at once
+    for path in save_screenshots(page, tmp_path, "web-ui-inside.png", full_page=True, every_path=True):
+        # the whole page is tall: 256 colours keep it small and lose nothing a reader sees
+        Image.open(path).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+        assert os.path.getsize(path) < 200_000

@@ -28,6 +28,7 @@ from ..pipelines.options import GenerationOptions
 from ..pipelines.params import generation_params
 from ..pipelines.seeds import image_seeds
 from ..previews import LatentPreview, fit_for_pipeline
+from .inside_jobs import INSIDE_KINDS, run_inside
 from .jobs import Job
 from .model_folder import VAE_AUTOMATIC, ModelEntry, ModelFolder, UnknownModelError
 from .settings import ServerSettings
@@ -46,7 +47,7 @@ def engine_takes(option: str) -> bool:
 class Work:
     """One request in the pipelines' terms."""
 
-    kind: str  # "txt2img" | "img2img" | "inpaint" | "outpaint" | "upscale" | "extras"
+    kind: str  # "txt2img" | "img2img" | "inpaint" | "outpaint" | "upscale" | "extras" | inside_jobs.INSIDE_KINDS
     prompt: str = ""
     negative_prompt: str = ""
     settings: dict = field(default_factory=dict)  # GenerationOptions fields and the pipeline's own keywords
@@ -61,6 +62,7 @@ class Work:
     save: bool = False  # also write the images into the outputs folder
     save_format: str = "png"
     extras: Optional[dict] = None  # kind "extras": {"upscaler", "scale"} or {"upscaler", "width", "height", "crop"}
+    inside: Optional[dict] = None  # kinds trajectory, attention, edit: the view's settings (inside_jobs.py)
 
     @property
     def batch_size(self) -> int:
@@ -254,7 +256,10 @@ class Engine:
             settings = dict(work.settings, seed=seed + batch * work.batch_size,
                             callback=self._step_callback(job, work, pipe, preview_map))
             try:
-                result = self._call(pipe, work, settings)
+                if work.kind in INSIDE_KINDS:
+                    result, job.inside = run_inside(pipe, work, settings)
+                else:
+                    result = self._call(pipe, work, settings)
                 images, infotexts, seeds = result.images, result.infotexts, result.seeds
             except StopSampling as stop:
                 images, infotexts, seeds = self._partial(pipe, work, settings, stop, job)

@@ -87,6 +87,7 @@ class Job:
     skip_requested: bool = False
     stopped_early: bool = False  # the runner ended it at an interrupt: its results are partial
     encoded_images: Optional[list] = None  # the images as base64 PNGs, once an answer needed them
+    inside: Optional[dict] = None  # a trajectory, attention or edit job's view (native_models.InsideView)
     changes: Changes = field(default_factory=Changes)
     done_event: threading.Event = field(default_factory=threading.Event)
 

@@ -5,8 +5,9 @@ Events of `GET /api/v1/jobs/{id}/events`, each `event: NAME` and `data: JSON`:
 queued {"position"} (again whenever the place changes), started {}, progress {"step", "steps",
 "progress", "preview"} (the preview a base64 PNG when a new one is ready, else null; a client slower
 than the sampler gets the latest step, not every one), then one of
-done {"images", "infotexts", "seeds", "interrupted"}, failed {"error"}, cancelled {}; the stream ends
-there. A client that goes away while its job still waits cancels the job.
+done {"images", "infotexts", "seeds", "interrupted", "inside"}, failed {"error"}, cancelled {}; the
+stream ends there. `inside` is the view of a trajectory, attention or edit job (native_models.InsideView),
+else null. A client that goes away while its job still waits cancels the job.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ async def job_status(job_id: str, request: Request):
     return JobStatus(id=job.id, kind=job.kind, state=state, position=server.queue.position(job), step=job.step,
                      steps=job.steps, progress=1.0 if finished else job.progress, preview=bytes_base64(job.preview),
                      images=images, infotexts=list(job.infotexts) if finished else [],
-                     seeds=list(job.seeds) if finished else [], error=job.error)
+                     seeds=list(job.seeds) if finished else [], error=job.error,
+                     inside=job.inside if finished else None)
 
 
 @router.delete("/jobs/{job_id}", response_model=JobCancelled)
@@ -134,7 +136,7 @@ async def _final_event(job: Job) -> str:
         return sse("cancelled", {})
     images = await run_in_threadpool(encoded_images, job)
     return sse("done", {"images": images, "infotexts": list(job.infotexts), "seeds": list(job.seeds),
-                        "interrupted": job.stopped_early})
+                        "interrupted": job.stopped_early, "inside": job.inside})
 
 
 @router.get("/models", response_model=list[ModelItem])

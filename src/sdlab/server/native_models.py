@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import DEFAULT_SAMPLER
 
-JobKind = Literal["txt2img", "img2img", "inpaint", "outpaint", "upscale"]
+JobKind = Literal["txt2img", "img2img", "inpaint", "outpaint", "upscale", "trajectory", "attention", "edit"]
 JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
 
 
@@ -63,6 +63,60 @@ class JobRequest(_Request):
     noise_level: Optional[int] = None
     preview: Literal["approx", "full", "none"] = "approx"
     preview_every: int = Field(default=2, ge=1, le=1000)
+    # the views of the inside (kinds trajectory, attention, edit: server/inside_jobs.py)
+    every: Optional[int] = Field(default=None, ge=1, le=1000,
+                                 description="trajectory: record every N-th step (null: 5); the finished picture comes last")
+    words: Optional[list[str]] = Field(default=None, description="attention: the words of the prompt to map; "
+                                                                   "null: every token of the prompt")
+    target_prompt: Optional[str] = Field(default=None, description="edit: the prompt to edit the picture into")
+    cross_steps: Optional[float] = Field(default=None, ge=0, le=1, description="edit: the fraction of the steps "
+                                         "that keep the source's cross-attention (the layout); null: 0.8")
+    self_steps: Optional[float] = Field(default=None, ge=0, le=1, description="edit: the fraction of the steps "
+                                        "that keep the source's self-attention (the shapes); null: 0.4")
+    reweight: Optional[dict[str, float]] = Field(default=None, description="edit: word -> factor on its attention")
+    refine: Optional[bool] = Field(default=None, description="edit: the target adds or removes words "
+                                                              "(align the shared ones instead of swapping one for one)")
+
+
+class TrajectoryFrame(BaseModel):
+    step: int = Field(description="the sampler's 0-based step; equal to total for the finished picture")
+    total: int
+    sigma: float = Field(description="the noise level of the latents; 0 for the finished picture")
+    noisy: str = Field(description="the latents at this step, decoded (base64 PNG)")
+    denoised: str = Field(description="the model's prediction of the clean picture at this step (base64 PNG)")
+
+
+class TrajectoryView(BaseModel):
+    every: int
+    grid: str = Field(description="every frame in one labelled picture (base64 PNG)")
+    frames: list[TrajectoryFrame]
+
+
+class WordMap(BaseModel):
+    word: str
+    map: str = Field(description="where the word was read, as a heat map over the faded picture (base64 PNG)")
+
+
+class AttentionView(BaseModel):
+    sheet: str = Field(description="the picture and every word's map, labelled, in one picture (base64 PNG)")
+    words: list[WordMap]
+
+
+class EditView(BaseModel):
+    source_prompt: str
+    target_prompt: str
+    cross_steps: float
+    self_steps: float
+    source: str = Field(description="the picture redrawn from the source prompt (base64 PNG)")
+    edit: str = Field(description="its prompt-to-prompt edit (base64 PNG)")
+
+
+class InsideView(BaseModel):
+    """What a trajectory, attention or edit job shows; the one of its kind is set."""
+
+    trajectory: Optional[TrajectoryView] = None
+    attention: Optional[AttentionView] = None
+    edit: Optional[EditView] = None
 
 
 class JobCreated(BaseModel):
@@ -83,6 +137,7 @@ class JobStatus(BaseModel):
     infotexts: list[str]
     seeds: list[int]
     error: Optional[str] = None
+    inside: Optional[InsideView] = Field(default=None, description="trajectory, attention and edit jobs: the view, once done")
 
 
 class JobCancelled(BaseModel):

@@ -1,4 +1,5 @@
-"""A native job request (`POST /api/v1/jobs`) in the pipelines' terms: engine.Work for its kind."""
+"""A native job request (`POST /api/v1/jobs`) in the pipelines' terms: engine.Work for its kind (the
+views of the inside, trajectory, attention and edit, check their own settings in inside_jobs.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from ..pipelines.inpaint import masked_content_key
 from .engine import Work
 from .generation import check_limits, check_number, check_output_size, request_seed, sampler_settings
 from .images import decode_optional
+from .inside_jobs import INSIDE_KINDS, inside_options
 from .model_folder import ModelFolder
 from .native_models import JobRequest
 from .settings import ServerSettings
@@ -18,7 +20,7 @@ UPSCALE_FACTOR = 4  # the x4 upscaler
 def job_work(request: JobRequest, limits: ServerSettings, folder: ModelFolder) -> Work:
     """Check `request` against the server's limits and build its Work; every refusal is an InputError."""
     kind = request.kind
-    sized = kind in ("txt2img", "img2img", "inpaint")
+    sized = kind in ("txt2img", "img2img", "inpaint", *INSIDE_KINDS)
     check_limits(limits, steps=request.steps, batch_size=request.batch_size, cfg=request.guidance_scale,
                  width=request.width if sized else None, height=request.height if sized else None)
     if not sized and (request.width is not None or request.height is not None):
@@ -42,11 +44,15 @@ def job_work(request: JobRequest, limits: ServerSettings, folder: ModelFolder) -
     pixels = limits.max_image_pixels
     work.init_image = decode_optional(request.init_image, "init_image", pixels)
     work.mask = decode_optional(request.mask, "mask", pixels)
-    if kind != "txt2img" and work.init_image is None:
+    made_from_text = kind == "txt2img" or kind in INSIDE_KINDS
+    if kind in INSIDE_KINDS and (work.init_image is not None or work.mask is not None):
+        raise InputError(f"{kind} shows how a picture is made from its prompt; leave init_image and mask out")
+    if not made_from_text and work.init_image is None:
         raise InputError(f"{kind} needs init_image: the base64 image to start from")
     if kind == "inpaint" and work.mask is None:
         raise InputError("inpaint needs a mask: a base64 image, white where to repaint")
     _kind_settings(request, work, limits)
+    work.inside = inside_options(request)
     return work
 
 
@@ -66,7 +72,7 @@ def _kind_settings(request: JobRequest, work: Work, limits: ServerSettings) -> N
         work.hires = {"hires_scale": hires.scale, "hires_strength": hires.strength, "hires_steps": hires.steps,
                       "hires_upscaler": hires_upscaler_key(hires.upscaler)}
     if request.strength is not None:
-        if kind in ("txt2img", "upscale"):
+        if kind not in ("img2img", "inpaint", "outpaint"):
             raise InputError(f"strength is for img2img, inpaint and outpaint; {kind} takes none")
         settings["strength"] = request.strength
     if kind in ("inpaint", "outpaint"):

@@ -1,4 +1,4 @@
-// sdlab's page: wires the form, the source panel, the job runner, the gallery and PNG drops.
+// sdlab's page: wires the form, the source panel, the job runner, the gallery, the Inside views and PNG drops.
 // Each part lives in its own module under /static/js/.
 
 import { readFileAsBase64 } from "./js/api.js";
@@ -6,6 +6,7 @@ import { addLora, loadChoices } from "./js/choices.js";
 import { setupDrop } from "./js/drop.js";
 import { applySettings, readSettings, setStartingModel, syncFieldsFromSize, syncSizeFromFields } from "./js/form.js";
 import { selectedItem, setupGallery } from "./js/gallery.js";
+import { setupInside } from "./js/inside.js";
 import { interruptJob, showMessage, startJob } from "./js/job.js";
 import { readSourceFields, setSource, setupSource } from "./js/source.js";
 
@@ -76,6 +77,7 @@ function wireResults() {
 async function main() {
   setupSource();
   setupGallery();
+  setupInside();
   setupDrop();
   wireForm();
   wireResults();

@@ -25,6 +25,7 @@ export function select(item) {
   $("download").href = imageUrl(item.image);
   $("download").download = `sdlab-${item.seed ?? "image"}.png`;
   $("picture-info").hidden = false;
+  $("picture-info").dispatchEvent(new CustomEvent("picture-selected", { detail: item }));
   for (const button of $("gallery").querySelectorAll("button")) {
     button.setAttribute("aria-pressed", String(button.dataset.index === String(items.indexOf(item))));
   }
