@@ -100,6 +100,8 @@ sdlab edit "$PROMPT" --to "a large green circle on the left" --seed $SEED --step
 sdlab interpolate --seeds 1,2 --prompt "$PROMPT" --frames 6 --steps $STEPS -o "$OUT/interpolate.png"
 
 # 10. The digits demo: the whole story on 8x8 pictures.
-sdlab digits draw 0 1 2 3 4 5 6 7 8 9 --count 4 -o "$OUT/digits.png" --trajectory "$OUT/digits-trajectory.gif"
+sdlab digits draw 0 1 2 3 4 5 6 7 8 9 --count 4 -o "$OUT/digits.png"
+# The trajectory of one digit only: all ten make a 2 MB animation.
+sdlab digits draw 3 --count 4 -o "$SCRATCH/threes.png" --trajectory "$OUT/digits-trajectory.gif"
 
 echo "pictures written to $OUT/"
