@@ -82,3 +82,21 @@ def test_attention_mistakes_are_one_line_and_write_nothing(tmp_path, args, fragm
     code, _, stderr = run_cli("attention", PROMPT, "--sampling-steps", "20", "-o", str(tmp_path / "maps.png"), *args)
     assert_one_line_error(code, stderr, fragment)
     assert os.listdir(tmp_path) == []
+
+
+def test_the_command_runs_through_the_memory_check(tmp_path):
+    """`sdlab attention` goes through the CLI's size and memory check like every command that draws
+    (it once crashed there: its --steps is a window of steps, not their number)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "maps.png"
+    proc = subprocess.run([sys.executable, "-m", "sdlab", "attention", "a red circle", "-o", str(out), "--steps", "0:2",
+                           "--sampling-steps", "3", "--seed", "1", "--quiet"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists()
+    proc = subprocess.run([sys.executable, "-m", "sdlab", "attention", "a red circle", "-o", str(tmp_path / "big.png"),
+                           "--size", "100000x100000"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "big.png").exists()

@@ -10,6 +10,7 @@ import time
 from ..config import DEFAULT_SAMPLER
 from ..errors import InputError
 from .common import guidance_scale, load_for, parse_size, progress_callback
+from .sizing import add_limit_options
 from .saving import check_writable_file
 
 LAYERS = {"down": ("down",), "mid": ("mid",), "up": ("up",), "all": ("down", "mid", "up")}
@@ -21,14 +22,14 @@ def add_attention_command(commands) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="PNG", help="the sheet: the picture, one map per word")
     parser.add_argument("--words", default=None, metavar="W1,W2",
                         help="the words to map, comma-separated (default: every token of the prompt)")
-    parser.add_argument("--steps", default=":", metavar="A:B",
+    parser.add_argument("--steps", dest="step_window", default=":", metavar="A:B",
                         help="the sampling steps to average, 0-based, B excluded, either side open (default: all)")
     parser.add_argument("--layers", choices=tuple(LAYERS), default="all",
                         help="the UNet's down, middle or up blocks, or all (default all)")
     parser.add_argument("--overlay", action="store_true", help="draw each map over the picture")
     parser.add_argument("--animation", default=None, metavar="WEBP_OR_GIF",
                         help="also write the maps of each step as an animation (.webp or .gif)")
-    parser.add_argument("--sampling-steps", type=int, default=20, help="denoising steps (default 20)")
+    parser.add_argument("--sampling-steps", dest="steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
     parser.add_argument("--cfg", type=guidance_scale, default=7.0, help="classifier-free guidance scale (default 7)")
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER, help=f"sampler name (default: {DEFAULT_SAMPLER})")
@@ -38,7 +39,8 @@ def add_attention_command(commands) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: detected)")
     parser.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fastest safe for the device)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(run=cmd_attention, prediction=None, vae=None, embedding=[])
+    add_limit_options(parser)
+    parser.set_defaults(run=cmd_attention, prediction=None, vae=None, embedding=[], batch=1)
 
 
 def step_range(text: str, steps: int) -> range:
@@ -87,15 +89,15 @@ def cmd_attention(args) -> int:
         if os.path.splitext(args.animation)[1].lower() not in (".webp", ".gif"):
             raise InputError(f"--animation must be a .webp or .gif file, got '{args.animation}'")
         check_writable_file(args.animation)
-    if args.sampling_steps < 1:
-        raise InputError(f"--sampling-steps must be 1 or more, got {args.sampling_steps}")
-    steps = step_range(args.steps, args.sampling_steps)
-    words, token_groups = chosen_words(args.prompt, args.words, args.sampling_steps)
+    if args.steps < 1:
+        raise InputError(f"--sampling-steps must be 1 or more, got {args.steps}")
+    steps = step_range(args.step_window, args.steps)
+    words, token_groups = chosen_words(args.prompt, args.words, args.steps)
     count = max(i for group in token_groups for i in group) + 1
     started = time.perf_counter()
     pipe = load_for(args)
     recorder = StepMaps(batch_size=1, count=count, steps=steps)
-    step, close = progress_callback(args.sampling_steps, args.quiet)
+    step, close = progress_callback(args.steps, args.quiet)
 
     def callback(info):
         recorder.advance(info)
@@ -105,7 +107,7 @@ def cmd_attention(args) -> int:
     width, height = args.size or (None, None)
     try:
         with attention_hooks(pipe.unet, recorder, places=LAYERS[args.layers]):
-            result = pipe.txt2img(args.prompt, args.negative, steps=args.sampling_steps, guidance_scale=args.cfg,
+            result = pipe.txt2img(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg,
                                   seed=args.seed, sampler=args.sampler, width=width, height=height, callback=callback)
     finally:
         close()
