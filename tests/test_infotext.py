@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from sdlab.errors import InputError
-from sdlab.infotext import format_infotext, parse_infotext, save_png
+from sdlab.infotext import format_infotext, parse_infotext
+from sdlab.outputs import save_image as save_png
 
 
 def test_format_matches_the_web_ui_layout():

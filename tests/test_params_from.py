@@ -10,7 +10,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from sdlab.cli import main
-from sdlab.infotext import parse_infotext, save_png
+from sdlab.infotext import parse_infotext
+from sdlab.outputs import save_image as save_png
 from sdlab.outputs import read_parameters
 from sdlab.pipelines.from_params import options_from_infotext
 

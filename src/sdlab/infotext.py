@@ -11,13 +11,7 @@ existing readers (the web UI's "PNG Info" tab, civitai, image browsers) parse th
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
-
-from PIL import Image, PngImagePlugin
-
-from .errors import InputError
 
 
 def _quote(value) -> str:
@@ -67,29 +61,3 @@ def parse_infotext(text: str) -> dict:
             value = json.loads(value)
         result[key.strip()] = value
     return result
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_png(image: Image.Image, path: str, infotext: str | None = None) -> None:
-    """Write a PNG with its `parameters` chunk atomically: a temp file in the same folder, then rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise InputError(f"output folder does not exist: {directory}")
-    info = PngImagePlugin.PngInfo()
-    if infotext:
-        info.add_text("parameters", infotext)
-    fd, tmp = tempfile.mkstemp(prefix=".sdlab-", suffix=".png.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved image gets the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -16,6 +15,7 @@ from ..config import ScheduleConfig
 from ..denoisers import Denoiser
 from ..errors import InputError
 from ..guidance import CFGDenoiser
+from ..outputs import write_file
 from ..samplers import resolve_sampler, sample
 from . import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from .model import NULL_LABEL, DigitsNet
@@ -85,19 +85,9 @@ def save_animation(frames: list[Image.Image], path: str, frame_ms: int = 120) ->
     fmt = {".gif": "GIF", ".webp": "WEBP"}.get(os.path.splitext(path)[1].lower())
     if fmt is None:
         raise InputError(f"the trajectory must be a .gif or .webp file, got '{path}'")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise InputError(f"output folder does not exist: {directory}")
     buffer = io.BytesIO()
     durations = [frame_ms] * (len(frames) - 1) + [1000]
     frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:], duration=durations, loop=0)
-    fd, tmp = tempfile.mkstemp(prefix=".sdlab-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(buffer.getvalue())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_file(buffer.getvalue(), path)  # atomic, with the usual file mode
     return path
 

@@ -17,7 +17,6 @@ with a single column no header line.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import InputError
+from ..outputs import write_file
 from ..tokenizer import Tokenizer, get_tokenizer
 
 DEFAULT_EXPORT_COUNT = 10000  # whole-word tokens exported when no word list is given
@@ -203,11 +203,4 @@ def read_projector(out_dir: str) -> tuple[torch.Tensor, list[str]]:
 
 def write_text_atomically(path: str, text: str) -> None:
     """Write under a temporary name in the same folder, then rename: a reader sees the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=".sdlab-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_file(text.encode("utf-8"), path)
