@@ -24,7 +24,6 @@ def test_the_shipped_model_is_small_enough_to_ship():
 
 
 def test_the_classifier_reads_the_requested_digit_in_at_least_90_percent_of_100_drawings(shipped):
-    pytest.importorskip("sklearn")
     from sdlab.digits.judge import agreement
 
     scores = agreement(shipped, per_digit=10, seed=0)
@@ -58,7 +57,6 @@ def test_training_and_eval_without_scikit_learn_say_how_to_install_it(tmp_path, 
 
 
 def test_a_short_training_run_lowers_the_loss(tmp_path):
-    pytest.importorskip("sklearn")
     from sdlab.digits.model import save_digits_model
     from sdlab.digits.train import train_digits
 

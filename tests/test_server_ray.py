@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-ray = pytest.importorskip("ray")
-httpx = pytest.importorskip("httpx")
+import httpx
+import ray
 
 from sdlab.cli import main  # noqa: E402
 from sdlab.errors import InputError  # noqa: E402
-from sdlab.server import ray_app  # noqa: E402  (needs ray, skipped above without it)
+from sdlab.server import ray_app  # noqa: E402
 from sdlab.server.app import create_app  # noqa: E402
 from sdlab.server.settings import ServerSettings  # noqa: E402
 from server_fixtures import from_base64  # noqa: E402

@@ -10,7 +10,7 @@ from PIL import Image
 from sdlab.server.settings import ServerSettings
 from server_fixtures import LiveServer, wait_until
 
-webuiapi = pytest.importorskip("webuiapi")
+import webuiapi
 
 
 @pytest.fixture(scope="module")
