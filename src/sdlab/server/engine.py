@@ -4,6 +4,9 @@ asked to, keeping what it has.
 
 Only the worker thread touches the models, so a model switch is a job like any other: it waits for
 the job that runs and goes before the jobs queued after it.
+
+torch and the pipelines are imported inside the methods, so by the worker thread as part of its first
+job: the request modules import Work and the names here, and the server answers before torch is loaded.
 """
 
 from __future__ import annotations
@@ -14,23 +17,22 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
 from PIL import Image
 
 from .. import __version__
 from ..errors import InputError, SdlabError, UnknownSamplerError
 from ..infotext import format_infotext
 from ..outputs import day_folder, encode_image, image_grid, save_numbered
-from ..pipelines.latents import decode_latents, with_tiled_vae
-from ..pipelines.options import GenerationOptions
-from ..pipelines.params import generation_params
-from ..pipelines.seeds import image_seeds
-from ..previews import LatentPreview, fit_for_pipeline
 from .jobs import Job
 from .model_folder import VAE_AUTOMATIC, ModelEntry, ModelFolder, UnknownModelError
 from .settings import ServerSettings
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..previews import LatentPreview
 
 PREVIEW_MODES = ("approx", "full", "none")
 UPSCALER_NAMES = ("None", "Lanczos", "Nearest", "SD x4")  # what extras and the hires fix accept by name
@@ -39,6 +41,8 @@ UPSCALER_NAMES = ("None", "Lanczos", "Nearest", "SD x4")  # what extras and the 
 def engine_takes(option: str) -> bool:
     """Whether this sdlab's GenerationOptions has `option`: the web UI's fields whose engine option
     arrives with a later sdlab (variation seeds, batch count) are passed on only then."""
+    from ..pipelines.options import GenerationOptions
+
     return option in {f.name for f in dataclasses.fields(GenerationOptions)}
 
 
@@ -135,6 +139,7 @@ class Engine:
         if self.pipe is not None and self.entry == entry and self.vae_path == vae_path:
             return self.pipe
         from .. import load
+        from ..previews import fit_for_pipeline
 
         self.pipe = None  # let the old model's memory go before the new one is read
         pipe = load(entry.path if entry else None, device=self.settings.device, dtype=self.settings.dtype, vae=vae_path)
@@ -304,6 +309,8 @@ class Engine:
     @staticmethod
     def _preview_png(pipe, denoised: torch.Tensor, mode: str, preview_map: Optional[LatentPreview]) -> bytes:
         """The batch's predicted clean images as one PNG: the linear map (approx) or the VAE (full)."""
+        from ..pipelines.latents import decode_latents
+
         if mode == "full" or preview_map is None or denoised.shape[1] != preview_map.weight.shape[0]:
             images = decode_latents(pipe, denoised)
         else:
@@ -313,6 +320,10 @@ class Engine:
     def _partial(self, pipe, work: Work, settings: dict, stop: StopSampling, job: Job):
         """What a stopped batch has: the last predicted clean latents through the VAE, each image's
         parameters saying at which step it was stopped."""
+        from ..pipelines.latents import decode_latents, with_tiled_vae
+        from ..pipelines.params import generation_params
+        from ..pipelines.seeds import image_seeds
+
         denoised = stop.denoised
         height, width = (side * pipe.latent_factor for side in denoised.shape[-2:])
         images = decode_latents(with_tiled_vae(pipe, None, width, height, len(denoised)), denoised)

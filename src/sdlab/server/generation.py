@@ -9,9 +9,6 @@ import math
 from typing import Optional
 
 from ..errors import InputError
-from ..pipelines.seeds import check_seed, random_seed
-from ..samplers import resolve_sampler
-from ..schedules import resolve_schedule
 from .engine import engine_takes
 from .settings import ServerSettings
 
@@ -69,6 +66,9 @@ def sampler_settings(sampler: str, schedule: Optional[str], eta: Optional[float]
     only to samplers that take one: web UI clients send it whatever the sampler, and the web UI ignores
     it where it means nothing.
     """
+    from ..samplers import resolve_sampler
+    from ..schedules import resolve_schedule
+
     spec = resolve_sampler(sampler)
     settings = {"sampler": spec.name}
     kind = resolve_schedule(schedule) if schedule else None
@@ -83,6 +83,8 @@ def sampler_settings(sampler: str, schedule: Optional[str], eta: Optional[float]
 
 def request_seed(seed: Optional[int]) -> int:
     """The seed a job runs with: -1 or None picks a random one now, so the answer can report it."""
+    from ..pipelines.seeds import check_seed, random_seed
+
     if seed is None or seed == -1:
         return random_seed()
     return check_seed(seed)
