@@ -56,7 +56,8 @@ def test_txt2img_png_carries_the_parameters_the_info_reports(client):
     answer = txt2img(client, seed=7, sampler_name="Euler", batch_size=2)
     info = json.loads(answer["info"])  # a JSON *string*, as in the web UI
     assert len(answer["images"]) == 2 and len(info["infotexts"]) == 2
-    assert info["seed"] == 7 and info["all_seeds"] == [7, 7] and info["sampler_name"] == "Euler"
+    assert info["seed"] == 7 and info["all_seeds"] == [7, 8]  # per-image seeds, as the web UI's
+    assert info["sampler_name"] == "Euler"
     assert (info["width"], info["height"], info["steps"], info["batch_size"]) == (64, 64, 4, 2)
     assert info["sd_model_name"] == "sdlab-shapes" and info["prompt"] == "a red circle"
     for encoded, infotext in zip(answer["images"], info["infotexts"]):
@@ -304,7 +305,7 @@ def test_odd_values_are_4xx_never_500(client):
         ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True, "hr_scale": 1e308, "width": 64, "height": 64}),
         ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True, "hr_resize_x": 10**9, "width": 64, "height": 64}),
         ("/sdapi/v1/txt2img", {"prompt": "x", "styles": ["nope"]}),
-        ("/sdapi/v1/txt2img", {"prompt": "x", "subseed_strength": 0.5, "steps": 2, "width": 64, "height": 64}),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "subseed_strength": 7, "steps": 2, "width": 64, "height": 64}),
         ("/sdapi/v1/img2img", {"prompt": "x", "init_images": [image], "mask": image, "mask_blur": None,
                                "mask_blur_x": None, "inpainting_fill": None}),
         ("/sdapi/v1/img2img", {"prompt": "x", "init_images": [image], "denoising_strength": 7, "steps": 2}),

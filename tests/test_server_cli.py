@@ -2,8 +2,10 @@
 
 import os
 import signal
+import re
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -38,6 +40,36 @@ def test_serve_prints_the_address_answers_and_stops_on_ctrl_c():
         assert "stopped" in process.stderr.read()
     finally:
         process.kill()
+
+
+def test_serve_answers_before_torch_is_imported():
+    """The server binds and answers what needs no model before `import torch` (seconds on a busy
+    machine): torch comes with the first model, on the worker thread, after the address is printed.
+    -X importtime logs each import as it completes, on the same stream as the address, so the order
+    of the lines is the order of the events."""
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(SRC)}
+    process = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "sdlab", "serve", "--port", "0"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        before_address = []
+        for line in process.stdout:
+            if "serving on http://" in line:
+                break
+            before_address.append(line)
+        else:
+            raise AssertionError("sdlab serve ended before printing its address:\n" + "".join(before_address[-20:]))
+        url = line.split("serving on ")[1].split()[0]
+        threading.Thread(target=process.stdout.read, daemon=True).start()  # the pipe must not fill up
+        imported = {match.group(1) for match in map(re.compile(r"^import time:.*\|\s+(\S+)$").match, before_address)
+                    if match}
+        assert "sdlab.server.app" in imported and "uvicorn" in imported
+        assert "torch" not in imported
+        progress = wait_until(lambda: _get(f"{url}/sdapi/v1/progress"), 30, "the first answer")
+        assert progress.status_code == 200 and "progress" in progress.json()
+        assert _get(f"{url}/sdapi/v1/options").status_code == 200
+    finally:
+        process.kill()
+        process.wait(30)
 
 
 def test_serve_warns_when_listening_beyond_loopback_without_auth():

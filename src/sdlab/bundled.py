@@ -10,11 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
 from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig
 from .errors import InputError
-from .models import build_text_encoder, build_unet, build_vae
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 BUNDLED_MODEL = os.path.join(WEIGHTS_DIR, "sdlab-shapes.safetensors")
@@ -56,6 +53,10 @@ def default_model_path(task: str = "txt2img") -> str:
 
 def demo_components(seed: int = 0):
     """(config, unet, vae, text_encoder) of the demo model, random weights from a fixed seed."""
+    import torch  # here, not above: the server reads the paths above before torch is loaded
+
+    from .models import build_text_encoder, build_unet, build_vae
+
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -69,6 +70,8 @@ def package(model: str, inpainting: str, upscaler: str, out_dir: str = WEIGHTS_D
     """Write the three trained shapes models as the bundled files, in fp16: `model` whole, the inpainting
     and upscaling models as their UNets only, sharing `model`'s VAE and text encoder (they were trained
     on them, with `model` as --base; this is checked)."""
+    import torch
+
     from .checkpoint.load import load_components
     from .checkpoint.save import save_single_file
     from .errors import CheckpointError

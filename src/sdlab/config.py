@@ -75,6 +75,11 @@ DEFAULT_SAMPLER = "Euler a"
 NOISE_MODES = ("per-image", "diffusers", "a1111-cpu", "a1111-gpu", "comfy")
 DEFAULT_NOISE = "per-image"
 
+# The largest image (width x height) sdlab makes unless told otherwise: 8192x8192, below Pillow's
+# decompression-bomb limit (about 89.5 megapixels), so every image sdlab writes opens again (img2img).
+# Here, not in memory.py, so that building the CLI's parser needs no torch.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
 
 @dataclass(frozen=True)
 class ScheduleConfig:

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .config import ModelConfig
+from .config import DEFAULT_MAX_PIXELS, ModelConfig
 from .devices import available_memory_bytes, vae_decode_bytes, wants_tiled_vae
 from .errors import TooLargeError
 
@@ -53,10 +53,6 @@ LATENT_COPIES = 12
 # Bytes per output pixel after decoding: the decoded float image, its clamped and scaled copies
 # (pipelines.latents.decode_latents), the 8-bit picture and the grid it may join.
 IMAGE_BYTES_PER_PIXEL = 4 * 3 * 4 + 3 + 3 + 3
-
-# The largest image (width x height) sdlab makes unless told otherwise: 8192x8192, below Pillow's
-# decompression-bomb limit (about 89.5 megapixels), so every image sdlab writes opens again (img2img).
-DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
 @dataclass(frozen=True)

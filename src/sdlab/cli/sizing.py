@@ -39,7 +39,7 @@ def positive_int(text: str) -> int:
 
 
 def add_limit_options(parser: argparse.ArgumentParser) -> None:
-    from ..memory import DEFAULT_MAX_PIXELS
+    from ..config import DEFAULT_MAX_PIXELS
 
     side = int(DEFAULT_MAX_PIXELS**0.5)
     parser.add_argument("--max-pixels", type=max_pixels, default=DEFAULT_MAX_PIXELS, metavar="N|WxH",

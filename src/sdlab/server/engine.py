@@ -4,6 +4,9 @@ asked to, keeping what it has.
 
 Only the worker thread touches the models, so a model switch is a job like any other: it waits for
 the job that runs and goes before the jobs queued after it.
+
+torch and the pipelines are imported inside the methods, so by the worker thread as part of its first
+job: the request modules import Work and the names here, and the server answers before torch is loaded.
 """
 
 from __future__ import annotations
@@ -14,24 +17,23 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
 from PIL import Image
 
 from .. import __version__
 from ..errors import InputError, SdlabError, UnknownSamplerError
 from ..infotext import format_infotext
 from ..outputs import day_folder, encode_image, image_grid, save_numbered
-from ..pipelines.latents import decode_latents, with_tiled_vae
-from ..pipelines.options import GenerationOptions
-from ..pipelines.params import generation_params
-from ..pipelines.seeds import image_seeds
-from ..previews import LatentPreview, fit_for_pipeline
 from .inside_jobs import INSIDE_KINDS, run_inside
 from .jobs import Job
 from .model_folder import VAE_AUTOMATIC, ModelEntry, ModelFolder, UnknownModelError
 from .settings import ServerSettings
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..previews import LatentPreview
 
 PREVIEW_MODES = ("approx", "full", "none")
 UPSCALER_NAMES = ("None", "Lanczos", "Nearest", "SD x4")  # what extras and the hires fix accept by name
@@ -40,6 +42,8 @@ UPSCALER_NAMES = ("None", "Lanczos", "Nearest", "SD x4")  # what extras and the 
 def engine_takes(option: str) -> bool:
     """Whether this sdlab's GenerationOptions has `option`: the web UI's fields whose engine option
     arrives with a later sdlab (variation seeds, batch count) are passed on only then."""
+    from ..pipelines.options import GenerationOptions
+
     return option in {f.name for f in dataclasses.fields(GenerationOptions)}
 
 
@@ -137,6 +141,7 @@ class Engine:
         if self.pipe is not None and self.entry == entry and self.vae_path == vae_path:
             return self.pipe
         from .. import load
+        from ..previews import fit_for_pipeline
 
         self.pipe = None  # let the old model's memory go before the new one is read
         pipe = load(entry.path if entry else None, device=self.settings.device, dtype=self.settings.dtype, vae=vae_path)
@@ -249,12 +254,20 @@ class Engine:
                     "sd_vae_hash": pipe.vae_file.hash if pipe.vae_file else None, "job_timestamp": datetime.datetime.now().strftime("%Y%m%d%H%M%S"),
                     "version": f"sdlab {__version__}"}
         seed = work.settings["seed"]
+        varied = bool(work.settings.get("subseed_strength"))
+        if varied:
+            from ..pipelines.seeds import resolve_subseed
+
+            subseed = resolve_subseed(work.settings.get("subseed"), work.settings["subseed_strength"])
         for batch in range(work.n_iter):
             job.batch_no, job.step, job.steps, job.preview = batch, 0, work.expected_steps(), None
             job.skip_requested = False
             job.changed()
-            settings = dict(work.settings, seed=seed + batch * work.batch_size,
-                            callback=self._step_callback(job, work, pipe, preview_map))
+            # the engine's seeds for batch k (run.over_batches): seed + k * batch_size, or with a variation
+            # strength the same seed and the variation seed going on instead
+            offset = batch * work.batch_size
+            seeds = dict(seed=seed, subseed=subseed + offset) if varied else dict(seed=seed + offset)
+            settings = dict(work.settings, **seeds, callback=self._step_callback(job, work, pipe, preview_map))
             try:
                 if work.kind in INSIDE_KINDS:
                     result, job.inside = run_inside(pipe, work, settings)
@@ -309,6 +322,8 @@ class Engine:
     @staticmethod
     def _preview_png(pipe, denoised: torch.Tensor, mode: str, preview_map: Optional[LatentPreview]) -> bytes:
         """The batch's predicted clean images as one PNG: the linear map (approx) or the VAE (full)."""
+        from ..pipelines.latents import decode_latents
+
         if mode == "full" or preview_map is None or denoised.shape[1] != preview_map.weight.shape[0]:
             images = decode_latents(pipe, denoised)
         else:
@@ -318,6 +333,10 @@ class Engine:
     def _partial(self, pipe, work: Work, settings: dict, stop: StopSampling, job: Job):
         """What a stopped batch has: the last predicted clean latents through the VAE, each image's
         parameters saying at which step it was stopped."""
+        from ..pipelines.latents import decode_latents, with_tiled_vae
+        from ..pipelines.params import generation_params
+        from ..pipelines.seeds import image_seeds
+
         denoised = stop.denoised
         height, width = (side * pipe.latent_factor for side in denoised.shape[-2:])
         images = decode_latents(with_tiled_vae(pipe, None, width, height, len(denoised)), denoised)

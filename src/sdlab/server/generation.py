@@ -9,9 +9,6 @@ import math
 from typing import Optional
 
 from ..errors import InputError
-from ..pipelines.seeds import check_seed, random_seed
-from ..samplers import resolve_sampler
-from ..schedules import resolve_schedule
 from .engine import engine_takes
 from .settings import ServerSettings
 
@@ -22,7 +19,6 @@ WEBUI_TO_ENGINE = {
     "subseed_strength": "subseed_strength",
     "seed_resize_from_w": "seed_resize_from_w",
     "seed_resize_from_h": "seed_resize_from_h",
-    "n_iter": "n_iter",
 }
 
 
@@ -69,6 +65,9 @@ def sampler_settings(sampler: str, schedule: Optional[str], eta: Optional[float]
     only to samplers that take one: web UI clients send it whatever the sampler, and the web UI ignores
     it where it means nothing.
     """
+    from ..samplers import resolve_sampler
+    from ..schedules import resolve_schedule
+
     spec = resolve_sampler(sampler)
     settings = {"sampler": spec.name}
     kind = resolve_schedule(schedule) if schedule else None
@@ -83,6 +82,8 @@ def sampler_settings(sampler: str, schedule: Optional[str], eta: Optional[float]
 
 def request_seed(seed: Optional[int]) -> int:
     """The seed a job runs with: -1 or None picks a random one now, so the answer can report it."""
+    from ..pipelines.seeds import check_seed, random_seed
+
     if seed is None or seed == -1:
         return random_seed()
     return check_seed(seed)
@@ -111,8 +112,7 @@ def variation_settings(subseed: Optional[int], subseed_strength: Optional[float]
 
 
 def batches(n_iter: int) -> tuple[dict, int]:
-    """(engine settings, batches the server runs): the engine's own n_iter when it has one, else the
-    server runs n_iter batches one after another."""
-    if engine_takes(WEBUI_TO_ENGINE["n_iter"]):
-        return {WEBUI_TO_ENGINE["n_iter"]: n_iter}, 1
+    """(engine settings, batches the server runs): the server runs the n_iter batches itself, one after
+    another, so that "skip" ends one batch and the next still runs, as in the web UI (the engine's own
+    n_iter would end with the first)."""
     return {}, n_iter

@@ -15,19 +15,18 @@ already base64 PNGs.
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import InputError
-from ..inside.attention_maps import StepMaps, attention_sheet, prompt_words, word_positions
-from ..inside.prompt_to_prompt import EditOptions, build_edit, prompt_tokens
-from ..inside.trajectory import Trajectory, trajectory_grid
-from ..models.attention import attention_hooks
-from ..samplers import resolve_sampler
 from .images import encode_png_base64
 from .native_models import JobRequest
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+# The views' modules import torch; they are imported where used, so the server answers before torch
+# has loaded (test_server_cli.test_serve_answers_before_torch_is_imported).
 
 INSIDE_KINDS = ("trajectory", "attention", "edit")
 MAP_TILE = 256  # the side of each word's heat map: a 64 px picture's map is still readable
@@ -37,6 +36,8 @@ SHEET_TILE = 128
 def inside_options(request: JobRequest) -> Optional[dict]:
     """The view's own settings of a native request, checked; None for the other kinds. Settings of a
     view given to another kind are refused, as the other kinds' settings are."""
+    from ..inside.attention_maps import prompt_words
+
     kind = request.kind
     given = {name for name in ("every", "words", "target_prompt", "cross_steps", "self_steps", "reweight", "refine")
              if getattr(request, name) not in (None, {}, False)}
@@ -64,6 +65,9 @@ def inside_options(request: JobRequest) -> Optional[dict]:
 def chosen_words(prompt: str, tokens: list[str], words: Optional[list[str]]) -> list[tuple[str, list[int]]]:
     """Each map's label and the token indices (0 = the prompt's first token) it sums: every token of
     the prompt, or the `words` asked for, each a word of the prompt."""
+    from ..inside.attention_maps import word_positions
+    from ..inside.prompt_to_prompt import prompt_tokens
+
     if words is None:
         return [(token, [i]) for i, token in enumerate(tokens)]
     words = [word.strip() for word in words if word.strip()]
@@ -74,6 +78,9 @@ def chosen_words(prompt: str, tokens: list[str], words: Optional[list[str]]) -> 
 
 
 def edit_options(request: JobRequest) -> dict:
+    from ..inside.prompt_to_prompt import EditOptions, build_edit
+    from ..samplers import resolve_sampler
+
     if request.target_prompt is None or not request.target_prompt.strip():
         raise InputError("edit needs target_prompt: the prompt to edit the picture into, e.g. the prompt "
                          "with one word changed")
@@ -90,20 +97,21 @@ def edit_options(request: JobRequest) -> dict:
     return options
 
 
-@torch.no_grad()
 def run_inside(pipe, work, settings: dict) -> tuple:
     """Run `work` (a job of an INSIDE_KINDS kind) with the pipeline `settings` (its step callback
     included); returns (the pipeline's result, the view for the job's answer)."""
-    if work.kind == "trajectory":
-        return _trajectory(pipe, work, settings)
-    if work.kind == "attention":
-        return _attention(pipe, work, settings)
-    if work.kind == "edit":
-        return _edit(pipe, work, settings)
+    import torch
+
+    views = {"trajectory": _trajectory, "attention": _attention, "edit": _edit}
+    if work.kind in views:
+        with torch.no_grad():
+            return views[work.kind](pipe, work, settings)
     raise InputError(f"'{work.kind}' is not a view of the inside; choose one of {', '.join(INSIDE_KINDS)}")
 
 
 def _trajectory(pipe, work, settings: dict) -> tuple:
+    from ..inside.trajectory import Trajectory, trajectory_grid
+
     every = work.inside["every"]
     recorder = Trajectory(every, then=settings["callback"])
     result = pipe.txt2img(work.prompt, work.negative_prompt, **dict(settings, callback=recorder))
@@ -116,6 +124,11 @@ def _trajectory(pipe, work, settings: dict) -> tuple:
 
 
 def _attention(pipe, work, settings: dict) -> tuple:
+    import torch
+
+    from ..inside.attention_maps import StepMaps, attention_sheet
+    from ..models.attention import attention_hooks
+
     words = work.inside["words"]
     count = max(i for _, group in words for i in group) + 1
     steps = settings.get("steps", 20)
@@ -141,6 +154,10 @@ def _attention(pipe, work, settings: dict) -> tuple:
 def word_overlay(image: Image.Image, word_map: torch.Tensor, word: str) -> Image.Image:
     """One word's heat map over a faded copy of the picture, at the picture's aspect: the map tile of
     a one-word attention sheet (its layout: a 4 px margin, the picture's tile, then the word's)."""
+    from PIL import Image
+
+    from ..inside.attention_maps import attention_sheet
+
     sheet = attention_sheet(image, word_map[None], [word], tile=MAP_TILE, overlay=True)
     left = 4 + MAP_TILE + 4
     tile = sheet.crop((left, 4, left + MAP_TILE, 4 + MAP_TILE))

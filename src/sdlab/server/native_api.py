@@ -19,8 +19,6 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..infotext import parse_infotext
-from ..samplers import list_samplers
-from ..schedules import list_schedules
 from .http import ApiError
 from .images import bytes_base64, decode_image, encode_png_base64, text_chunks
 from .jobs import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, Job
@@ -149,11 +147,15 @@ async def models(request: Request):
 
 @router.get("/samplers", response_model=list[SamplerItem])
 async def samplers():
+    from ..samplers import list_samplers
+
     return [SamplerItem(name=name, aliases=list(aliases)) for name, aliases in list_samplers()]
 
 
 @router.get("/schedules", response_model=list[ScheduleItem])
 async def schedules():
+    from ..schedules import list_schedules
+
     return [ScheduleItem(name=key, label=label) for key, label in list_schedules()]
 
 

@@ -4,8 +4,6 @@ views of the inside, trajectory, attention and edit, check their own settings in
 from __future__ import annotations
 
 from ..errors import InputError
-from ..pipelines.hires import hires_upscaler_key
-from ..pipelines.inpaint import masked_content_key
 from .engine import Work
 from .generation import check_limits, check_number, check_output_size, request_seed, sampler_settings
 from .images import decode_optional
@@ -57,6 +55,9 @@ def job_work(request: JobRequest, limits: ServerSettings, folder: ModelFolder) -
 
 
 def _kind_settings(request: JobRequest, work: Work, limits: ServerSettings) -> None:
+    from ..pipelines.hires import hires_upscaler_key
+    from ..pipelines.inpaint import masked_content_key
+
     kind, settings = request.kind, work.settings
     if request.hires is not None:
         if kind != "txt2img":

@@ -16,12 +16,8 @@ from fastapi import APIRouter, Body, Request
 from starlette.concurrency import run_in_threadpool
 
 from .. import bundled
-from ..devices import available_memory_bytes
 from ..errors import InputError
 from ..infotext import parse_infotext
-from ..pipelines.hires import HIRES_UPSCALERS
-from ..samplers import list_samplers, resolve_sampler
-from ..schedules import SCHEDULE_TYPES
 from ..styles import default_styles_file, load_styles
 from .engine import UPSCALER_NAMES, Work
 from .generation import check_number, check_output_size
@@ -210,6 +206,8 @@ async def reload_checkpoint(request: Request):
 
 @router.get("/samplers", response_model=list[SamplerItem])
 async def samplers():
+    from ..samplers import list_samplers, resolve_sampler
+
     items = []
     for name, aliases in list_samplers():
         spec = resolve_sampler(name)
@@ -220,6 +218,8 @@ async def samplers():
 
 @router.get("/schedulers", response_model=list[SchedulerItem])
 async def schedulers():
+    from ..schedules import SCHEDULE_TYPES
+
     return [SchedulerItem(name=_SCHEDULER_NAMES.get(kind.key, kind.key), label=kind.label,
                           aliases=list(kind.aliases) or None, default_rho=7.0 if kind.key == "karras" else -1,
                           need_inner_model=kind.key in _NEEDS_MODEL) for kind in SCHEDULE_TYPES]
@@ -237,6 +237,8 @@ async def upscalers():
 
 @router.get("/latent-upscale-modes")
 async def latent_upscale_modes():
+    from ..pipelines.hires import HIRES_UPSCALERS
+
     return [{"name": label} for label, mode in HIRES_UPSCALERS.values() if mode is not None]
 
 
@@ -276,6 +278,8 @@ async def prompt_styles():
 async def memory():
     """RAM as the web UI reports it (bytes); CUDA's when there is a GPU."""
     import torch
+
+    from ..devices import available_memory_bytes
 
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     free = available_memory_bytes(torch.device("cpu"))

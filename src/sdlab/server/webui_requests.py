@@ -16,8 +16,6 @@ from typing import Optional
 
 from ..errors import InputError
 from ..infotext import parse_infotext
-from ..pipelines.hires import hires_upscaler_key
-from ..pipelines.inpaint import MASKED_CONTENT
 from ..styles import apply_styles, default_styles_file, load_styles
 from .engine import Work
 from .generation import (
@@ -139,6 +137,8 @@ def txt2img_work(request: Txt2ImgRequest, limits: ServerSettings, options: WebUI
 
 def hires_settings(request: Txt2ImgRequest, limits: ServerSettings) -> dict:
     """The hires fix's keywords: hr_scale, or the scale hr_resize_x / hr_resize_y ask for."""
+    from ..pipelines.hires import hires_upscaler_key
+
     width, height = request.width, request.height
     if width is None or height is None:
         raise InputError("the hires fix needs the first pass's width and height")
@@ -162,6 +162,8 @@ def hires_settings(request: Txt2ImgRequest, limits: ServerSettings) -> dict:
 def img2img_work(request: Img2ImgRequest, limits: ServerSettings, options: WebUIOptions,
                  folder: ModelFolder) -> PlannedJob:
     """img2img, or inpainting when the request has a mask."""
+    from ..pipelines.inpaint import MASKED_CONTENT
+
     request = apply_infotext(request)
     if not request.init_images:
         raise InputError("img2img needs init_images: a list with at least one base64 image")
