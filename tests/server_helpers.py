@@ -34,6 +34,16 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"sdlab serve did not answer {url} within {timeout:.0f} s")
 
 
+def stop(process: subprocess.Popen) -> None:
+    """Ask the server to stop; kill it when it does not within 10 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 @contextlib.contextmanager
 def running_server(*args: str, timeout: float = 60.0):
     """Yields the base URL (http://127.0.0.1:PORT) of `sdlab serve ARGS`; its output goes to a log
@@ -53,10 +63,5 @@ def running_server(*args: str, timeout: float = 60.0):
                 raise RuntimeError(f"{error}\n--- server output ---\n{log.read().decode(errors='replace')[-4000:]}")
             yield url
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+            stop(process)
 

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import requests
 
-from server_helpers import SRC, free_port, wait_until_up
+from server_helpers import SRC, free_port, stop, wait_until_up
 
 CLIENTS, REQUESTS = 10, 50
 SMALL = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 3, "sampler_name": "Euler"}
@@ -41,12 +41,7 @@ def server():
             wait_until_up(url + "/api/v1/samplers", process, 120)
             yield url, psutil.Process(process.pid)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+            stop(process)
 
 
 def txt2img(url: str, seed: int) -> requests.Response:
