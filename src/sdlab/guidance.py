@@ -48,19 +48,25 @@ class CFGDenoiser(nn.Module):
     (inpainting's mask and masked-image latents, (B, 5, h, w)) or `y` (the x4 upscaler's noise level, (B,)).
     `sigmas`: the schedule the sampler walks, needed when a ScheduledConditioning changes over the steps.
     A guidance_scale of 1 is the conditional model alone and skips the unconditional pass.
+    `truncation`: CFG truncation, a fast mode (fast/modes.py): from step `truncation * steps` on, the
+    conditional model alone, as at guidance_scale 1 (guidance sets the layout early; the last steps add
+    detail it changes little). Needs `sigmas`, where the steps are counted; None guides every step.
     """
 
     def __init__(self, denoiser: nn.Module, cond, uncond, guidance_scale: float, *,
-                 sigmas: Optional[torch.Tensor] = None, **shared):
+                 sigmas: Optional[torch.Tensor] = None, truncation: Optional[float] = None, **shared):
         super().__init__()
         self.denoiser = denoiser
         self.cond, self.uncond, self.shared = _as_cond(cond), _as_cond(uncond), shared
         self.guidance_scale = guidance_scale
+        self.truncation = truncation
         self.sigmas = None if sigmas is None else torch.as_tensor(sigmas).detach().cpu()
         scheduled = [v for c in (self.cond, self.uncond) for v in c.values() if isinstance(v, ScheduledConditioning)]
         if self.sigmas is None and any(v.changes for v in scheduled):
             raise InputError("prompt editing changes the conditioning per step: pass the sampler's sigmas "
                              "(CFGDenoiser(..., sigmas=sampler_sigmas(...)))")
+        if self.sigmas is None and truncation is not None:
+            raise InputError("CFG truncation counts the steps: pass the sampler's sigmas with `truncation`")
 
     def conditioning(self, sigma) -> tuple[dict, dict]:
         """(cond, uncond) dicts of tensors for a model call at `sigma`."""
@@ -71,9 +77,15 @@ class CFGDenoiser(nn.Module):
 
         return resolve(self.cond), resolve(self.uncond)
 
+    def guided(self, sigma) -> bool:
+        """Whether a model call at `sigma` runs the unconditional pass too."""
+        if self.guidance_scale == 1:
+            return False
+        return self.truncation is None or step_index(sigma, self.sigmas) < self.truncation * (len(self.sigmas) - 1)
+
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         cond, uncond = self.conditioning(sigma)
-        if self.guidance_scale == 1:
+        if not self.guided(sigma):
             return self.denoiser(x, sigma, **cond, **self.shared)
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
         both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}

@@ -125,6 +125,17 @@ def vae_option(text: str) -> str:
     return text
 
 
+def fast_option(text: str) -> str:
+    """`--fast deepcache:3,tome:0.5`: the opt-in fast modes (sdlab/fast/modes.py), checked and written as
+    the images' "Fast" field writes them."""
+    from ..fast.modes import parse_fast
+
+    try:
+        return parse_fast(text).spec()
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_generation_options(parser: argparse.ArgumentParser, default_size: str = "the model's",
                            kind: str = "txt2img", cfg: float = 7.0, params_from: bool = False) -> None:
     """Options shared by every command that runs the denoising loop; `kind` names its outputs subfolder.
@@ -180,6 +191,12 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: detected)")
     parser.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fastest safe for the device)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--fast", type=fast_option, default=None, metavar="MODE[,MODE]",
+                        help="trade the exact image for speed (off by default; quality in "
+                             "docs/performance-fast-modes.md): deepcache:N reuses the deep UNet features for N-1 "
+                             "of every N steps, cfg-trunc:F drops the unconditional pass after fraction F of the "
+                             "steps, tome:R merges share R of the image tokens before self-attention; combine "
+                             "with commas, e.g. deepcache:3,tome:0.5")
     parser.add_argument("--lora", action="append", default=[], type=lora_option, metavar="FILE[:WEIGHT]",
                         help="apply a LoRA (kohya/web UI or diffusers format); repeatable")
     parser.add_argument("--lora-dir", action="append", default=[], metavar="DIR",

@@ -31,6 +31,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import InputError
+from ..fast.modes import as_fast_modes
 from ..models.attention import AttentionSite, attention_hooks, map_shape
 from ..pipelines.checks import check_batch_size, size_or_default
 from ..pipelines.options import read_options
@@ -209,6 +210,8 @@ def edit(pipe: Pipeline, prompt: str, target: Optional[str] = None, negative_pro
         raise InputError(f"the sampler {options.sampler} draws fresh noise for each image every step; prompt-to-prompt "
                          "needs both from the same noise: use a deterministic one such as DPM++ 2M, Euler or DDIM")
     check_batch_size(options.batch_size)
+    if not as_fast_modes(options.fast).exact:  # they skip or merge the attention rows the edit pairs up
+        raise InputError("prompt-to-prompt edits need the exact network: leave out the fast modes (--fast)")
     count = options.batch_size
     hook = build_edit(prompt, edit_options, count, options.steps)
 

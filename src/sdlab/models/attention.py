@@ -153,9 +153,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
+        self.token_merge = None  # ToMe's x -> (merge, unmerge) around the self-attention; set by fast/tome.py
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x), context if self.disable_self_attention else None) + x
+        if self.token_merge is not None:
+            merge, unmerge = self.token_merge(x)
+            x = unmerge(self.attn1(merge(self.norm1(x)))) + x
+        else:
+            x = self.attn1(self.norm1(x), context if self.disable_self_attention else None) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 

@@ -19,6 +19,7 @@ The model registers no buffers: a loader can build it on the meta device and loa
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -117,6 +118,20 @@ def _check_config(config: UNetConfig) -> None:
         raise ConfigError(f"disable_self_attention needs one entry per level ({levels}), or none")
 
 
+@dataclass
+class DeepFeatures:
+    """DeepCache's handle on one UNet call (Ma et al. 2023, "DeepCache", sec. 3.2): the features the
+    deep part of the network hands to output block `-(depth + 1)`, the one that meets skip connection `depth`.
+
+    With `features` None the call runs the whole UNet and leaves them here; set, the call runs only the
+    shallow branch (input blocks 0..depth, output blocks from `-(depth + 1)` on) and uses them in place of
+    everything deeper. Their neighbour steps' deep features change slowly, so reusing them costs little.
+    """
+
+    depth: int = 1  # skip connection where the cached branch joins; 1 is conv_in + the first block (sec. 4.1)
+    features: Optional[torch.Tensor] = None
+
+
 class UNetModel(nn.Module):
     """`unet(latents, timesteps, context) -> noise_pred` (or v), the shape of `latents`.
 
@@ -200,12 +215,14 @@ class UNetModel(nn.Module):
         y: Optional[torch.Tensor] = None,
         concat: Optional[torch.Tensor] = None,
         crossattn: Optional[torch.Tensor] = None,
+        deep_cache: Optional[DeepFeatures] = None,
     ) -> torch.Tensor:
         """x: (B, C, h, w) latents; timesteps: (B,) or one for all, int or fractional;
         context: (B, L, context_dim) text embeddings, L any length (77 per prompt chunk);
         y: (B,) class labels (the x4 upscaler's noise level); concat: (B, C', h, w) channels appended
         to x (inpainting's mask and masked-image latents, the upscaler's low-resolution image).
         `crossattn` is another name for `context`, the key of sgm-style conditioning dicts.
+        `deep_cache`: DeepCache's features, read or written (DeepFeatures); None runs the exact network.
         Returns (B, out_channels, h, w).
         """
         config = self.config
@@ -231,13 +248,23 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y.long())
         context = context.to(x.dtype)
 
+        # DeepCache: the shallow branch alone when deep features are at hand, else everything (keeping them)
+        shallow = deep_cache is not None and deep_cache.features is not None
+        joins = len(self.output_blocks) - 1 - deep_cache.depth if deep_cache is not None else None
         h = x
         skips = []
-        for block in self.input_blocks:
+        for block in self.input_blocks[:deep_cache.depth + 1] if shallow else self.input_blocks:
             h = self._run(block, h, emb, context)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context)
-        for block in self.output_blocks:
+        if shallow:
+            h = deep_cache.features
+        else:
+            h = self._run(self.middle_block, h, emb, context)
+        for index, block in enumerate(self.output_blocks):
+            if shallow and index < joins:
+                continue
+            if index == joins and not shallow:
+                deep_cache.features = h
             h = torch.cat([h, skips.pop()], dim=1)
             # Latent sides that are not multiples of 2^levels (image sides that are multiples of 8 but
             # not of 64) halve with rounding up; upsampling then goes to the next skip's exact size,

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 
 from ..config import NOISE_MODES
 from ..errors import InputError
+from ..fast.modes import parse_fast
 from ..infotext import parse_infotext
 from ..samplers import sampler_and_schedule_names
 from ..schedules import resolve_schedule
@@ -124,6 +125,14 @@ def _edit_and_mask(fields: dict, settings: dict, notes: list) -> None:
         settings["invert_mask"] = True
 
 
+def _fast(text: str) -> str:
+    """"Fast: deepcache:3,tome:0.5" (sdlab's fast modes) as the spec the run takes, checked."""
+    try:
+        return parse_fast(text).spec()
+    except InputError as exc:
+        raise ValueError(str(exc)) from None
+
+
 # field -> (pipeline keyword, how its text is read)
 _SIMPLE = {
     "Steps": ("steps", int),
@@ -136,6 +145,7 @@ _SIMPLE = {
     "Variation seed strength": ("subseed_strength", float),
     "Seed resize from": ("seed_resize_from", _size),
     "Tiling": ("tiling", lambda text: text == "True"),
+    "Fast": ("fast", _fast),
 }
 
 # fields read by the functions above

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..config import DEFAULT_NOISE, DEFAULT_SAMPLER
+from ..fast.modes import FastModes
 
 
 @dataclass
@@ -49,6 +50,9 @@ class GenerationOptions:
     subseed_strength: float = 0.0  # 0: the seed's noise, 1: the variation seed's
     seed_resize_from: Optional[tuple[int, int]] = None  # (width, height) px: the seed's noise as drawn at that size
     n_iter: int = 1  # the web UI's batch count: batches one after another, batch k seeded seed + k * batch_size
+    # opt-in fast modes that change the image for speed, "deepcache:3,cfg-trunc:0.8,tome:0.5" or a
+    # fast.modes.FastModes (fast/modes.py); None: the exact network
+    fast: Union[str, FastModes, None] = None
 
 
 @dataclass

@@ -17,6 +17,9 @@ import torch
 from ..adapters import apply_prompt_adapters, lora_request_tags
 from ..denoisers import Denoiser
 from ..errors import InputError
+from ..fast.deepcache import DeepCacheUNet
+from ..fast.modes import FastModes, as_fast_modes
+from ..fast.tome import token_merging
 from ..guidance import CFGDenoiser
 from ..infotext import format_infotext
 from ..memory import check_generation_fits
@@ -81,15 +84,18 @@ class Start:
     repaint_mask: Optional[torch.Tensor] = None
 
 
-def make_denoiser(pipe: Pipeline, cond, uncond, guidance_scale: float, sampler=None, sigmas=None, **extra):
+def make_denoiser(pipe: Pipeline, cond, uncond, guidance_scale: float, sampler=None, sigmas=None,
+                  fast: FastModes = FastModes(), **extra):
     """The sampler's `model(x, sigma) -> denoised`: UNet + prediction-type wrapper + CFG.
 
     `sampler` (a SamplerSpec) says whether the UNet's timestep is rounded, as diffusers does for
     DPM++ 2M Karras; `sigmas` (the schedule the sampler walks) let scheduled conditioning find the
-    step; `extra` is conditioning both CFG halves share (`concat`, `y`), which the UNet takes as is."""
-    denoiser = Denoiser(pipe.unet, pipe.config.schedule, pipe.config.prediction,
+    step; `extra` is conditioning both CFG halves share (`concat`, `y`), which the UNet takes as is.
+    `fast`: the fast modes acting here, DeepCache around the UNet and CFG truncation (fast/modes.py)."""
+    unet = pipe.unet if fast.deepcache is None else DeepCacheUNet(pipe.unet, fast.deepcache, fast.deepcache_depth)
+    denoiser = Denoiser(unet, pipe.config.schedule, pipe.config.prediction,
                         quantize=bool(sampler is not None and sampler.quantize))
-    return CFGDenoiser(denoiser, cond, uncond, guidance_scale, sigmas=sigmas, **extra)
+    return CFGDenoiser(denoiser, cond, uncond, guidance_scale, sigmas=sigmas, truncation=fast.cfg_truncation, **extra)
 
 
 def vae_tiling(options: GenerationOptions) -> Optional[bool]:
@@ -161,12 +167,15 @@ def generate(
     check_strength(strength)
     sampler_and_schedule_names(options.sampler, options.schedule_type)  # an unknown or unfit name fails here
     check_batch_size(options.batch_size)
+    fast = as_fast_modes(options.fast)
     # refused with one line before anything large is allocated, for the Python API and the server as for the CLI
     check_generation_fits(pipe.config, width, height, options.batch_size, pipe.device, pipe.dtype,
                           guidance=options.guidance_scale != 1, tiled_vae=vae_tiling(options), steps=options.steps,
                           weights_loaded=True)
     pipe = with_tiled_vae(pipe, vae_tiling(options), width, height, options.batch_size)
-    with seamless(pipe.unet, pipe.vae) if options.tiling else nullcontext():
+    latent_size = (height // pipe.latent_factor, width // pipe.latent_factor)
+    with seamless(pipe.unet, pipe.vae) if options.tiling else nullcontext(), \
+            token_merging(pipe.unet, fast.token_merging, latent_size) if fast.token_merging else nullcontext():
         return _generate(pipe, options, width, height, strength, prepare, params)
 
 
@@ -213,7 +222,8 @@ def _generate(pipe: Pipeline, options: GenerationOptions, width: int, height: in
             cond, uncond = encode_text(pipe, clean, clean_negatives, options.clip_skip, steps=denoise_steps)
         sigmas = sampler_sigmas(spec, pipe.config.schedule, options.steps,
                                 schedule_type=options.schedule_type)[run.start_step:]
-        model = make_denoiser(pipe, cond, uncond, options.guidance_scale, sampler=spec, sigmas=sigmas, **conditioning)
+        model = make_denoiser(pipe, cond, uncond, options.guidance_scale, sampler=spec, sigmas=sigmas,
+                              fast=as_fast_modes(options.fast), **conditioning)
         if start.repaint_mask is not None:
             model = KeepOutsideMask(model, start.keep_latents.to(pipe.device, torch.float32),
                                     initial_noise.to(pipe.device), start.repaint_mask.to(pipe.device, torch.float32))
@@ -239,7 +249,8 @@ def _generate(pipe: Pipeline, options: GenerationOptions, width: int, height: in
             guidance_scale=options.guidance_scale, seed=image_seed, tiling=options.tiling,
             width=width, height=height, noise=options.noise, clip_skip=options.clip_skip, batch_size=options.batch_size,
             batch_pos=i, subseed=subseeds[i], subseed_strength=options.subseed_strength,
-            seed_resize_from=options.seed_resize_from, extra={**(params or {}), **adapter_fields, "Eta": options.eta},
+            seed_resize_from=options.seed_resize_from, extra={**(params or {}), **adapter_fields, "Eta": options.eta,
+                                                   "Fast": as_fast_modes(options.fast).spec()},
         )
         prompt = " ".join(text for text in (prompts[i], lora_tags) if text)
         infotexts.append(format_infotext(prompt, negatives[i], fields))

@@ -1,0 +1,47 @@
+"""DeepCache (Ma et al. 2023, "DeepCache: Accelerating Diffusion Models for Free"): the deep UNet
+features change little from one denoising step to the next, so run the whole UNet every N-th call and,
+on the calls between, only its shallow branch at full resolution, reusing the deep features of the last
+whole call (models/unet.py, DeepFeatures).
+
+The schedule counts model calls, not sampler steps, so every sampler gets it alike (Heun's two calls a
+step are two calls). A call whose latents differ in shape from the cached call's (the batch halves when
+cfg-trunc drops the unconditional pass, hires fix changes the size) runs whole and starts the count again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..models.unet import DeepFeatures
+
+
+class DeepCacheUNet(nn.Module):
+    """`unet(x, timesteps, **cond)` that runs whole on calls 0, N, 2N, ... and shallow on the others.
+    With interval 1 every call is whole: the exact network."""
+
+    def __init__(self, unet: nn.Module, interval: int, depth: int = 1):
+        super().__init__()
+        deepest = len(unet.input_blocks) - 1
+        if interval < 1:
+            raise InputError(f"deepcache:N needs N >= 1, got {interval}")
+        if not 0 <= depth <= deepest:
+            raise InputError(f"deepcache depth {depth} is beyond this UNet's skip connections (0 to {deepest})")
+        self.unet = unet
+        self.interval = interval
+        self.cache = DeepFeatures(depth)
+        self.calls = 0
+        self.shape = None
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, x: torch.Tensor, timesteps, **cond) -> torch.Tensor:
+        if x.shape != self.shape:
+            self.shape, self.calls = x.shape, 0
+        if self.calls % self.interval == 0:
+            self.cache.features = None  # this call runs whole and keeps its deep features
+        self.calls += 1
+        return self.unet(x, timesteps, **cond, deep_cache=self.cache)
