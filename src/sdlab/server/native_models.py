@@ -50,6 +50,8 @@ class JobRequest(_Request):
     schedule_type: Optional[str] = Field(default=None, description="a name from GET /api/v1/schedules; null: automatic")
     tiling: bool = Field(default=False, description="seamless images: they tile without a visible seam")
     clip_skip: int = 1
+    fast: Optional[str] = Field(default=None, description="opt-in fast modes that change the image, e.g. "
+                                "'deepcache:3,cfg-trunc:0.8,tome:0.5'; null: the exact network")
     model: Optional[str] = Field(default=None, description="a name from GET /api/v1/models; null: the current one")
     loras: list[LoraRequest] = []
     init_image: Optional[str] = Field(default=None, description="base64 image (a data: prefix is accepted)")

@@ -4,6 +4,7 @@ views of the inside, trajectory, attention and edit, check their own settings in
 from __future__ import annotations
 
 from ..errors import InputError
+from ..fast.modes import parse_fast
 from .engine import Work
 from .generation import check_limits, check_number, check_output_size, request_seed, sampler_settings
 from .images import decode_optional
@@ -36,6 +37,10 @@ def job_work(request: JobRequest, limits: ServerSettings, folder: ModelFolder) -
         raise InputError("upscale makes one image per input image, untiled; leave batch_size at 1 and tiling false")
     if sized:
         settings.update(width=request.width, height=request.height)
+    if request.fast:
+        if kind in INSIDE_KINDS:
+            raise InputError(f"{kind} shows the exact network at work; leave fast out")
+        settings["fast"] = parse_fast(request.fast).spec()
     model = folder.find(request.model).name if request.model is not None else None
     work = Work(kind=kind, prompt=request.prompt, negative_prompt=request.negative_prompt, settings=settings,
                 model=model, preview=request.preview, preview_every=request.preview_every)

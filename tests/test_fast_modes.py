@@ -1,0 +1,193 @@
+"""The opt-in fast modes (sdlab/fast/): each changes the image, none is on by default, DeepCache with
+N = 1 is the exact network, and a bad spec is refused in one line. How much quality each costs is
+measured by benchmarks/fast_modes.py, not asserted here."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdlab.cli import main
+from sdlab.config import UNetConfig
+from sdlab.errors import InputError
+from sdlab.fast.deepcache import DeepCacheUNet
+from sdlab.fast.modes import FastModes, parse_fast
+from sdlab.fast.tome import bipartite_soft_matching, token_merging
+from sdlab.guidance import CFGDenoiser
+from sdlab.infotext import parse_infotext
+from sdlab.models.unet import DeepFeatures, UNetModel
+from sdlab.outputs import read_parameters
+
+# attention at full resolution (where ToMe merges), two res blocks a level so depth 1 stays in level 0
+TINY = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(0, 1), num_res_blocks=2,
+                  num_heads=4, context_dim=32)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    model = UNetModel(TINY).eval()
+    with torch.no_grad():  # ldm starts the residual branches and conv_out at zero: the output would be 0
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.2)
+    return model
+
+
+def inputs(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, 16, 12, generator=generator), torch.tensor([500.0, 500.0]),
+            torch.randn(2, 7, 32, generator=generator))
+
+
+@torch.no_grad()
+def test_a_whole_pass_keeps_the_deep_features_and_a_shallow_pass_on_them_gives_the_same_output(unet):
+    x, t, context = inputs(0)
+    exact = unet(x, t, context)
+    cache = DeepFeatures(depth=1)
+    assert torch.equal(unet(x, t, context, deep_cache=cache), exact)
+    assert cache.features is not None
+    # the shallow branch at the same inputs, on the deep features it would compute itself: the same output
+    assert torch.allclose(unet(x, t, context, deep_cache=cache), exact, atol=1e-5)
+    # at other inputs it reuses stale deep features: an approximation, not the exact output
+    x2, t2, context2 = inputs(1)
+    assert not torch.allclose(unet(x2, t2, context2, deep_cache=cache), unet(x2, t2, context2), atol=1e-3)
+
+
+@torch.no_grad()
+def test_deepcache_every_call_is_the_exact_network_and_every_third_call_is_not(unet):
+    every, third = DeepCacheUNet(unet, 1), DeepCacheUNet(unet, 3)
+    outputs = []
+    for seed in range(3):
+        x, t, context = inputs(seed)
+        exact = unet(x, t, context)
+        assert torch.equal(every(x, t, context=context), exact)
+        outputs.append(torch.equal(third(x, t, context=context), exact))
+    assert outputs == [True, False, False]
+    x, t, context = inputs(0)  # another batch size starts the count again with a whole pass
+    assert torch.equal(third(x[:1], t[:1], context=context[:1]), unet(x[:1], t[:1], context[:1]))
+
+
+def test_deepcache_refuses_a_depth_beyond_the_skip_connections(unet):
+    with pytest.raises(InputError, match="beyond this UNet's skip connections"):
+        DeepCacheUNet(unet, 3, depth=len(unet.input_blocks))
+
+
+def test_merging_then_unmerging_tokens_that_repeat_in_their_cells_gives_them_back():
+    h, w, c = 8, 6, 16
+    cells = torch.randn(1, h // 2, w // 2, c)
+    x = cells.repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(1, h * w, c)  # equal in each 2x2 cell
+    merge, unmerge = bipartite_soft_matching(x, h, w, 0.5, torch.Generator().manual_seed(0))
+    merged = merge(x)
+    assert merged.shape == (1, h * w - h * w // 2, c)
+    assert torch.allclose(unmerge(merged), x)
+
+
+@torch.no_grad()
+def test_token_merging_changes_the_output_only_while_on(unet):
+    x, t, context = inputs(0)
+    exact = unet(x, t, context)
+    with token_merging(unet, 0.5, (16, 12)):
+        merged = unet(x, t, context)
+    assert merged.shape == exact.shape and not torch.allclose(merged, exact, atol=1e-3)
+    assert torch.equal(unet(x, t, context), exact)
+
+
+class Recorder(torch.nn.Module):
+    """A denoiser that records the batch of each call and returns the text embedding's mean per row."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, x, sigma, crossattn):
+        self.batches.append(x.shape[0])
+        return x * 0 + crossattn.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+
+
+def test_cfg_truncation_drops_the_unconditional_pass_from_its_fraction_of_the_steps_on():
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
+    recorder = Recorder()
+    cond, uncond = torch.ones(1, 3, 8), torch.zeros(1, 3, 8)
+    model = CFGDenoiser(recorder, cond, uncond, 7.0, sigmas=sigmas, truncation=0.5)
+    x = torch.zeros(1, 4, 2, 2)
+    outputs = [model(x, sigma) for sigma in sigmas[:-1]]
+    assert recorder.batches == [2, 2, 1, 1]
+    assert [float(out.flatten()[0]) for out in outputs] == [7.0, 7.0, 1.0, 1.0]  # guided, then the cond alone
+
+
+@pytest.mark.parametrize("spec, modes", [
+    ("deepcache:3", FastModes(deepcache=3)),
+    ("deepcache:2:0", FastModes(deepcache=2, deepcache_depth=0)),
+    ("cfg-trunc:0.8", FastModes(cfg_truncation=0.8)),
+    ("tome:0.5", FastModes(token_merging=0.5)),
+    ("deepcache:3,tome:0.5,cfg-trunc:0.7", FastModes(deepcache=3, cfg_truncation=0.7, token_merging=0.5)),
+])
+def test_specs_read_as_the_modes_and_are_written_back_in_one_order(spec, modes):
+    assert parse_fast(spec) == modes
+    assert parse_fast(modes.spec()) == modes
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("warp:2", "unknown fast mode 'warp:2'"),
+    ("deepcache:0", "needs N >= 1"),
+    ("deepcache:x", "needs a whole number"),
+    ("cfg-trunc:1.5", "0 to 1"),
+    ("tome:0.9", "at most 0.75"),
+    ("tome:0.5,tome:0.3", "given twice"),
+])
+def test_bad_specs_are_refused_saying_what_is_accepted(spec, fragment):
+    with pytest.raises(InputError, match=fragment):
+        parse_fast(spec)
+
+
+def test_a_bad_spec_on_the_command_line_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "a red circle", "--fast", "deepcache:0"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "deepcache:N[:D] needs N >= 1" in err
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    import sdlab
+    from sdlab.bundled import BUNDLED_MODEL
+
+    assert os.path.exists(BUNDLED_MODEL), "the bundled model ships in src/sdlab/weights/"
+    return sdlab.load(BUNDLED_MODEL)
+
+
+RUN = dict(steps=4, guidance_scale=5.0, seed=3, sampler="DPM++ 2M")
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0]).astype(int)
+
+
+def test_each_mode_changes_the_image_and_says_so_and_the_default_is_the_exact_one(pipe):
+    exact = pipe.txt2img("a large red circle on the left", **RUN)
+    assert "Fast" not in parse_infotext(exact.infotexts[0])
+    same = pipe.txt2img("a large red circle on the left", fast="deepcache:1", **RUN)
+    assert np.array_equal(pixels(same), pixels(exact))
+    for spec in ("deepcache:2", "cfg-trunc:0.5", "tome:0.5"):
+        fast = pipe.txt2img("a large red circle on the left", fast=spec, **RUN)
+        assert not np.array_equal(pixels(fast), pixels(exact)), spec
+        assert parse_infotext(fast.infotexts[0])["Fast"] == spec
+
+
+def test_prompt_to_prompt_refuses_the_fast_modes(pipe):
+    with pytest.raises(InputError, match="leave out the fast modes"):
+        pipe.edit("a red circle", "a blue circle", fast="deepcache:2", steps=2, sampler="DPM++ 2M")
+
+
+def test_an_image_made_fast_is_made_again_from_its_parameters(tmp_path):
+    made, again = tmp_path / "made.png", tmp_path / "again.png"
+    common = ["--size", "64x64", "--steps", "3", "--sampler", "DPM++ 2M", "--quiet"]
+    assert main(["generate", "a blue square", "--seed", "5", "--fast", "tome:0.5,deepcache:2", *common,
+                 "-o", str(made)]) == 0
+    assert parse_infotext(read_parameters(str(made)))["Fast"] == "deepcache:2,tome:0.5"
+    assert main(["generate", "--params-from", str(made), "--quiet", "-o", str(again)]) == 0
+    assert read_parameters(str(again)) == read_parameters(str(made))
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(made)))
