@@ -44,15 +44,15 @@ class GenerationOptions:
     lora_dirs: Sequence = ()  # where <lora:name:...> tags find their files, by stem
     lora_mode: str = "merge"  # "merge" into the weights, or "dynamic": applied on the fly
     tiled_vae: Optional[bool] = None  # VAE in tiles; None: when the image is large or would not fit whole
+    # opt-in fast modes that change the image for speed, "deepcache:3,cfg-trunc:0.8,tome:0.5" or a
+    # fast.modes.FastModes (fast/modes.py); None: the exact network
+    fast: Union[str, FastModes, None] = None
     # the web UI's variation seeds (per-image noise modes): image i's noise is slerp(subseed_strength, the
     # noise of its seed, the noise of subseed + i); with a strength every image keeps the seed
     subseed: Optional[int] = None  # None: a random 32-bit one when subseed_strength > 0
     subseed_strength: float = 0.0  # 0: the seed's noise, 1: the variation seed's
     seed_resize_from: Optional[tuple[int, int]] = None  # (width, height) px: the seed's noise as drawn at that size
     n_iter: int = 1  # the web UI's batch count: batches one after another, batch k seeded seed + k * batch_size
-    # opt-in fast modes that change the image for speed, "deepcache:3,cfg-trunc:0.8,tome:0.5" or a
-    # fast.modes.FastModes (fast/modes.py); None: the exact network
-    fast: Union[str, FastModes, None] = None
 
 
 @dataclass
