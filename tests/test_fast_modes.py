@@ -191,3 +191,22 @@ def test_an_image_made_fast_is_made_again_from_its_parameters(tmp_path):
     assert main(["generate", "--params-from", str(made), "--quiet", "-o", str(again)]) == 0
     assert read_parameters(str(again)) == read_parameters(str(made))
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(made)))
+
+
+class NoLoras:
+    """The model folder a job request needs here: no LoRAs."""
+
+    def lora_folders(self):
+        return []
+
+
+def test_the_native_api_takes_a_fast_field_checked_like_the_command_lines():
+    from sdlab.server.native_models import JobRequest
+    from sdlab.server.native_requests import job_work
+    from sdlab.server.settings import ServerSettings
+
+    work = job_work(JobRequest(prompt="a red circle", fast="tome:0.5, deepcache:3"), ServerSettings(), NoLoras())
+    assert work.settings["fast"] == "deepcache:3,tome:0.5"
+    assert "fast" not in job_work(JobRequest(prompt="a red circle"), ServerSettings(), NoLoras()).settings
+    with pytest.raises(InputError, match="unknown fast mode"):
+        job_work(JobRequest(prompt="a red circle", fast="warp:2"), ServerSettings(), NoLoras())
