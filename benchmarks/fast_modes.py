@@ -48,6 +48,37 @@ def psnr(image: np.ndarray, reference: np.ndarray, peak: float) -> float:
     return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
+def best_seconds(run, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times[1:])
+
+
+@torch.no_grad()
+def call_costs(pipe, size: int, batch: int) -> str:
+    """One UNet call of a CFG batch (2 * batch) at `size` px, whole vs DeepCache's shallow branch (depth 1
+    and 0) vs ToMe 0.5, best of 5: the per-call costs behind the speed-ups, steadier than a whole run's
+    wall time on a shared machine."""
+    from sdlab.fast.tome import token_merging
+    from sdlab.models.unet import DeepFeatures
+
+    unet, side = pipe.unet, size // pipe.latent_factor
+    x, t = torch.randn(2 * batch, pipe.config.latent_channels, side, side), torch.full((2 * batch,), 500.0)
+    context = torch.randn(2 * batch, 77, pipe.config.unet.context_dim)
+    whole = best_seconds(lambda: unet(x, t, context))
+    costs = [f"whole {whole * 1000:.0f} ms"]
+    for depth in (1, 0):
+        cache = DeepFeatures(depth)
+        unet(x, t, context, deep_cache=cache)
+        costs.append(f"shallow depth {depth} {best_seconds(lambda: unet(x, t, context, deep_cache=cache)) / whole:.2f}")
+    with token_merging(unet, 0.5, (side, side)):
+        costs.append(f"tome:0.5 {best_seconds(lambda: unet(x, t, context)) / whole:.2f}")
+    return f"one UNet call, batch {2 * batch} at {size} px: " + ", ".join(costs) + " (of whole)"
+
+
 def bundled_report(args) -> None:
     import sdlab
     from sdlab.shapes.evaluation import GROUPS, evaluate, table
@@ -73,6 +104,7 @@ def bundled_report(args) -> None:
 
     groups = [g for g in GROUPS if g in rows[0][5]]
     counts = {g: sum(j.group == g for j in judged) for g in groups}
+    print(call_costs(pipe, args.size, args.batch))
     print(f"\nBundled model, {len(judged)} `eval shapes` captions ({', '.join(f'{counts[g]} {g}' for g in groups)}), "
           f"{args.size} px, {args.steps} steps {args.sampler}, CFG {args.cfg}, seed {args.seed}, batch {args.batch}")
     print("| mode | s/image | speed-up | all right | change | " + " | ".join(groups) + " | PSNR to exact |")
@@ -140,6 +172,7 @@ def sd15_report(args) -> None:
         rows.append((fast or "exact", step_s, exact[0] / step_s, diffusers_s / step_s,
                      psnr(latents, exact[1], peak), psnr(image, exact[2], 255.0)))
         print(f"{rows[-1][0]}: {step_s:.2f} s/step", flush=True)
+    print(call_costs(pipe, args.sd15_size, 1))
     print(f"\nSD 1.5 architecture (model_channels {args.sd15_channels}), random weights, {args.sd15_size} px, "
           f"{args.sd15_steps} steps DPM++ 2M, CFG 7; diffusers fp32 UNet: {diffusers_s:.2f} s per CFG step")
     print("| mode | s/step | vs sdlab exact | vs diffusers fp32 | PSNR latents | PSNR image |")
