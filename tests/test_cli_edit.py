@@ -9,7 +9,7 @@ from PIL import Image
 
 from sdlab.cli import main
 from sdlab.infotext import parse_infotext
-from test_cli import assert_one_line_error, assert_one_line_pointing_at_help, run_main
+from test_cli import assert_one_line_error, assert_one_line_pointing_at_help, run_cli
 from test_img2img import sample_image
 
 
@@ -111,8 +111,8 @@ def test_bad_input_is_one_line(files, tmp_path, capsys, command, extra, fragment
 
 
 def test_the_installed_command_refuses_a_missing_init_in_one_line(tmp_path):
-    code, _, stderr = run_main("img2img", "x", "--init", str(tmp_path / "nowhere.png"), "--model", "demo",
-                              "-o", str(tmp_path / "x.png"))
+    code, _, stderr = run_cli("img2img", "x", "--init", str(tmp_path / "nowhere.png"), "--model", "demo",
+                             "-o", str(tmp_path / "x.png"))
     assert_one_line_error(code, stderr, "init image not found")
     assert not list(tmp_path.iterdir())
 
