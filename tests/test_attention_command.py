@@ -13,7 +13,7 @@ from sdlab.inside.attention_maps import word_positions
 from sdlab.models.attention import attention_hooks, map_shape
 from sdlab.shapes.check import analyse
 from sdlab.tokenizer import get_tokenizer
-from test_cli import assert_one_line_error, run_cli
+from test_cli import assert_one_line_error, run_main
 
 PROMPT = "a large red circle on the left"
 WORDS = ["a", "large", "red", "circle", "on", "the", "left"]
@@ -48,7 +48,7 @@ def test_the_colour_words_map_peaks_inside_the_drawn_shape():
 
 def test_attention_writes_the_sheet_and_one_animation_frame_per_step(tmp_path):
     out, animation = tmp_path / "maps.png", tmp_path / "maps.webp"
-    code, _, stderr = run_cli("attention", PROMPT, "--seed", "1", "--sampling-steps", "6", "--steps", "1:5",
+    code, _, stderr = run_main("attention", PROMPT, "--seed", "1", "--sampling-steps", "6", "--steps", "1:5",
                               "--words", "red,circle", "--layers", "up", "--overlay", "-o", str(out),
                               "--animation", str(animation), "--quiet")
     assert code == 0, stderr
@@ -62,7 +62,7 @@ def test_attention_writes_the_sheet_and_one_animation_frame_per_step(tmp_path):
 
 def test_without_overlay_a_map_is_heat_alone(tmp_path):
     out = tmp_path / "maps.png"
-    code, _, stderr = run_cli("attention", PROMPT, "--seed", "1", "--sampling-steps", "4", "--words", "circle",
+    code, _, stderr = run_main("attention", PROMPT, "--seed", "1", "--sampling-steps", "4", "--words", "circle",
                               "-o", str(out), "--quiet")
     assert code == 0, stderr
     with Image.open(out) as sheet:
@@ -79,7 +79,7 @@ def test_without_overlay_a_map_is_heat_alone(tmp_path):
 ])
 def test_attention_mistakes_are_one_line_and_write_nothing(tmp_path, args, fragment):
     args = [str(tmp_path / a) if a.startswith("maps.") else a for a in args]
-    code, _, stderr = run_cli("attention", PROMPT, "--sampling-steps", "20", "-o", str(tmp_path / "maps.png"), *args)
+    code, _, stderr = run_main("attention", PROMPT, "--sampling-steps", "20", "-o", str(tmp_path / "maps.png"), *args)
     assert_one_line_error(code, stderr, fragment)
     assert os.listdir(tmp_path) == []
 
@@ -87,16 +87,11 @@ def test_attention_mistakes_are_one_line_and_write_nothing(tmp_path, args, fragm
 def test_the_command_runs_through_the_memory_check(tmp_path):
     """`sdlab attention` goes through the CLI's size and memory check like every command that draws
     (it once crashed there: its --steps is a window of steps, not their number)."""
-    import subprocess
-    import sys
-
     out = tmp_path / "maps.png"
-    proc = subprocess.run([sys.executable, "-m", "sdlab", "attention", "a red circle", "-o", str(out), "--steps", "0:2",
-                           "--sampling-steps", "3", "--seed", "1", "--quiet"], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    code, _, stderr = run_main("attention", "a red circle", "-o", str(out), "--steps", "0:2", "--sampling-steps", "3",
+                               "--seed", "1", "--quiet")
+    assert code == 0, stderr
     assert out.exists()
-    proc = subprocess.run([sys.executable, "-m", "sdlab", "attention", "a red circle", "-o", str(tmp_path / "big.png"),
-                           "--size", "100000x100000"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    code, _, stderr = run_main("attention", "a red circle", "-o", str(tmp_path / "big.png"), "--size", "100000x100000")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "big.png").exists()

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from sdlab.inside.attention_maps import WordMaps, attention_sheet, prompt_words
-from test_cli import assert_one_line_error, run_cli
+from test_cli import assert_one_line_error, run_main
 
 
 def test_prompt_words_are_the_tokens_without_emphasis_syntax():
@@ -42,7 +42,7 @@ def test_the_sheet_shows_the_image_and_one_tile_per_word():
 
 def test_generate_writes_where_each_word_was_read(tmp_path):
     out, maps = tmp_path / "image.png", tmp_path / "maps.png"
-    code, stdout, stderr = run_cli("generate", "a large red circle on the left", "--seed", "1", "--cfg", "5",
+    code, stdout, stderr = run_main("generate", "a large red circle on the left", "--seed", "1", "--cfg", "5",
                                    "--sampler", "DPM++ 2M", "-o", str(out), "--attention-maps", str(maps), "--quiet")
     assert code == 0, stderr
     assert sorted(os.listdir(tmp_path)) == ["image.png", "maps.png"]
@@ -68,6 +68,6 @@ def test_attention_map_mistakes_are_one_line(tmp_path, args, fragment):
     prompt = "a [red:blue:0.5] circle" if "--prompt-edit" in args else "a red circle"
     args = [a if not a.endswith(".png") and not a.endswith(".jpg") else str(tmp_path / a)
             for a in args if a != "--prompt-edit"]
-    code, _, stderr = run_cli("generate", prompt, "--steps", "2", "-o", str(tmp_path / "x.png"), *args)
+    code, _, stderr = run_main("generate", prompt, "--steps", "2", "-o", str(tmp_path / "x.png"), *args)
     assert_one_line_error(code, stderr, fragment)
     assert os.listdir(tmp_path) == []

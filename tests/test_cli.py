@@ -1,5 +1,7 @@
 """The `sdlab` command as a user meets it: images with parameters, and one clear line on bad input."""
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -18,6 +20,29 @@ def run_cli(*args, stdin=None):
         [sys.executable, "-m", "sdlab", *args], capture_output=True, text=True, input=stdin, timeout=300,
     )
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def run_main(*args, stdin=None):
+    """The same entry point's main() in this process, its output captured: (exit code, stdout, stderr).
+    For what a command does and says; each run_cli pays a new interpreter importing torch (seconds on
+    a small machine), so run_cli stays for the tests of the process itself."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            stdin_from(io.StringIO(stdin) if stdin is not None else sys.stdin):
+        try:
+            code = main(list(args))
+        except SystemExit as exited:  # argparse's --version, --help and mistakes
+            code = exited.code
+    return 0 if code is None else code, out.getvalue(), err.getvalue()
+
+
+@contextlib.contextmanager
+def stdin_from(stream):
+    saved, sys.stdin = sys.stdin, stream
+    try:
+        yield
+    finally:
+        sys.stdin = saved
 
 
 def assert_one_line_error(code, stderr, fragment):
@@ -64,7 +89,7 @@ def test_same_seed_same_image_and_batch_files(tmp_path):
     ],
 )
 def test_bad_generation_input_is_one_line(tmp_path, args, fragment):
-    code, _, stderr = run_cli("generate", "a cat", "-o", str(tmp_path / "x.png"), *args)
+    code, _, stderr = run_main("generate", "a cat", "-o", str(tmp_path / "x.png"), *args)
     assert_one_line_error(code, stderr, fragment)
     assert os.listdir(tmp_path) == []
 
@@ -112,14 +137,14 @@ def test_the_training_module_points_at_its_own_help(capsys):
 
 
 def test_empty_prompt_without_negative_is_refused(tmp_path):
-    code, _, stderr = run_cli("generate", "  ", "--model", "demo", "-o", str(tmp_path / "x.png"))
+    code, _, stderr = run_main("generate", "  ", "--model", "demo", "-o", str(tmp_path / "x.png"))
     assert_one_line_error(code, stderr, "prompt is empty")
 
 
 def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00\x01garbage" * 10)
-    code, _, stderr = run_cli("generate", "a cat", "--model", str(corrupt), "-o", str(tmp_path / "x.png"))
+    code, _, stderr = run_main("generate", "a cat", "--model", str(corrupt), "-o", str(tmp_path / "x.png"))
     assert_one_line_error(code, stderr, "corrupt.safetensors")
 
     from safetensors.torch import save_file
@@ -127,27 +152,27 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
 
     foreign = tmp_path / "lora.safetensors"
     save_file({"lora_unet_down_blocks_0.lora_up.weight": torch.zeros(4, 4)}, str(foreign))
-    code, _, stderr = run_cli("generate", "a cat", "--model", str(foreign), "-o", str(tmp_path / "y.png"))
+    code, _, stderr = run_main("generate", "a cat", "--model", str(foreign), "-o", str(tmp_path / "y.png"))
     assert_one_line_error(code, stderr, "LoRA")
 
     sdxl_like = tmp_path / "sdxl.safetensors"
     save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(4)}, str(sdxl_like))
-    code, _, stderr = run_cli("generate", "a cat", "--model", str(sdxl_like), "-o", str(tmp_path / "z.png"))
+    code, _, stderr = run_main("generate", "a cat", "--model", str(sdxl_like), "-o", str(tmp_path / "z.png"))
     assert_one_line_error(code, stderr, "SDXL")
     assert not list(tmp_path.glob("*.png"))
 
 
 def test_tokenize_shows_ids_and_json():
-    code, stdout, _ = run_cli("tokenize", "Dreamshape", "a photo of a cat")
+    code, stdout, _ = run_main("tokenize", "Dreamshape", "a photo of a cat")
     assert code == 0
     assert "'Dreamshape': 2 tokens" in stdout
-    code, stdout, _ = run_cli("tokenize", "--json", "-", stdin="a photo of a cat\nhello\n")
+    code, stdout, _ = run_main("tokenize", "--json", "-", stdin="a photo of a cat\nhello\n")
     assert code == 0
     assert json.loads(stdout) == [[320, 1125, 539, 320, 2368], [3306]]
 
 
 def test_samplers_lists_web_ui_names_and_aliases():
-    code, stdout, _ = run_cli("samplers")
+    code, stdout, _ = run_main("samplers")
     assert code == 0
     assert "DPM++ 2M Karras" in stdout and "dpmpp_2m_karras" in stdout and "euler_a" in stdout
 
@@ -165,10 +190,10 @@ def test_embeddings_loras_and_prompt_editing_from_the_command_line(tmp_path):
     assert text.startswith("a sdlabstyle cat, [red:blue:0.5]\n")  # the prompt as written, editing syntax kept
     assert 'TI hashes: "sdlabstyle: ' in text
 
-    code, _, stderr = run_cli("generate", "a cat <lora:missing:0.5>", "--model", "demo", "--steps", "2",
+    code, _, stderr = run_main("generate", "a cat <lora:missing:0.5>", "--model", "demo", "--steps", "2",
                               "-o", str(tmp_path / "x.png"))
     assert_one_line_error(code, stderr, "no LoRA file called 'missing'")
-    code, _, stderr = run_cli("generate", "a cat", "--model", "demo", "--lora", str(tmp_path / "nope.safetensors:0.7"),
+    code, _, stderr = run_main("generate", "a cat", "--model", "demo", "--lora", str(tmp_path / "nope.safetensors:0.7"),
                               "-o", str(tmp_path / "y.png"))
     assert_one_line_error(code, stderr, "not found")
 
@@ -348,7 +373,7 @@ def test_top_help_lists_every_trainer_and_version(capsys):
     text = help_text(capsys)
     trainers = "vae, text, unet, lora, textual-inversion, dreambooth, inpaint, upscale, dpo"
     assert f"train a model part or adapter: {trainers}" in text
-    code, stdout, _ = run_cli("--version")
+    code, stdout, _ = run_main("--version")
     assert code == 0 and stdout.strip() == "sdlab 0.1.0"
 
 
@@ -395,13 +420,13 @@ def test_a_folder_given_as_an_image_says_so(tmp_path, capsys):
 
 
 def test_tokenize_shows_what_the_encoder_receives_of_a_weighted_prompt():
-    code, stdout, _ = run_cli("tokenize", "(red:1.3) circle")
+    code, stdout, _ = run_main("tokenize", "(red:1.3) circle")
     assert code == 0
     lines = stdout.splitlines()
     assert lines[0] == "'(red:1.3) circle': 8 tokens as written"
     assert "encoder input (weights applied): red×1.3 circle" in lines
     assert "  2 tokens in 1 chunk of 75" in lines
-    code, stdout, _ = run_cli("tokenize", "--json", "(red:1.3) circle")
+    code, stdout, _ = run_main("tokenize", "--json", "(red:1.3) circle")
     assert json.loads(stdout) == [[263, 736, 281, 272, 269, 274, 264, 7117]], "--json keeps its id lists"
 
 

@@ -112,7 +112,7 @@ def test_bad_input_is_one_line(files, tmp_path, capsys, command, extra, fragment
 
 def test_the_installed_command_refuses_a_missing_init_in_one_line(tmp_path):
     code, _, stderr = run_cli("img2img", "x", "--init", str(tmp_path / "nowhere.png"), "--model", "demo",
-                              "-o", str(tmp_path / "x.png"))
+                             "-o", str(tmp_path / "x.png"))
     assert_one_line_error(code, stderr, "init image not found")
     assert not list(tmp_path.iterdir())
 

@@ -11,7 +11,7 @@ from sdlab.inside.forward_noise import forward_noise, parse_timesteps
 from sdlab.pipelines.images import to_pixels
 from sdlab.pipelines.latents import decode_latents, encode_posterior
 from sdlab.schedules import alphas_cumprod
-from test_cli import assert_one_line_error, run_cli
+from test_cli import assert_one_line_error, run_main
 
 TIMESTEPS = [0, 100, 250, 500, 750, 999]
 
@@ -61,7 +61,7 @@ def test_timesteps_outside_the_schedule_are_refused():
 
 def test_noise_command_writes_the_strip(disc, tmp_path):
     out = tmp_path / "strip.png"
-    code, _, stderr = run_cli("noise", str(disc), "--at", "0,500,999", "-o", str(out))
+    code, _, stderr = run_main("noise", str(disc), "--at", "0,500,999", "-o", str(out))
     assert code == 0, stderr
     with Image.open(out) as strip:
         assert strip.width > 4 * 128 and strip.height > 2 * 128
@@ -77,6 +77,6 @@ def test_bad_input_is_one_line_and_writes_nothing(disc, tmp_path, args, fragment
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
     args = [a.format(tmp=tmp_path, bad=bad, disc=disc) for a in args]
-    code, _, stderr = run_cli("noise", *args, "-o", str(tmp_path / "strip.png"))
+    code, _, stderr = run_main("noise", *args, "-o", str(tmp_path / "strip.png"))
     assert_one_line_error(code, stderr, fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.png"]

@@ -7,7 +7,7 @@ from PIL import Image, ImageDraw
 import sdlab
 from sdlab.errors import InputError
 from sdlab.inside.latents import fractions, interpolate_prompts, interpolate_seeds, latent_channels_picture, slerp
-from test_cli import assert_one_line_error, run_cli
+from test_cli import assert_one_line_error, run_main
 
 FAST = dict(steps=6, sampler="Euler")
 
@@ -60,7 +60,7 @@ def test_fewer_than_two_frames_are_refused():
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
-    code, _, stderr = run_cli(*[a.format(bad=bad) for a in args], "-o", str(tmp_path / "out.png"))
+    code, _, stderr = run_main(*[a.format(bad=bad) for a in args], "-o", str(tmp_path / "out.png"))
     assert_one_line_error(code, stderr, fragment)
     assert [p.name for p in tmp_path.iterdir()] == ["bad.png"]
 
@@ -68,9 +68,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):
 def test_commands_write_their_pictures(tmp_path):
     image = tmp_path / "disc.png"
     Image.new("RGB", (64, 64), "blue").save(image)
-    code, _, stderr = run_cli("latents", str(image), "-o", str(tmp_path / "channels.png"))
+    code, _, stderr = run_main("latents", str(image), "-o", str(tmp_path / "channels.png"))
     assert code == 0, stderr
-    code, _, stderr = run_cli("interpolate", "--prompts", "a red circle", "a blue square", "--frames", "3",
+    code, _, stderr = run_main("interpolate", "--prompts", "a red circle", "a blue square", "--frames", "3",
                               "--steps", "4", "-o", str(tmp_path / "strip.png"))
     assert code == 0, stderr
     with Image.open(tmp_path / "strip.png") as strip:

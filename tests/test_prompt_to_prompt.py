@@ -11,7 +11,7 @@ from PIL import Image
 import sdlab
 from sdlab.inside.prompt_to_prompt import aligned_tokens
 from sdlab.shapes.check import analyse
-from test_cli import assert_one_line_error, run_cli
+from test_cli import assert_one_line_error, run_main
 
 SOURCE, TARGET = "a large red circle on the left", "a large blue circle on the left"
 SEEDS = 20
@@ -61,7 +61,7 @@ def test_refinement_aligns_the_shared_tokens():
 
 def test_edit_writes_the_pair_side_by_side_with_the_edit_in_its_parameters(tmp_path):
     out = tmp_path / "edit.png"
-    code, _, stderr = run_cli("edit", SOURCE, "--to", TARGET, "--seed", "3", "--steps", "8", "--blend", "circle",
+    code, _, stderr = run_main("edit", SOURCE, "--to", TARGET, "--seed", "3", "--steps", "8", "--blend", "circle",
                               "-o", str(out), "--save-each", "--quiet")
     assert code == 0, stderr
     assert sorted(os.listdir(tmp_path)) == ["edit-edit.png", "edit-source.png", "edit.png"]
@@ -82,6 +82,6 @@ def test_edit_writes_the_pair_side_by_side_with_the_edit_in_its_parameters(tmp_p
     (["--to", TARGET, "--sampler", "Euler a"], "deterministic"),
 ])
 def test_edit_mistakes_are_one_line_and_write_nothing(tmp_path, args, fragment):
-    code, _, stderr = run_cli("edit", SOURCE, *args, "--steps", "2", "-o", str(tmp_path / "edit.png"))
+    code, _, stderr = run_main("edit", SOURCE, *args, "--steps", "2", "-o", str(tmp_path / "edit.png"))
     assert_one_line_error(code, stderr, fragment)
     assert os.listdir(tmp_path) == []

@@ -6,7 +6,7 @@ from PIL import Image
 
 from sdlab.config import ScheduleConfig
 from sdlab.inside.schedule_plot import PANEL, nice_ticks, schedule_plot
-from test_cli import assert_one_line_error, run_cli
+from test_cli import assert_one_line_error, run_main
 
 
 def test_ticks_are_round_numbers_covering_the_range():
@@ -27,12 +27,12 @@ def test_the_plot_has_four_panels_with_coloured_lines():
 
 def test_schedule_command(tmp_path):
     out = tmp_path / "schedule.png"
-    code, _, stderr = run_cli("schedule", "-o", str(out), "--steps", "12")
+    code, _, stderr = run_main("schedule", "-o", str(out), "--steps", "12")
     assert code == 0, stderr
     with Image.open(out) as plot:
         assert plot.size == (2 * PANEL[0], 2 * PANEL[1] + 30)
-    code, _, stderr = run_cli("schedule", "-o", str(tmp_path / "s.jpg"))
+    code, _, stderr = run_main("schedule", "-o", str(tmp_path / "s.jpg"))
     assert_one_line_error(code, stderr, ".png")
-    code, _, stderr = run_cli("schedule", "-o", str(tmp_path / "s.png"), "--steps", "1")
+    code, _, stderr = run_main("schedule", "-o", str(tmp_path / "s.png"), "--steps", "1")
     assert_one_line_error(code, stderr, "--steps")
     assert [p.name for p in tmp_path.iterdir()] == ["schedule.png"]

@@ -8,7 +8,7 @@ import sdlab
 from sdlab.errors import InputError
 from sdlab.inside.trajectory import Trajectory, save_trajectory
 from sdlab.inside.sheets import enlarge
-from test_cli import assert_one_line_error, run_cli
+from test_cli import assert_one_line_error, run_main
 
 PROMPT = "a large red circle on the left"
 
@@ -55,7 +55,7 @@ def test_a_bad_interval_is_refused(every):
 
 def test_generate_writes_the_animation_and_its_grid(tmp_path):
     out, animation = tmp_path / "image.png", tmp_path / "steps.webp"
-    code, stdout, stderr = run_cli("generate", PROMPT, "--seed", "1", "--steps", "20", "-o", str(out),
+    code, stdout, stderr = run_main("generate", PROMPT, "--seed", "1", "--steps", "20", "-o", str(out),
                                    "--trajectory", str(animation), "--every", "5", "--quiet")
     assert code == 0, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "steps.png", "steps.webp"]
@@ -90,7 +90,7 @@ def test_a_png_trajectory_is_the_grid_alone(pipe, tmp_path):
 ])
 def test_bad_trajectory_options_are_one_line_and_write_nothing(tmp_path, extra, fragment):
     args = [a.replace("{tmp}", str(tmp_path)) for a in extra]
-    code, _, stderr = run_cli("generate", "x", "--model", "demo", "--steps", "2", "-o", str(tmp_path / "out.png"),
+    code, _, stderr = run_main("generate", "x", "--model", "demo", "--steps", "2", "-o", str(tmp_path / "out.png"),
                               *args, "--quiet")
     assert_one_line_error(code, stderr, fragment)
     assert list(tmp_path.iterdir()) == []

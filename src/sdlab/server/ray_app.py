@@ -61,6 +61,14 @@ class SdlabReplica:
         self.settings = settings
 
     def __serve_build_asgi_app__(self):
+        reserved = ray.get_runtime_context().get_assigned_resources()
+        if not reserved.get("GPU"):
+            import torch  # here: the server's modules leave torch to the first generation, for a quick start
+
+            # as many threads as the cores Ray reserved, whatever OMP_NUM_THREADS the worker inherited:
+            # replicas sharing a machine do not oversubscribe it, and a replica computes the same sums
+            # as any process with that many threads
+            torch.set_num_threads(max(1, int(reserved.get("CPU", 1))))
         app = create_app(self.settings)
         app.add_middleware(ReplicaHeader, name=f"{socket.gethostname()}:{os.getpid()}")
         return app
