@@ -12,7 +12,7 @@ buckets of about 25 MB, DDP's default bucket size.
 Backends: NCCL between GPUs, gloo between CPU processes. `shard_optimizer` splits the AdamW state over
 the ranks (ZeRO stage 1, Replicated.optimizer); `shard_model` splits the weights, gradients, AdamW
 state and EMA too (FSDP, sharding.py), and FSDP then averages the gradients itself. The loop sees
-either through the same small interface: `Replicated` here, `sharding.Sharded`.
+either through the same small interface: `Replicated` here, `sharding.Sharded` (parallel.py picks one).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from ..errors import InputError
 from .ema import EMA
@@ -164,7 +163,7 @@ def adamw_options(config) -> dict:
 class Replicated:
     """How the loop trains when every rank holds the whole model: one process, or data parallelism
     over torchrun's (gradients averaged before each step, above). sharding.Sharded is the other way,
-    with the same methods; sharding.parallelism picks one.
+    with the same methods; parallel.parallelism picks one.
 
     With `shard_optimizer` under torchrun the AdamW state is split (ZeRO stage 1, Rajbhandari et al.
     2020): the gradients are averaged either way, so every rank can update any share, and
@@ -176,6 +175,9 @@ class Replicated:
 
     def optimizer(self, param_groups: list, config) -> torch.optim.Optimizer:
         if config.shard_optimizer and self.ctx.world_size > 1:
+            # imported here: torch.distributed.optim costs seconds at start-up in every torchrun worker
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
             note(f"AdamW state sharded over {self.ctx.world_size} processes (ZeRO stage 1)")
             return ZeroRedundancyOptimizer(param_groups, optimizer_class=torch.optim.AdamW, **adamw_options(config))
         if config.shard_optimizer:
@@ -191,7 +193,7 @@ class Replicated:
 
     def state_dicts(self, optimizer: torch.optim.Optimizer, ema: Optional[EMA]) -> tuple[dict, dict, dict]:
         """Collective. (trained weights, optimizer, EMA) state for the checkpoint, on rank 0; {} elsewhere."""
-        if isinstance(optimizer, ZeroRedundancyOptimizer):
+        if hasattr(optimizer, "consolidate_state_dict"):  # ZeroRedundancyOptimizer
             optimizer.consolidate_state_dict(to=0)  # collective: every rank sends its shard to rank 0
         if not self.ctx.is_main:
             return {}, {}, {}
@@ -211,3 +213,4 @@ class Replicated:
 
     def after_validation(self) -> None:
         pass
+

@@ -38,7 +38,8 @@ import torch
 
 from ..errors import ConfigError
 from ..progress import ProgressBar
-from . import distributed, sharding
+from . import distributed
+from .parallel import parallelism
 from .buckets import size_multiple
 from .config import RESUMABLE_CHANGES, TrainConfig, trainer_module
 from .data import batches, training_data
@@ -179,7 +180,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool, callback
             module.gradient_checkpointing = config.gradient_checkpointing
     ema_decay = trainer.default_ema_decay if config.ema_decay is None else config.ema_decay
     # how the ranks share the work: whole copies (DDP, optionally ZeRO-1) or shards (FSDP)
-    parallel = sharding.parallelism(config, ctx, trainer.trained, trainer.model)
+    parallel = parallelism(config, ctx, trainer.trained, trainer.model)
     params = [p for p in trainer.trained.parameters() if p.requires_grad]
     optimizer = parallel.optimizer(param_groups(trainer, params), config)
     amp_dtype = autocast_dtype(config.precision, device)

@@ -192,12 +192,3 @@ class Sharded:
     def after_validation(self) -> None:
         if self.whole is not None:
             self.whole.cpu()  # off the GPU again while training runs
-
-
-def parallelism(config, ctx: Context, trained: nn.Module, model: nn.Module):
-    """Sharded under `shard_model` with several processes, else Replicated."""
-    if config.shard_model and ctx.world_size > 1:
-        return Sharded(ctx, trained, model)
-    if config.shard_model:
-        note("shard_model has nothing to split in a single process; training unsharded")
-    return Replicated(ctx, trained, model)
