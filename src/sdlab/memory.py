@@ -96,11 +96,12 @@ def parameter_counts(config: ModelConfig) -> tuple[int, int, int]:
     """(UNet, VAE, text encoder) parameter and buffer element counts, from modules built on the meta
     device: exact for every config, and nothing is allocated."""
     from .models import build_text_encoder, build_unet, build_vae
+    from .models.empty import empty_modules
 
     def count(module: torch.nn.Module) -> int:
         return sum(t.numel() for t in (*module.parameters(), *module.buffers()))
 
-    with torch.device("meta"):
+    with empty_modules():
         return count(build_unet(config.unet)), count(build_vae(config.vae)), count(build_text_encoder(config.text))
 
 
