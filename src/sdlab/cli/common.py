@@ -179,6 +179,9 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta / ancestral noise amount")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: detected)")
     parser.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fastest safe for the device)")
+    parser.add_argument("--lowvram", action="store_true",
+                        help="keep the text encoder, UNet and VAE in CPU memory, each on the GPU only while it works "
+                             "(slower; for GPUs that cannot hold the whole model; nothing changes on the CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--lora", action="append", default=[], type=lora_option, metavar="FILE[:WEIGHT]",
                         help="apply a LoRA (kohya/web UI or diffusers format); repeatable")
@@ -323,7 +326,8 @@ def load_for(args, task: str = "txt2img", sizes=None, checked: Optional[bool] = 
         checked = refuse_too_large(args, task, sizes)
     if not args.quiet:
         print(f"loading {os.path.basename(os.path.normpath(path))} ...", file=sys.stderr, flush=True)
-    pipe = load(path, prediction=args.prediction, device=args.device, dtype=args.dtype, task=task, vae=args.vae)
+    pipe = load(path, prediction=args.prediction, device=args.device, dtype=args.dtype, task=task, vae=args.vae,
+                lowvram=getattr(args, "lowvram", False))
     if not checked:
         check_fits(args, pipe.config, sizes(pipe.config), pipe.device, pipe.dtype, weights_loaded=True)
     if args.embedding:
