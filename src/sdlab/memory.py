@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -217,6 +218,24 @@ def check_limits(width: int, height: int, batch_size: int, steps: Optional[int] 
                             "run fewer images at a time, or raise --max-batch")
     if limits.max_steps is not None and steps is not None and steps > limits.max_steps:
         raise TooLargeError(f"{steps} steps is above the limit of {limits.max_steps}: use fewer steps")
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """This process's peak resident memory: Linux's VmHWM (ru_maxrss would carry a forking parent's peak
+    across exec), else ru_maxrss; None where neither is known."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def gib(n: int) -> str:

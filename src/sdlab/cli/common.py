@@ -346,8 +346,21 @@ def run_and_save(args, started: float, run, steps: int) -> int:
         close()
     for path in save_results(args, result):
         print(f"wrote {path}")
-    print(f"seed {result.seeds[0]}, {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    print(f"seed {result.seeds[0]}, {time.perf_counter() - started:.1f}s{peak_memory_note()}", file=sys.stderr)
     return 0
+
+
+def peak_memory_note() -> str:
+    """", peak RSS 412 MiB" (and the GPU's peak where one ran): what the run held at most."""
+    import torch
+
+    from ..memory import gib, peak_rss_bytes
+
+    peak = peak_rss_bytes()
+    note = f", peak RSS {gib(peak)}" if peak else ""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
+        note += f", peak GPU {gib(torch.cuda.max_memory_allocated())}"
+    return note
 
 
 def run_reporting_errors(args, interrupted: str = "sdlab: interrupted") -> int:
