@@ -14,7 +14,10 @@ A generation's phases run one after another, so its peak is the weights plus the
   with the largest level's (channels x pixels); attention is torch's scaled_dot_product_attention
   (models/attention.py), whose CPU and CUDA kernels never hold the (tokens x tokens) matrix: measured
   peaks grow linearly with the pixel count. Other devices (MPS) run the math path, which does; there it
-  is counted;
+  is counted. So do hooked layers (attention maps, prompt-to-prompt: models/attention.py's
+  attention_hooks), which compute their probabilities explicitly: a hooked self-attention holds
+  (batch x heads x pixels x pixels) numbers several times over, 3 GiB at 512 px for SD 1.5 and 16 GiB
+  at 768 px, which `hooked_attention` finds and the estimate counts;
 - decoding: the VAE on the whole batch, untiled or tiled (devices.vae_decode_bytes; its mid-block
   attention runs on the whole latent, fused as the UNet's), then the images turned into 8-bit pictures.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,6 +53,8 @@ ALLOCATOR_SLACK = 2.5
 # The first generation's one-off costs: the tokenizer's tables, the kernel libraries' lazy set-up, the
 # checkpoint's pages mapped while loading. Measured 100-170 MiB above the weights (CPU, bundled model).
 RUNTIME_BYTES = 192 * 2**20
+# An explicitly computed attention (a hooked layer) holds q k^T, its scaled copy and their softmax at once.
+EXPLICIT_ATTENTION_COPIES = 3
 # Latent-sized tensors alive while sampling: x, denoised, derivative, step noise, the CFG halves ...
 LATENT_COPIES = 12
 # Bytes per output pixel after decoding: the decoded float image, its clamped and scaled copies
@@ -96,11 +102,12 @@ def parameter_counts(config: ModelConfig) -> tuple[int, int, int]:
     """(UNet, VAE, text encoder) parameter and buffer element counts, from modules built on the meta
     device: exact for every config, and nothing is allocated."""
     from .models import build_text_encoder, build_unet, build_vae
+    from .models.empty import empty_modules
 
     def count(module: torch.nn.Module) -> int:
         return sum(t.numel() for t in (*module.parameters(), *module.buffers()))
 
-    with torch.device("meta"):
+    with empty_modules():
         return count(build_unet(config.unet)), count(build_vae(config.vae)), count(build_text_encoder(config.text))
 
 
@@ -116,9 +123,11 @@ def model_weights_bytes(config: ModelConfig, dtype: torch.dtype = torch.float32,
 
 
 def unet_call_bytes(config: ModelConfig, latent_height: int, latent_width: int, batch_size: int,
-                    dtype: torch.dtype, attention_matrix: bool = False) -> int:
+                    dtype: torch.dtype, attention_matrix: bool = False, hooked: frozenset[str] = frozenset()) -> int:
     """Live tensor bytes of one UNet call on `batch_size` latents: the largest level's activation times
-    the calibrated factor. `attention_matrix`: the attention kernel holds (batch, heads, N, N) scores."""
+    the calibrated factor. `attention_matrix`: the attention kernel holds (batch, heads, N, N) scores.
+    `hooked`: the kinds of attention ("self", "cross") computed explicitly, their probabilities held
+    (batch, heads, N, N or text tokens) EXPLICIT_ATTENTION_COPIES times."""
     unet = config.unet
     peak, scores = 0, 0
     for level, mult in enumerate(unet.channel_mult):
@@ -127,21 +136,39 @@ def unet_call_bytes(config: ModelConfig, latent_height: int, latent_width: int, 
         attention = level in unet.attention_levels
         factor = UNET_PEAK_WITH_ATTENTION if attention else UNET_PEAK_RESBLOCKS
         peak = max(peak, factor * channels * pixels)
-        self_attention = attention and not (unet.disable_self_attention and unet.disable_self_attention[level])
-        if attention_matrix and self_attention:
-            scores = max(scores, unet.heads_at(channels)[0] * pixels * pixels)
+        if not attention:
+            continue
+        heads = unet.heads_at(channels)[0]
+        self_attention = not (unet.disable_self_attention and unet.disable_self_attention[level])
+        if self_attention and "self" in hooked:
+            scores = max(scores, EXPLICIT_ATTENTION_COPIES * heads * pixels * pixels)
+        elif attention_matrix and self_attention:
+            scores = max(scores, heads * pixels * pixels)
+        if "cross" in hooked:
+            scores = max(scores, EXPLICIT_ATTENTION_COPIES * heads * pixels * config.text.context_length)
     return batch_size * (peak + scores) * element_size(dtype)
+
+
+def hooked_attention(unet: torch.nn.Module) -> frozenset[str]:
+    """Which kinds of attention ("self", "cross") of `unet` have a hook set now, and so compute their
+    probabilities explicitly instead of in the fused kernel."""
+    from .models.attention import attention_sites
+
+    return frozenset("cross" if site.cross else "self" for layer, site in attention_sites(unet)
+                     if layer.hook is not None)
 
 
 def generation_memory(config: ModelConfig, width: int, height: int, batch_size: int = 1, *,
                       guidance: bool = True, dtype: torch.dtype = torch.float32,
-                      device: torch.device = torch.device("cpu"), tiled_vae: bool = False) -> MemoryEstimate:
+                      device: torch.device = torch.device("cpu"), tiled_vae: bool = False,
+                      hooked: frozenset[str] = frozenset()) -> MemoryEstimate:
     """The peak bytes of generating `batch_size` width x height images with `config`'s model on `device`
     in `dtype` (the UNet's and text encoder's; the VAE's follows load_pipeline), by phase.
 
     guidance: classifier-free guidance runs the UNet on the conditional and unconditional halves at
     once (any scale but 1). tiled_vae: whether the decode runs in tiles (devices.wants_tiled_vae decides
-    when the caller does not know). img2img's, inpainting's and hires's encodes need less than the decode.
+    when the caller does not know). hooked: the attention kinds computed explicitly (hooked_attention).
+    img2img's, inpainting's and hires's encodes need less than the decode.
     """
     device = torch.device(device)
     factor = config.vae.downsample_factor
@@ -154,7 +181,7 @@ def generation_memory(config: ModelConfig, width: int, height: int, batch_size: 
     text = TEXT_PEAK * text_tokens * config.text.width * size
     conditioning = text_tokens * config.unet.context_dim * size
     latents = LATENT_COPIES * batch_size * config.latent_channels * latent_height * latent_width * 4
-    unet = unet_call_bytes(config, latent_height, latent_width, unet_batch, dtype, attention_matrix)
+    unet = unet_call_bytes(config, latent_height, latent_width, unet_batch, dtype, attention_matrix, hooked)
     vae_dtype = vae_dtype_for(device, dtype)
     vae = vae_decode_bytes(config.vae, height, width, batch_size, vae_dtype, tiled=tiled_vae)
     if attention_matrix:  # the VAE's single-head attention on the whole latent, scores and softmax
@@ -193,6 +220,24 @@ def check_limits(width: int, height: int, batch_size: int, steps: Optional[int] 
         raise TooLargeError(f"{steps} steps is above the limit of {limits.max_steps}: use fewer steps")
 
 
+def peak_rss_bytes() -> Optional[int]:
+    """This process's peak resident memory: Linux's VmHWM (ru_maxrss would carry a forking parent's peak
+    across exec), else ru_maxrss; None where neither is known."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
 def gib(n: int) -> str:
     """Bytes in the binary unit that reads best: 39 MiB, 4.0 GiB, 14.8 TiB."""
     if n < 2**30:
@@ -203,23 +248,27 @@ def gib(n: int) -> str:
 def check_generation_fits(config: ModelConfig, width: int, height: int, batch_size: int,
                           device: torch.device, dtype: torch.dtype, *, guidance: bool = True,
                           tiled_vae: Optional[bool] = None, steps: Optional[int] = None,
-                          limits: Limits = Limits(), weights_loaded: bool = False) -> MemoryEstimate:
+                          limits: Limits = Limits(), weights_loaded: bool = False,
+                          hooked: frozenset[str] = frozenset()) -> MemoryEstimate:
     """Refuse, with one line, a generation that cannot fit in `device`'s free memory or breaks `limits`.
 
     Call it before anything large is allocated: with `weights_loaded` False before the model loads
     (its weights count as needed), True once they are in memory (the free memory already excludes
     them). tiled_vae: True/False as the user chose, None lets devices.wants_tiled_vae decide as the
-    pipeline will. Returns the estimate. Unknown free memory (e.g. MPS) leaves only the limits.
+    pipeline will. hooked: the attention kinds computed explicitly (hooked_attention(pipe.unet)).
+    Returns the estimate. Unknown free memory (e.g. MPS) leaves only the limits.
     """
     device = torch.device(device)
     free = available_memory_bytes(device)
     tiled = wants_tiled_vae(config.vae, height, width, batch_size, vae_dtype_for(device, dtype), device, tiled_vae)
     estimate = generation_memory(config, width, height, batch_size, guidance=guidance, dtype=dtype,
-                                 device=device, tiled_vae=tiled)
+                                 device=device, tiled_vae=tiled, hooked=hooked)
     needed = estimate.work if weights_loaded else estimate.total
     if free is not None and needed > free:
         images = f"{batch_size} {width}x{height} images" if batch_size > 1 else f"a {width}x{height} image"
         advice = "a smaller size or batch"
+        if "self" in hooked:
+            advice = "a smaller size or batch (the self-attention maps asked for hold every pixel pair)"
         if not tiled:
             advice += ", the tiled VAE (--tiled-vae)"
         if device.type == "cpu":

@@ -14,7 +14,6 @@ unless a dtype cast or device move asks for one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -31,6 +30,7 @@ from ..config import ModelConfig, VAEConfig
 from ..devices import default_dtype
 from ..errors import CheckpointError
 from ..models import build_text_encoder, build_unet, build_vae
+from ..models.empty import empty_modules
 from . import convert
 from .detect import X4_SCALING_FACTOR, check_prediction, describe, detect_config, is_x4_upscaler, with_family_defaults
 from .io import read_state_dict
@@ -147,7 +147,7 @@ def build_components(
     modules = {}
     for part, (builder, part_config, prefix) in builders.items():
         state_dict = getattr(checkpoint, part)
-        with torch.device("meta"), _skip_init():
+        with empty_modules():
             module = builder(part_config)
         _check_keys(module, state_dict, prefix, config, checkpoint.source)
         for key, value in state_dict.items():
@@ -159,25 +159,6 @@ def build_components(
         modules[part] = module.eval()
     return Components(config, modules["unet"], modules["vae"], modules["text_encoder"],
                       checkpoint.schedule_buffers, checkpoint.ema, checkpoint.source)
-
-
-_INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
-                 "xavier_normal_", "trunc_normal_", "zeros_", "ones_", "constant_")
-
-
-@contextlib.contextmanager
-def _skip_init():
-    """Build modules without running their random initialisers: the file supplies every value, and on
-    the meta device `normal_` and friends go through torch's reference decompositions, whose first use
-    imports torch._dynamo (about a second of start-up)."""
-    saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
-    for name in _INITIALISERS:
-        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(nn.init, name, function)
 
 
 def _default_target(checkpoint: Checkpoint, device: torch.device) -> torch.dtype:

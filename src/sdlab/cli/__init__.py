@@ -1,48 +1,51 @@
 """The `sdlab` command. User errors print one line and exit non-zero; never a traceback.
 
 Each command lives in a module of its own and registers itself on the subcommand table below; the
-modules share only common.py and never import this file.
+modules share only common.py and never import this file. A run imports only the module of the command
+it names (`sdlab generate` never loads the trainers' recipes or the server): start-up is part of every
+image's wait. `sdlab --help`, or a word that is no command, registers them all.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
+from typing import Optional, Sequence
 
 from .. import __version__
 from .common import CommandParser, run_reporting_errors
-from .attention import add_attention_command
-from .edit import add_edit_command
-from .digits import add_digits_command
-from .embeddings import add_embeddings_command
-from .eval import add_eval_command
-from .generate import add_generate_commands
-from .info import add_info_commands
-from .inside import add_inside_commands
-from .serve import add_serve_command
-from .train import add_train_command
-from .upscale import add_upscale_command
+
+# (module, its registering function, the commands it adds), in the order `sdlab --help` lists them
+COMMAND_MODULES = (
+    ("generate", "add_generate_commands", ("generate", "img2img", "inpaint", "outpaint")),
+    ("info", "add_info_commands", ("tokenize", "samplers")),
+    ("upscale", "add_upscale_command", ("upscale",)),
+    ("train", "add_train_command", ("train",)),
+    ("eval", "add_eval_command", ("eval",)),
+    ("serve", "add_serve_command", ("serve",)),
+    ("inside", "add_inside_commands", ("noise", "schedule", "latents", "interpolate")),
+    ("embeddings", "add_embeddings_command", ("embeddings",)),
+    ("digits", "add_digits_command", ("digits",)),
+    ("edit", "add_edit_command", ("edit",)),  # prompt-to-prompt
+    ("attention", "add_attention_command", ("attention",)),  # per-word attention maps
+)
 
 
-def build_parser() -> CommandParser:
+def build_parser(command: Optional[str] = None) -> CommandParser:
+    """The `sdlab` parser: with `command`, only the module that defines it is imported and registered;
+    without, or for an unknown word, every command (for --help and the list of choices)."""
     parser = CommandParser(prog="sdlab", description="Stable Diffusion from scratch: generate, inspect, train.")
     parser.add_argument("--version", action="version", version=f"sdlab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_generate_commands(commands)  # generate, img2img, inpaint, outpaint
-    add_info_commands(commands)  # tokenize, samplers
-    add_upscale_command(commands)
-    add_train_command(commands)
-    add_eval_command(commands)
-    add_serve_command(commands)
-    add_inside_commands(commands)  # noise, schedule, latents, interpolate
-    add_embeddings_command(commands)  # embeddings nearest, map, export
-    add_digits_command(commands)  # digits train, draw, eval
-    add_edit_command(commands)  # prompt-to-prompt
-    add_attention_command(commands)  # per-word attention maps
+    chosen = [entry for entry in COMMAND_MODULES if command in entry[2]] or COMMAND_MODULES
+    for module, register, _ in chosen:
+        getattr(importlib.import_module(f"{__name__}.{module}"), register)(commands)
     return parser
 
 
-def main(argv=None) -> int:
-    return run_reporting_errors(build_parser().parse_args(argv))
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_reporting_errors(build_parser(argv[0] if argv else None).parse_args(argv))
 
 
 if __name__ == "__main__":

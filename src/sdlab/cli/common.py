@@ -190,6 +190,9 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta / ancestral noise amount")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: detected)")
     parser.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fastest safe for the device)")
+    parser.add_argument("--lowvram", action="store_true",
+                        help="keep the text encoder, UNet and VAE in CPU memory, each on the GPU only while it works "
+                             "(slower; for GPUs that cannot hold the whole model; nothing changes on the CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--fast", type=fast_option, default=None, metavar="MODE[,MODE]",
                         help="trade the exact image for speed (off by default; quality in "
@@ -340,7 +343,8 @@ def load_for(args, task: str = "txt2img", sizes=None, checked: Optional[bool] = 
         checked = refuse_too_large(args, task, sizes)
     if not args.quiet:
         print(f"loading {os.path.basename(os.path.normpath(path))} ...", file=sys.stderr, flush=True)
-    pipe = load(path, prediction=args.prediction, device=args.device, dtype=args.dtype, task=task, vae=args.vae)
+    pipe = load(path, prediction=args.prediction, device=args.device, dtype=args.dtype, task=task, vae=args.vae,
+                lowvram=getattr(args, "lowvram", False))
     if not checked:
         check_fits(args, pipe.config, sizes(pipe.config), pipe.device, pipe.dtype, weights_loaded=True)
     if args.embedding:
@@ -359,8 +363,21 @@ def run_and_save(args, started: float, run, steps: int) -> int:
         close()
     for path in save_results(args, result):
         print(f"wrote {path}")
-    print(f"seed {result.seeds[0]}, {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    print(f"seed {result.seeds[0]}, {time.perf_counter() - started:.1f}s{peak_memory_note()}", file=sys.stderr)
     return 0
+
+
+def peak_memory_note() -> str:
+    """", peak RSS 412 MiB" (and the GPU's peak where one ran): what the run held at most."""
+    import torch
+
+    from ..memory import gib, peak_rss_bytes
+
+    peak = peak_rss_bytes()
+    note = f", peak RSS {gib(peak)}" if peak else ""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
+        note += f", peak GPU {gib(torch.cuda.max_memory_allocated())}"
+    return note
 
 
 def run_reporting_errors(args, interrupted: str = "sdlab: interrupted") -> int:

@@ -81,11 +81,12 @@ class Pipeline:
 
 
 def load_pipeline(path=None, prediction=None, device=None, dtype=None, task: str = "txt2img",
-                  pipeline_type: type[Pipeline] = Pipeline, vae=None) -> Pipeline:
+                  pipeline_type: type[Pipeline] = Pipeline, vae=None, lowvram: bool = False) -> Pipeline:
     """A pipeline from a single-file checkpoint, a diffusers folder, 'demo', or (path None) the bundled
     model for `task` ("txt2img", "inpaint", "upscale"). `pipeline_type`: Pipeline or a subclass of it
     (sdlab.load asks for api.StableDiffusion, the one with the pipelines as methods). `vae`: a VAE file
-    or folder whose weights replace the model's VAE (checkpoint/vae_file.py), the web UI's "SD VAE"."""
+    or folder whose weights replace the model's VAE (checkpoint/vae_file.py), the web UI's "SD VAE".
+    `lowvram`: the networks wait in CPU memory, each moved to the device only while it works (lowvram.py)."""
     from .. import bundled, devices
     from ..checkpoint.load import load_components
     from ..checkpoint.vae_file import apply_vae_file
@@ -103,8 +104,14 @@ def load_pipeline(path=None, prediction=None, device=None, dtype=None, task: str
                                                    components.text_encoder)
         vae_file = components.vae_file
         name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-    unet.to(dev, dt).eval()
-    text_encoder.to(dev, dt).eval()
-    autoencoder.to(dev, torch.float32 if dev.type == "cpu" else dt).eval()
-    return pipeline_type(config, unet, autoencoder, text_encoder, dev, dt, name, None if path == "demo" else path,
+    placed = torch.device("cpu") if lowvram else dev  # lowvram: the hooks bring each network in when called
+    unet.to(placed, dt).eval()
+    text_encoder.to(placed, dt).eval()
+    autoencoder.to(placed, torch.float32 if dev.type == "cpu" else dt).eval()
+    pipe = pipeline_type(config, unet, autoencoder, text_encoder, dev, dt, name, None if path == "demo" else path,
                          vae_file)
+    if lowvram:
+        from .lowvram import enable_lowvram
+
+        enable_lowvram(pipe)
+    return pipe

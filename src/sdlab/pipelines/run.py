@@ -22,7 +22,7 @@ from ..fast.modes import FastModes, as_fast_modes
 from ..fast.tome import token_merging
 from ..guidance import CFGDenoiser
 from ..infotext import format_infotext
-from ..memory import check_generation_fits
+from ..memory import check_generation_fits, hooked_attention
 from ..models.seamless import seamless
 from ..samplers import resolve_sampler, sample, sampler_and_schedule_names, sampler_sigmas
 from .checks import as_list, check_batch_size, check_noise, check_prompts, check_steps, check_strength, size_or_default
@@ -171,7 +171,7 @@ def generate(
     # refused with one line before anything large is allocated, for the Python API and the server as for the CLI
     check_generation_fits(pipe.config, width, height, options.batch_size, pipe.device, pipe.dtype,
                           guidance=options.guidance_scale != 1, tiled_vae=vae_tiling(options), steps=options.steps,
-                          weights_loaded=True)
+                          weights_loaded=True, hooked=hooked_attention(pipe.unet))
     pipe = with_tiled_vae(pipe, vae_tiling(options), width, height, options.batch_size)
     latent_size = (height // pipe.latent_factor, width // pipe.latent_factor)
     with seamless(pipe.unet, pipe.vae) if options.tiling else nullcontext(), \
