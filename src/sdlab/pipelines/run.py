@@ -15,11 +15,13 @@ from typing import Callable, Optional
 import torch
 
 from ..adapters import apply_prompt_adapters, lora_request_tags
+from ..compile import sampling_unet
 from ..denoisers import Denoiser
 from ..errors import InputError
 from ..guidance import CFGDenoiser
 from ..infotext import format_infotext
 from ..memory import check_generation_fits
+from ..models.attention import text_projections_cached
 from ..models.seamless import seamless
 from ..samplers import resolve_sampler, sample, sampler_and_schedule_names, sampler_sigmas
 from .checks import as_list, check_batch_size, check_noise, check_prompts, check_steps, check_strength, size_or_default
@@ -81,13 +83,15 @@ class Start:
     repaint_mask: Optional[torch.Tensor] = None
 
 
-def make_denoiser(pipe: Pipeline, cond, uncond, guidance_scale: float, sampler=None, sigmas=None, **extra):
+def make_denoiser(pipe: Pipeline, cond, uncond, guidance_scale: float, sampler=None, sigmas=None, compile=False,
+                  **extra):
     """The sampler's `model(x, sigma) -> denoised`: UNet + prediction-type wrapper + CFG.
 
     `sampler` (a SamplerSpec) says whether the UNet's timestep is rounded, as diffusers does for
     DPM++ 2M Karras; `sigmas` (the schedule the sampler walks) let scheduled conditioning find the
-    step; `extra` is conditioning both CFG halves share (`concat`, `y`), which the UNet takes as is."""
-    denoiser = Denoiser(pipe.unet, pipe.config.schedule, pipe.config.prediction,
+    step; `extra` is conditioning both CFG halves share (`concat`, `y`), which the UNet takes as is.
+    `compile`: the UNet runs compiled (compile.py), with the weights it has now."""
+    denoiser = Denoiser(sampling_unet(pipe.unet, compile), pipe.config.schedule, pipe.config.prediction,
                         quantize=bool(sampler is not None and sampler.quantize))
     return CFGDenoiser(denoiser, cond, uncond, guidance_scale, sigmas=sigmas, **extra)
 
@@ -166,7 +170,7 @@ def generate(
                           guidance=options.guidance_scale != 1, tiled_vae=vae_tiling(options), steps=options.steps,
                           weights_loaded=True)
     pipe = with_tiled_vae(pipe, vae_tiling(options), width, height, options.batch_size)
-    with seamless(pipe.unet, pipe.vae) if options.tiling else nullcontext():
+    with seamless(pipe.unet, pipe.vae) if options.tiling else nullcontext(), text_projections_cached(pipe.unet):
         return _generate(pipe, options, width, height, strength, prepare, params)
 
 
@@ -213,7 +217,8 @@ def _generate(pipe: Pipeline, options: GenerationOptions, width: int, height: in
             cond, uncond = encode_text(pipe, clean, clean_negatives, options.clip_skip, steps=denoise_steps)
         sigmas = sampler_sigmas(spec, pipe.config.schedule, options.steps,
                                 schedule_type=options.schedule_type)[run.start_step:]
-        model = make_denoiser(pipe, cond, uncond, options.guidance_scale, sampler=spec, sigmas=sigmas, **conditioning)
+        model = make_denoiser(pipe, cond, uncond, options.guidance_scale, sampler=spec, sigmas=sigmas,
+                              compile=options.compile, **conditioning)
         if start.repaint_mask is not None:
             model = KeepOutsideMask(model, start.keep_latents.to(pipe.device, torch.float32),
                                     initial_noise.to(pipe.device), start.repaint_mask.to(pipe.device, torch.float32))
