@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
-# seconds to compile one module of the UNet's tree, measured on a 2-core AVX2 EPYC (SD 1.5's UNet:
-# ~1,000 modules); only for the estimate said before compiling
-SECONDS_PER_MODULE = 0.15
+# the first compile's seconds, about BASE + PER_MODULE * the modules in the UNet's tree, on a quiet 2-core AVX2
+# EPYC: SD 1.5's UNet (821 modules) 183 s (issue 24); a 203-module UNet 376 s with the machine 5x
+# oversubscribed. Only for the estimate said before compiling: the CPU and its load change it a lot.
+COMPILE_SECONDS_BASE, COMPILE_SECONDS_PER_MODULE = 40.0, 0.175
 
 _announced: set[int] = set()
 
@@ -79,7 +80,7 @@ def compiled_unet(unet: nn.Module) -> nn.Module:
     os.environ[INDUCTOR_CACHE_ENV] = inductor_cache_dir()
     if id(unet) not in _announced:
         _announced.add(id(unet))
-        estimate = SECONDS_PER_MODULE * sum(1 for _ in unet.modules())
+        estimate = COMPILE_SECONDS_BASE + COMPILE_SECONDS_PER_MODULE * sum(1 for _ in unet.modules())
         print(f"sdlab: compiling the UNet (torch.compile, Inductor): the first image is slower, ~{estimate:.0f} s "
               f"here the first time; kept in {os.environ[INDUCTOR_CACHE_ENV]} for later runs", file=sys.stderr)
     compiled = torch.compile(unet, backend="inductor", options={"freezing": True})
