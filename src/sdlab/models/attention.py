@@ -187,7 +187,10 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        if torch.is_grad_enabled():
+            return x * F.gelu(gate)
+        # the product into GELU's fresh output: one (B, L, 4 * dim) tensor less to allocate and fill
+        return F.gelu(gate).mul_(x)
 
 
 class FeedForward(nn.Module):
@@ -219,9 +222,15 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x), context if self.disable_self_attention else None) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        # each residual is added in place into the branch's output, a Linear's fresh tensor that autograd
+        # does not keep (its backward needs its input): no new (B, L, dim) tensor per add
+        h = self.attn1(self.norm1(x), context if self.disable_self_attention else None)
+        h += x
+        x = self.attn2(self.norm2(h), context)
+        x += h
+        h = self.ff(self.norm3(x))
+        h += x
+        return h
 
 
 class SpatialTransformer(nn.Module):
