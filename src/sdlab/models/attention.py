@@ -21,6 +21,7 @@ is bypassed.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -107,6 +108,8 @@ class TextProjections:
         self.last: Optional[tuple[torch.Tensor, int, int]] = None  # (context object, its _version, index)
         # (id(layer), context index) -> (projection_state(layer), keys, values)
         self.projections: dict[tuple[int, int], tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        # a server may run two generations on one UNet at once: both then use the first one's store
+        self.lock = threading.Lock()
 
     def context_index(self, context: torch.Tensor) -> int:
         if self.last is not None and self.last[0] is context and self.last[1] == context._version:
@@ -126,11 +129,12 @@ class TextProjections:
     def key_value(self, layer: "CrossAttention", context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(layer.to_k(context), layer.to_v(context)), computed on the first call for this context and
         again only if the layer's weights or adapters changed since."""
-        slot, state = (id(layer), self.context_index(context)), projection_state(layer)
-        found = self.projections.get(slot)
-        if found is None or found[0] != state:
-            found = self.projections[slot] = (state, layer.to_k(context), layer.to_v(context))
-        return found[1], found[2]
+        with self.lock:
+            slot, state = (id(layer), self.context_index(context)), projection_state(layer)
+            found = self.projections.get(slot)
+            if found is None or found[0] != state:
+                found = self.projections[slot] = (state, layer.to_k(context), layer.to_v(context))
+            return found[1], found[2]
 
 
 def projection_state(layer: "CrossAttention") -> tuple:
