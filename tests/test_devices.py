@@ -58,3 +58,22 @@ def test_tiling_is_chosen_by_size_or_by_the_free_memory(monkeypatch):
 def test_the_cpu_reports_its_free_memory():
     free = devices.available_memory_bytes(torch.device("cpu"))
     assert free is None or free > 0
+
+
+# -- the default dtype ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [{"avx2", "fma"}, {"avx2", "avx512f", "avx512_vnni"}])
+def test_the_default_dtype_on_a_cpu_without_native_bf16_is_fp32(monkeypatch, flags):
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset(flags))
+    assert not devices.cpu_has_native_bf16()
+    assert devices.resolve("cpu", None) == (torch.device("cpu"), torch.float32)
+    assert devices.resolve("cpu", "auto")[1] == torch.float32
+
+
+def test_native_bf16_is_detected_but_stays_opt_in(monkeypatch):
+    """bf16 is the default only where measured faster than fp32 (devices.py); until then it is asked for."""
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
+    assert devices.cpu_has_native_bf16()
+    assert devices.resolve("cpu", None)[1] == torch.float32
+    assert devices.resolve("cpu", "bf16")[1] == torch.bfloat16

@@ -189,7 +189,12 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
     parser.add_argument("--clip-skip", type=int, default=1, help="use the text encoder's Nth-last layer (default 1)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta / ancestral noise amount")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: detected)")
-    parser.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fastest safe for the device)")
+    parser.add_argument("--dtype", default=None,
+                        help="fp32, bf16, fp16 (default: fp32 on CPUs, devices.default_dtype says why; bf16 only on "
+                             "CPUs with native bf16)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the UNet through torch.compile (Inductor): the same image, faster steps, but the "
+                             "first run compiles for minutes (kept in ~/.cache/sdlab/inductor for later runs)")
     parser.add_argument("--lowvram", action="store_true",
                         help="keep the text encoder, UNet and VAE in CPU memory, each on the GPU only while it works "
                              "(slower; for GPUs that cannot hold the whole model; nothing changes on the CPU)")

@@ -10,10 +10,18 @@ while set, each of those layers computes its probabilities explicitly and passes
 `hook(site, probabilities)`, which reads them (returns None) or returns the probabilities to use
 instead. Attention maps (`recorded_cross_attention`, `sdlab attention`, the grounding loss) read them,
 prompt-to-prompt replaces them. A layer without a hook runs the fused kernel: one `is None` test.
+
+Text projections: the prompt is the same at every sampling step, so its keys and values are too.
+Inside `text_projections_cached(unet)` (the pipelines enter it for a sampling run), each layer that
+attends to the text computes `to_k(context)`, `to_v(context)` once per distinct context and reuses
+them: the same numbers, ~5 GFLOP less per SD 1.5 step with CFG. Adapters on to_k/to_v (dynamic LoRA's
+forward hooks) are in those calls; with gradients on (training) and in torch.compile'd code the cache
+is bypassed.
 """
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -84,6 +92,57 @@ class AttentionSite:
 AttentionHook = Callable[[AttentionSite, torch.Tensor], Optional[torch.Tensor]]
 
 
+class TextProjections:
+    """The text's keys and values per attention layer, for the contexts of one sampling run.
+
+    A context is known by its content: classifier-free guidance concatenates (uncond, cond) into a new
+    tensor at every step. The first layer of a UNet call compares it with the contexts seen (a few
+    hundred thousand numbers, nothing beside the projections it saves); the later layers of that call
+    are handed the same tensor object and find it at once. Prompt editing (`[from:to:when]`) brings
+    a new context at its switching step; more than `limit` distinct ones start the store afresh.
+    """
+
+    def __init__(self, limit: int = 8):
+        self.limit = limit
+        self.contexts: list[torch.Tensor] = []
+        self.last: Optional[tuple[torch.Tensor, int, int]] = None  # (context object, its _version, index)
+        # (id(layer), context index) -> (projection_state(layer), keys, values)
+        self.projections: dict[tuple[int, int], tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        # a server may run two generations on one UNet at once: both then use the first one's store
+        self.lock = threading.Lock()
+
+    def context_index(self, context: torch.Tensor) -> int:
+        if self.last is not None and self.last[0] is context and self.last[1] == context._version:
+            return self.last[2]
+        for index, known in enumerate(self.contexts):
+            if known.shape == context.shape and known.dtype == context.dtype and torch.equal(known, context):
+                break
+        else:
+            if len(self.contexts) == self.limit:
+                self.contexts.clear()
+                self.projections.clear()
+            self.contexts.append(context.clone())
+            index = len(self.contexts) - 1
+        self.last = (context, context._version, index)
+        return index
+
+    def key_value(self, layer: "CrossAttention", context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layer.to_k(context), layer.to_v(context)), computed on the first call for this context and
+        again only if the layer's weights or adapters changed since."""
+        with self.lock:
+            slot, state = (id(layer), self.context_index(context)), projection_state(layer)
+            found = self.projections.get(slot)
+            if found is None or found[0] != state:
+                found = self.projections[slot] = (state, layer.to_k(context), layer.to_v(context))
+            return found[1], found[2]
+
+
+def projection_state(layer: "CrossAttention") -> tuple:
+    """What to_k's and to_v's outputs depend on besides their input: the weight tensors, their in-place
+    versions (a merged LoRA bumps them) and the forward hooks (a dynamic LoRA adds them)."""
+    return tuple((id(p.weight), p.weight._version, tuple(p._forward_hooks)) for p in (layer.to_k, layer.to_v))
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of `x` to `context` (to itself when context is None).
 
@@ -103,15 +162,24 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())
         self.hook: Optional[AttentionHook] = None  # set by attention_hooks, with self.site
         self.site: Optional[AttentionSite] = None
+        self.text_projections: Optional[TextProjections] = None  # set by text_projections_cached
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q = self.to_q(x)
+        k, v = (self.to_k(x), self.to_v(x)) if context is None else self.text_keys_values(context)
         if self.hook is None:
             return self.to_out(attention(q, k, v, self.heads))
         probabilities = attention_probabilities(q, k, self.heads)
         replaced = self.hook(self.site, probabilities)
         return self.to_out(attend(probabilities if replaced is None else replaced, v))
+
+    def text_keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """to_k(context), to_v(context): from the run's store when one is set (text_projections_cached),
+        except while training and in torch.compile'd code, which cannot hold the lookup by content."""
+        store = self.text_projections
+        if torch.compiler.is_compiling() or store is None or torch.is_grad_enabled():
+            return self.to_k(context), self.to_v(context)
+        return store.key_value(self, context)
 
 
 class GEGLU(nn.Module):
@@ -123,7 +191,10 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        if torch.is_grad_enabled():
+            return x * F.gelu(gate)
+        # the product into GELU's fresh output: one (B, L, 4 * dim) tensor less to allocate and fill
+        return F.gelu(gate).mul_(x)
 
 
 class FeedForward(nn.Module):
@@ -156,13 +227,19 @@ class BasicTransformerBlock(nn.Module):
         self.token_merge = None  # ToMe's x -> (merge, unmerge) around the self-attention; set by fast/tome.py
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # each residual is added in place into the branch's output, a Linear's fresh tensor that autograd
+        # does not keep (its backward needs its input): no new (B, L, dim) tensor per add
         if self.token_merge is not None:
             merge, unmerge = self.token_merge(x)
-            x = unmerge(self.attn1(merge(self.norm1(x)))) + x
+            h = unmerge(self.attn1(merge(self.norm1(x))))
         else:
-            x = self.attn1(self.norm1(x), context if self.disable_self_attention else None) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+            h = self.attn1(self.norm1(x), context if self.disable_self_attention else None)
+        h += x
+        x = self.attn2(self.norm2(h), context)
+        x += h
+        h = self.ff(self.norm3(x))
+        h += x
+        return h
 
 
 class SpatialTransformer(nn.Module):
@@ -248,6 +325,25 @@ def attention_hooks(unet: nn.Module, hook: AttentionHook, cross: bool = True, se
     finally:
         for layer, _ in chosen:
             layer.hook, layer.site = None, None
+
+
+@contextmanager
+def text_projections_cached(unet: nn.Module) -> Iterator[Optional[TextProjections]]:
+    """While inside, `unet`'s attention layers compute the text's keys and values once per distinct
+    context (TextProjections) instead of at every call: for one generation, the LoRAs it merges or
+    hooks in included. Inside an enclosing one it changes nothing (yields None)."""
+    layers = [module for module in unet.modules() if isinstance(module, CrossAttention)]
+    if any(layer.text_projections is not None for layer in layers):
+        yield None
+        return
+    store = TextProjections()
+    for layer in layers:
+        layer.text_projections = store
+    try:
+        yield store
+    finally:
+        for layer in layers:
+            layer.text_projections = None
 
 
 @contextmanager

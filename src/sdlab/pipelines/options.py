@@ -53,6 +53,7 @@ class GenerationOptions:
     subseed_strength: float = 0.0  # 0: the seed's noise, 1: the variation seed's
     seed_resize_from: Optional[tuple[int, int]] = None  # (width, height) px: the seed's noise as drawn at that size
     n_iter: int = 1  # the web UI's batch count: batches one after another, batch k seeded seed + k * batch_size
+    compile: bool = False  # run the UNet through torch.compile (compile.py): same image, minutes to compile once
 
 
 @dataclass

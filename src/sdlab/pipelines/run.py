@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from ..adapters import apply_prompt_adapters, lora_request_tags
+from ..compile import sampling_unet
 from ..denoisers import Denoiser
 from ..errors import InputError
 from ..fast.deepcache import DeepCacheUNet
@@ -23,6 +24,7 @@ from ..fast.tome import token_merging
 from ..guidance import CFGDenoiser
 from ..infotext import format_infotext
 from ..memory import check_generation_fits, hooked_attention
+from ..models.attention import text_projections_cached
 from ..models.seamless import seamless
 from ..samplers import resolve_sampler, sample, sampler_and_schedule_names, sampler_sigmas
 from .checks import as_list, check_batch_size, check_noise, check_prompts, check_steps, check_strength, size_or_default
@@ -85,14 +87,21 @@ class Start:
 
 
 def make_denoiser(pipe: Pipeline, cond, uncond, guidance_scale: float, sampler=None, sigmas=None,
-                  fast: FastModes = FastModes(), **extra):
+                  fast: FastModes = FastModes(), compile=False, **extra):
     """The sampler's `model(x, sigma) -> denoised`: UNet + prediction-type wrapper + CFG.
 
     `sampler` (a SamplerSpec) says whether the UNet's timestep is rounded, as diffusers does for
     DPM++ 2M Karras; `sigmas` (the schedule the sampler walks) let scheduled conditioning find the
     step; `extra` is conditioning both CFG halves share (`concat`, `y`), which the UNet takes as is.
-    `fast`: the fast modes acting here, DeepCache around the UNet and CFG truncation (fast/modes.py)."""
-    unet = pipe.unet if fast.deepcache is None else DeepCacheUNet(pipe.unet, fast.deepcache, fast.deepcache_depth)
+    `fast`: the fast modes acting here, DeepCache around the UNet and CFG truncation (fast/modes.py).
+    `compile`: the UNet runs compiled (compile.py), with the weights it has now."""
+    if compile and (fast.deepcache is not None or fast.token_merging):
+        raise InputError("--compile works with the exact UNet and --fast cfg-trunc only; leave out --compile "
+                         "for --fast deepcache or tome")
+    if fast.deepcache is not None:
+        unet = DeepCacheUNet(pipe.unet, fast.deepcache, fast.deepcache_depth)
+    else:
+        unet = sampling_unet(pipe.unet, compile)
     denoiser = Denoiser(unet, pipe.config.schedule, pipe.config.prediction,
                         quantize=bool(sampler is not None and sampler.quantize))
     return CFGDenoiser(denoiser, cond, uncond, guidance_scale, sigmas=sigmas, truncation=fast.cfg_truncation, **extra)
@@ -174,7 +183,7 @@ def generate(
                           weights_loaded=True, hooked=hooked_attention(pipe.unet))
     pipe = with_tiled_vae(pipe, vae_tiling(options), width, height, options.batch_size)
     latent_size = (height // pipe.latent_factor, width // pipe.latent_factor)
-    with seamless(pipe.unet, pipe.vae) if options.tiling else nullcontext(), \
+    with seamless(pipe.unet, pipe.vae) if options.tiling else nullcontext(), text_projections_cached(pipe.unet), \
             token_merging(pipe.unet, fast.token_merging, latent_size) if fast.token_merging else nullcontext():
         return _generate(pipe, options, width, height, strength, prepare, params)
 
@@ -223,7 +232,7 @@ def _generate(pipe: Pipeline, options: GenerationOptions, width: int, height: in
         sigmas = sampler_sigmas(spec, pipe.config.schedule, options.steps,
                                 schedule_type=options.schedule_type)[run.start_step:]
         model = make_denoiser(pipe, cond, uncond, options.guidance_scale, sampler=spec, sigmas=sigmas,
-                              fast=as_fast_modes(options.fast), **conditioning)
+                              fast=as_fast_modes(options.fast), compile=options.compile, **conditioning)
         if start.repaint_mask is not None:
             model = KeepOutsideMask(model, start.keep_latents.to(pipe.device, torch.float32),
                                     initial_noise.to(pipe.device), start.repaint_mask.to(pipe.device, torch.float32))
