@@ -56,8 +56,8 @@ def profile_libraries(folder: Path, size: int, dtype: str) -> dict[str, dict[str
     x, t, context = step_inputs(config.unet.in_channels, config.unet.context_dim,
                                 size // config.vae.downsample_factor, DTYPES[dtype])
     unet = pipe.unet
-    results = {"sdlab": profile_call(lambda: unet(x, t, context))}
+    results = {"sdlab": {**profile_call(lambda: unet(x, t, context)), "dtype": dtype}}
     del pipe, unet
     reference = load_diffusers(folder, DTYPES[dtype]).unet
-    results["diffusers"] = profile_call(lambda: reference(x, t, context, return_dict=False))
+    results["diffusers"] = {**profile_call(lambda: reference(x, t, context, return_dict=False)), "dtype": dtype}
     return results
