@@ -89,14 +89,18 @@ def convert(folder: Path, latent_side: int = 8) -> dict[str, float]:
         with torch.no_grad():
             expected = module(*inputs[name])
             model = ov.convert_model(module, example_input=inputs[name])
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        path = out / f"{name}.xml"
+        ov.save_model(model, str(path), compress_to_fp16=False)
+        del model  # checked from the saved file: one copy of the weights in memory at a time, not two
+        compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         got = torch.from_numpy(compiled([x.numpy() for x in inputs[name]])[0])
+        del compiled
         differences[name] = ((got - expected).abs().max() / expected.abs().max()).item()
         if differences[name] > TOLERANCE:
+            path.unlink()
+            path.with_suffix(".bin").unlink()
             raise RuntimeError(f"OpenVINO's {name} differs from PyTorch's by {differences[name]:.2e} (relative), "
                                f"above {TOLERANCE:g}")
-        ov.save_model(model, str(out / f"{name}.xml"), compress_to_fp16=False)
-        del model, compiled
     return differences
 
 

@@ -40,6 +40,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 import floor  # noqa: E402
 import report  # noqa: E402
+from openvino_peer import PARTS  # noqa: E402
 from random_weights import CONFIGS, build_checkpoint  # noqa: E402
 from workers import GUIDANCE_SCALE, SAMPLER, SEED  # noqa: E402
 
@@ -140,7 +141,7 @@ def prepare_model(folder: Path, model: str, openvino: bool) -> dict:
                       f"{SD15_MEMORY_BYTES / 2**30:.0f} GiB", file=sys.stderr)
         print(f"building {model} with random weights in {folder} ...", file=sys.stderr, flush=True)
         build_checkpoint(folder, CONFIGS[model])
-    if openvino and not (folder / "openvino" / "unet.xml").is_file():
+    if openvino and not all((folder / "openvino" / f"{part}.xml").is_file() for part in PARTS):
         print("converting to OpenVINO ...", file=sys.stderr, flush=True)
         return run_helper("convert", folder)
     return {}
