@@ -107,6 +107,7 @@ def load_diffusers(folder: Path, dtype: torch.dtype = torch.float32):
     from diffusers.utils import logging
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()  # "Loading pipeline components" on stderr
     pipe = StableDiffusionPipeline.from_single_file(
         str(folder / "model.safetensors"), config=str(folder / "configs"),
         original_config=str(folder / "original.yaml"), local_files_only=True, safety_checker=None,
