@@ -15,6 +15,7 @@ from collections import defaultdict
 import torch
 
 MATMUL_SIDE = 4096
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def matmul_rate(dtype: torch.dtype = torch.float32, side: int = MATMUL_SIDE, repeats: int = 5) -> float:

@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from random_weights import CONFIGS, build_checkpoint, load_diffusers  # noqa: E402
+from report import psnr  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry, low quality"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # CUDA's fp16 too
 
 
 def synchronize(device: torch.device) -> None:
@@ -94,12 +93,6 @@ def measure(args, folder: Path, device: torch.device) -> tuple[list[dict], dict]
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows, first_images
-
-
-def psnr(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = ((a - b) ** 2).mean()
-    return math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
 
 
 def table(rows: list[dict]) -> str:

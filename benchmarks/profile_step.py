@@ -15,9 +15,7 @@ from pathlib import Path
 
 import torch
 
-from floor import CATEGORIES, op_category
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from floor import CATEGORIES, DTYPES, op_category
 
 
 def step_inputs(in_channels: int, context_dim: int, latent_side: int, dtype: torch.dtype):

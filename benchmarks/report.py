@@ -14,9 +14,17 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from floor import CATEGORIES
+
+
+def psnr(ours, theirs) -> float:
+    """dB between two 8-bit images (PIL images or arrays); infinite when they are equal."""
+    ours, theirs = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
+    mse = ((ours - theirs) ** 2).mean()
+    return math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
 
 
 def floor_seconds(data: dict, size: int, dtype: str) -> float:

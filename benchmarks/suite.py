@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import shlex
@@ -33,7 +32,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -97,13 +95,6 @@ def run_helper(kind: str, folder: Path, *options: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def psnr(path: Path, reference: Path) -> float:
-    ours = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
-    theirs = np.asarray(Image.open(reference).convert("RGB"), dtype=np.float64)
-    mse = ((ours - theirs) ** 2).mean()
-    return math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
-
-
 def machine_description() -> dict:
     from sdlab.devices import cpu_description, cpu_flags
 
@@ -122,8 +113,7 @@ def machine_description() -> dict:
 
 
 def measure_floor(config, sizes: list[int], dtypes: list[str], matmul_side: int) -> dict:
-    rates = {dtype: floor.matmul_rate(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), matmul_side)
-             for dtype in dtypes}
+    rates = {dtype: floor.matmul_rate(floor.DTYPES[dtype], matmul_side) for dtype in dtypes}
     flops = {str(size): floor.unet_step_flops(config, size // config.vae.downsample_factor) for size in sizes}
     return {"rates": rates, "flops": flops}
 
@@ -179,7 +169,7 @@ def run_suite(args, folder: Path) -> dict:
             png = pngs / f"{run.name.replace(' ', '-')}-{size}.png"
             reference_png = pngs / f"{reference.name.replace(' ', '-')}-{size}.png"
             data["runs"].append({"size": size, "name": run.name, "library": run.library, "dtype": run.dtype,
-                                 "options": run.options, **best, "psnr": psnr(png, reference_png)})
+                                 "options": run.options, **best, "psnr": report.psnr(Image.open(png).convert("RGB"), Image.open(reference_png).convert("RGB"))})
         if args.profile:
             print(f"{size} px: profiling one step ...", file=sys.stderr, flush=True)
             data["profile"][str(size)] = run_helper("profile", folder, "--size", str(size))

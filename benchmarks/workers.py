@@ -118,11 +118,12 @@ def import_reference_libraries() -> None:
 def run_diffusers(args) -> dict:
     import torch
 
+    from floor import DTYPES
     from random_weights import load_diffusers
 
     import_reference_libraries()
     started = time.perf_counter()
-    pipe = load_diffusers(Path(args.folder), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+    pipe = load_diffusers(Path(args.folder), DTYPES[args.dtype])
     marks = [time.perf_counter()]
     load_s = marks[0] - started
 
