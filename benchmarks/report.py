@@ -142,8 +142,11 @@ def plot(data: dict) -> Image.Image:
                 draw.line([x, pad + 20, x, y], fill=(214, 39, 40), width=2)
                 draw.text((x + 3, y + 2), f"{dtype} floor {seconds:.3f}", fill=(214, 39, 40), font=font)
         panels.append(panel)
-    sheet = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
-    y = 0
+    sheet = Image.new("RGB", (max(p.width for p in panels), 24 + sum(p.height for p in panels)), "white")
+    machine = data["machine"]
+    ImageDraw.Draw(sheet).text((pad, 8), f"{machine['cpu']}; torch {machine['torch']}; {machine['date']}",
+                               fill="black", font=font)
+    y = 24
     for panel in panels:
         sheet.paste(panel, (0, y))
         y += panel.height
