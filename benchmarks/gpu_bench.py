@@ -8,7 +8,8 @@ and with torch.compile. benchmarks/gpu.sh installs what this needs and runs it.
 Both libraries load the same random SD 1.5-size weights (random_weights.py) and make the same images:
 the same prompts, seed 0, DPM++ 2M Karras, CFG 7, diffusers' seeded noise. 'compile' is torch.compile on
 each library's UNet module, the same mode for both (the UNet is where the time goes); its first batch,
-which compiles, is reported apart as the warm-up. Each figure is one timed batch after a warm-up batch,
+which compiles, is reported apart as the warm-up (the first library compiled also pays torch's one-time
+set-up: `--libraries diffusers,sdlab` swaps the order). Each figure is one timed batch after a warm-up batch,
 the GPU synchronised before the clock stops. `--sdlab-kwargs` adds keywords to sdlab's txt2img (its own
 compile or fast modes) without changing this script. The first image of sdlab and of diffusers, eager,
 batch 1, are compared (PSNR): fp16 differs a little from run to run of the kernels, not by much.
@@ -75,7 +76,7 @@ def load(library: str, folder: Path, device: torch.device, dtype: str, sdlab_kwa
 def measure(args, folder: Path, device: torch.device) -> tuple[list[dict], dict]:
     """One row per library, mode and batch; and the first eager images, for the PSNR."""
     rows, first_images = [], {}
-    for library in ("sdlab", "diffusers"):
+    for library in args.libraries:
         pipe, generate = load(library, folder, device, args.dtype, args.sdlab_kwargs)
         for mode in args.modes:
             if mode == "compile":
@@ -115,9 +116,11 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="sdlab's tiny demo model, 64 px, 2 steps: checks the script")
     parser.add_argument("--size", type=int, default=None, help="image side in px (default 512; --tiny 64)")
     parser.add_argument("--steps", type=int, default=None, help="default 20; --tiny 2")
-    parser.add_argument("--warm-up-steps", type=int, default=2)
+    parser.add_argument("--warm-up-steps", type=int, default=3, help="steps of the untimed first batch")
     parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")], default=[1, 4])
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default fp16 on CUDA, fp32 elsewhere")
+    parser.add_argument("--libraries", type=lambda text: text.split(","), default=["sdlab", "diffusers"],
+                        help="in this order; the first to compile also pays torch.compile's one-time set-up")
     parser.add_argument("--modes", type=lambda text: text.split(","), default=["eager", "compile"])
     parser.add_argument("--compile-mode", default="reduce-overhead",
                         help="torch.compile's mode for both UNets: default, reduce-overhead (CUDA graphs), max-autotune")
