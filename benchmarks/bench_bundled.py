@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sd15 import write_tokenizer  # noqa: E402
+from random_weights import write_tokenizer  # noqa: E402
 
 PROMPT = "a large red circle on the left"
 
