@@ -153,7 +153,6 @@ def test_suite_runs_sdlab_variants_and_diffusers_on_the_tiny_model(tiny_model, t
 
 
 def test_openvino_peer_gives_diffusers_image(tiny_model, tmp_path):
-    pytest.importorskip("openvino")
     import shutil
 
     from openvino_peer import OpenVINOModels, TOLERANCE, convert
