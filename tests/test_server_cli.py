@@ -27,6 +27,23 @@ def address(process) -> str:
     return line.split("serving on ")[1].split()[0]
 
 
+def test_ctrl_c_while_the_model_still_loads_stops_cleanly():
+    """Ctrl-C moments after start-up lands while the worker imports torch and loads the model; the
+    interpreter's finalisation used to abort there (SIGABRT) on a busy machine."""
+    for delay in (0.2, 0.8, 1.6):
+        process = start()
+        try:
+            address(process)
+            time.sleep(delay)
+            process.send_signal(signal.SIGINT)
+            assert process.wait(30) == 0, process.stderr.read()
+            assert "stopped" in process.stderr.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
 def test_serve_prints_the_address_answers_and_stops_on_ctrl_c():
     process = start()
     try:

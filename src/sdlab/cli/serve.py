@@ -4,8 +4,10 @@ or with `--workers ray` as a Ray Serve deployment with one replica per device (s
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import sys
+import threading
 
 from ..errors import InputError
 
@@ -90,7 +92,14 @@ def cmd_serve(args) -> int:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
         pass
-    print("sdlab: stopped", file=sys.stderr)
+    print("sdlab: stopped", file=sys.stderr, flush=True)
+    if any(thread.name == "sdlab-worker" and thread.is_alive() for thread in threading.enumerate()):
+        # The worker is still inside torch (importing it or loading a model: code an interrupt cannot
+        # reach). The interpreter's finalisation would destroy torch's C++ threads under it and abort
+        # (SIGABRT, "terminate called without an active exception"). Every file sdlab writes is renamed
+        # into place whole, so leaving at once loses nothing half-written.
+        sys.stdout.flush()
+        os._exit(0)
     return 0
 
 
