@@ -4,7 +4,8 @@
 # repair and the mirrored-caption denoising runs, the VAE's decoder fine-tuned on its frozen encoder,
 # preference fine-tuning (DPO) on the model's own pictures judged by the shapes checker, then the
 # inpainting (fine-tuned three times more with object masks) and x4-upscaling UNets grown from that
-# UNet, on its text encoder and VAE (recipes/shapes-*.toml). Each stage resumes from its last
+# UNet, on its text encoder and VAE, and last the UNet fine-tuned on aspect-ratio buckets from 64 to
+# 128 px (text encoder and VAE frozen, so the other two stay valid) (recipes/shapes-*.toml). Each stage resumes from its last
 # checkpoint when run again; finished stages are skipped.
 #   ./scripts/train_bundled.sh [RUNS_DIR]          (default: runs/)
 set -euo pipefail
@@ -43,5 +44,7 @@ stage inpaint-objects-2 inpaint recipes/shapes-inpaint-objects.toml --base "$run
 stage inpaint-objects-3 inpaint recipes/shapes-inpaint-objects.toml --base "$runs/shapes-inpaint-objects-2/last.safetensors" \
   --set shapes.object_masks=0.7
 stage upscale upscale recipes/shapes-upscale.toml --base "$final"
+stage buckets-2 unet recipes/shapes-buckets-2.toml --base "$final"
 $python -c "import sys, sdlab.bundled as b; print(*b.package(*sys.argv[1:]), sep='\n')" \
-  "$final" "$runs/shapes-inpaint-objects-3/last.safetensors" "$runs/shapes-upscale/last.safetensors"
+  "$runs/shapes-buckets-2/last.safetensors" "$runs/shapes-inpaint-objects-3/last.safetensors" \
+  "$runs/shapes-upscale/last.safetensors"

@@ -10,7 +10,7 @@ from sdlab.config import SD1
 from sdlab.errors import ConfigError
 from sdlab.shapes.dataset import ShapesData
 from sdlab.training.buckets import (
-    BucketedFolder, BucketedStream, bucket_sizes, nearest_bucket, size_multiple,
+    BucketedFolder, BucketedStream, bucket_sizes, nearest_bucket, size_multiple, step_bucket,
 )
 from sdlab.training.data import ImageFolder, batches, training_data
 
@@ -122,3 +122,30 @@ def test_a_folder_of_mixed_aspect_images_trains_with_buckets(tmp_path):
     logs = run(config)
     assert len(logs) == 4 and all(np.isfinite(entry["loss"]) for entry in logs)
     assert (tmp_path / "run" / "last.safetensors").exists()
+
+
+def test_a_stream_draws_the_resolution_bucket_at_its_share_of_the_steps_and_the_others_alike():
+    buckets = bucket_sizes(64, 128, 32)
+    data = BucketedStream(ShapesData(64), buckets, 4, seed=1, home=(64, 64), home_fraction=0.5)
+    chosen = [data.bucket_of_step(step) for step in range(900)]
+    assert 0.45 < chosen.count((64, 64)) / 900 < 0.55
+    others = [chosen.count(b) for b in buckets if b != (64, 64)]
+    assert min(others) > 0.5 * 450 / 8 and max(others) < 1.5 * 450 / 8
+    assert all(step_bucket(1, s, buckets, (64, 64), 1.0) == (64, 64) for s in range(20))
+    # without a share the choice is the uniform one the first bucket run drew
+    assert [step_bucket(1, s, buckets, (64, 64), 0.0) for s in range(30)] == [step_bucket(1, s, buckets)
+                                                                              for s in range(30)]
+    with pytest.raises(ConfigError, match="not one of the buckets"):
+        BucketedStream(ShapesData(64), buckets, 4, home=(32, 32), home_fraction=0.5)
+
+
+def test_the_resolution_bucket_fraction_comes_from_the_recipe_for_data_drawn_at_any_size(tmp_path):
+    config = tiny_config("unet", tmp_path / "run", data="shapes", buckets=True, min_bucket_reso=16,
+                         max_bucket_reso=32, resolution_bucket_fraction=0.5)
+    data = training_data(config, 32, verbose=False, size_multiple=4)
+    assert isinstance(data, BucketedStream) and (data.home, data.home_fraction) == ((32, 32), 0.5)
+    folder = str(mixed_folder(tmp_path / "data"))
+    with pytest.raises(ConfigError, match="folder"):
+        training_data(config.replace(data=folder), 32, verbose=False, size_multiple=4)
+    with pytest.raises(ConfigError, match=r"resolution_bucket_fraction' must be in \[0, 1\]"):
+        tiny_config("unet", tmp_path / "run", resolution_bucket_fraction=1.5)

@@ -260,6 +260,9 @@ class TrainConfig:
     min_bucket_reso: Optional[int] = None
     max_bucket_reso: Optional[int] = None
     bucket_reso_steps: Optional[int] = None
+    # the share of steps drawn at resolution x resolution, the rest uniform over the other buckets
+    # (buckets.step_bucket); 0: uniform over all. For data drawn at any size (data = "shapes")
+    resolution_bucket_fraction: float = 0.0
     num_workers: int = 0  # DataLoader processes decoding images
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPUs, fp32 on CPUs
@@ -479,6 +482,9 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
     for key in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
         if getattr(config, key) is not None and getattr(config, key) < 1:
             raise ConfigError(f"{source}: '{key}' must be at least 1 pixel, got {getattr(config, key)}")
+    if not 0 <= config.resolution_bucket_fraction <= 1:
+        raise ConfigError(f"{source}: 'resolution_bucket_fraction' must be in [0, 1], "
+                          f"got {config.resolution_bucket_fraction}")
     if config.shard_model:
         if config.trainer not in SHARDABLE_TRAINERS:
             raise ConfigError(f"{source}: shard_model shards the UNet trainers ({', '.join(SHARDABLE_TRAINERS)}), "

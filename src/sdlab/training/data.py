@@ -194,9 +194,13 @@ def bucketed(data, config: TrainConfig, size: int, size_multiple: Optional[int] 
     high = config.max_bucket_reso or size // step * step
     sizes = bucket_sizes(low, high, step)
     if isinstance(data, ImageFolder):
+        if config.resolution_bucket_fraction:
+            raise ConfigError("resolution_bucket_fraction weights the buckets of data drawn at any size; a "
+                              "folder's batches follow its images' sizes: drop it")
         return BucketedFolder(data, sizes, config.batch_size, config.seed)
     if hasattr(data, "sample_at"):
-        return BucketedStream(data, sizes, config.batch_size, config.seed)
+        home = (size, size) if config.resolution_bucket_fraction else None
+        return BucketedStream(data, sizes, config.batch_size, config.seed, home, config.resolution_bucket_fraction)
     raise ConfigError(f"data '{config.data}' cannot be drawn at other sizes; drop 'buckets'")
 
 
