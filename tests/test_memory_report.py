@@ -13,4 +13,4 @@ def test_peak_rss_is_read_in_bytes():
 def test_generate_reports_its_peak_rss(tmp_path, capsys):
     assert main(["generate", "a red circle", "--model", "demo", "--steps", "1", "--size", "64x64", "--quiet",
                  "-o", str(tmp_path / "out.png")]) == 0
-    assert re.search(r"^seed \d+, [\d.]+s, peak RSS \d+ MiB", capsys.readouterr().err, re.MULTILINE)
+    assert re.search(r"^seed \d+, [\d.]+s, peak RSS [\d.]+ (MiB|GiB)", capsys.readouterr().err, re.MULTILINE)

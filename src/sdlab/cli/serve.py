@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
 import sys
 import threading
@@ -86,8 +87,17 @@ def cmd_serve(args) -> int:
     port = sock.getsockname()[1]
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     warn_if_open(settings)
-    print(f"sdlab: serving on http://{shown_host}:{port} (API docs at /docs; Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+
+    def stop_when_started(signum, frame):
+        server.should_exit = True
+
+    # Until uvicorn sets its own handlers, a Ctrl-C raised KeyboardInterrupt wherever Python happened to be,
+    # and inside a finaliser that exception is printed and dropped: the server then ran on. This handler
+    # asks uvicorn to stop instead (it checks the flag once started); uvicorn restores it when it returns.
+    signal.signal(signal.SIGINT, stop_when_started)
+    signal.signal(signal.SIGTERM, stop_when_started)
+    print(f"sdlab: serving on http://{shown_host}:{port} (API docs at /docs; Ctrl-C stops)", flush=True)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
