@@ -112,19 +112,27 @@ VAE_TILE = 64  # latent pixels per side of the tiled VAE's tiles (512 px for SD;
 AUTO_TILE_PIXELS = 1024 * 1024  # above one megapixel, SD's untiled fp32 decode needs several GiB
 
 
+def proc_bytes(path: str, key: str) -> Optional[int]:
+    """A "Key:   N kB" line of a Linux /proc file (meminfo, self/status) in bytes; None where absent."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def available_memory_bytes(device: torch.device) -> Optional[int]:
     """Bytes free for new tensors on `device`: CUDA's free memory, Linux's MemAvailable; None if unknown."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
+        available = proc_bytes("/proc/meminfo", "MemAvailable")
+        if available is not None:
+            return available
         if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
             return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return None

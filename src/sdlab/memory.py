@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from .config import DEFAULT_MAX_PIXELS, ModelConfig
-from .devices import available_memory_bytes, vae_decode_bytes, wants_tiled_vae
+from .devices import available_memory_bytes, proc_bytes, vae_decode_bytes, wants_tiled_vae
 from .errors import TooLargeError
 
 # Live tensor bytes of one UNet call at its peak, in units of the widest level's activation (batch x
@@ -223,13 +223,9 @@ def check_limits(width: int, height: int, batch_size: int, steps: Optional[int] 
 def peak_rss_bytes() -> Optional[int]:
     """This process's peak resident memory: Linux's VmHWM (ru_maxrss would carry a forking parent's peak
     across exec), else ru_maxrss; None where neither is known."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
     except ImportError:  # Windows

@@ -358,15 +358,15 @@ def load_for(args, task: str = "txt2img", sizes=None, checked: Optional[bool] = 
     return pipe
 
 
-def run_and_save(args, started: float, run, steps: int) -> int:
+def run_and_save(args, started: float, run, steps: int, save=None) -> int:
     """Run `run(callback)` under a progress bar of `steps` steps of the whole batch, --n-iter batches, and
-    write its images with their parameters."""
+    write its images with their parameters (`save(args, result)` -> paths; default save_results)."""
     step, close = progress_callback(steps * getattr(args, "n_iter", 1), args.quiet, images=args.batch)
     try:
         result = run(step)
     finally:
         close()
-    for path in save_results(args, result):
+    for path in (save or save_results)(args, result):
         print(f"wrote {path}")
     print(f"seed {result.seeds[0]}, {time.perf_counter() - started:.1f}s{peak_memory_note()}", file=sys.stderr)
     return 0

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 from ..errors import InputError
-from .common import add_generation_options, load_for, prepare_generation, progress_callback
+from .common import add_generation_options, load_for, prepare_generation, run_and_save
 from .generate import generation_kwargs
 
 EDIT_SAMPLER = "DPM++ 2M"  # deterministic: a source and its edit must see the same noise at every step
@@ -65,15 +64,9 @@ def cmd_edit(args) -> int:
     build_edit(args.prompt, EditOptions(target=args.to or args.prompt, **settings), 1, args.steps)
     started = time.perf_counter()
     pipe = load_for(args)
-    step, close = progress_callback(args.steps, args.quiet)
-    try:
-        result = pipe.edit(args.prompt, args.to, args.negative, callback=step, **settings, **generation_kwargs(args))
-    finally:
-        close()
-    for path in save_edit(args, result):
-        print(f"wrote {path}")
-    print(f"seed {result.seeds[0]}, {time.perf_counter() - started:.1f}s", file=sys.stderr)
-    return 0
+    return run_and_save(args, started, lambda step: pipe.edit(args.prompt, args.to, args.negative, callback=step,
+                                                              **settings, **generation_kwargs(args)),
+                        args.steps, save=save_edit)
 
 
 def save_edit(args, result) -> list[str]:

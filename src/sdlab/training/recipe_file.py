@@ -55,7 +55,7 @@ def toml_value(value) -> str:
 
 
 def _toml_string(text: str) -> str:
-    """A TOML basic string: quotes and backslashes escaped, control characters as \\uXXXX."""
+    """A TOML basic string: quotes and backslashes escaped, control characters as \\u and four hex digits."""
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')
     return '"' + "".join(c if " " <= c != "\x7f" else f"\\u{ord(c):04x}" for c in escaped) + '"'
 
