@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import UNetConfig
 from ..errors import ConfigError, InputError
 from .attention import SpatialTransformer
+from .conv import Conv2d
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -53,11 +54,11 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int = 32):
         super().__init__()
-        self.in_layers = nn.Sequential(group_norm(channels, groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(channels, groups), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         # slot 2 is ldm's dropout (p = 0 for SD)
         self.out_layers = nn.Sequential(
-            group_norm(out_channels, groups), nn.SiLU(), nn.Identity(), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            group_norm(out_channels, groups), nn.SiLU(), nn.Identity(), Conv2d(out_channels, out_channels, 3, padding=1)
         )
         # ldm starts every residual branch at zero so a fresh block is the identity
         nn.init.zeros_(self.out_layers[3].weight)
@@ -89,7 +90,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
         if size is None:
@@ -158,7 +159,7 @@ class UNetModel(nn.Module):
         if config.num_classes is not None:
             self.label_emb = nn.Embedding(config.num_classes, emb_channels)
 
-        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(config.in_channels, mc, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([nn.ModuleList([Conv2d(config.in_channels, mc, 3, padding=1)])])
         skip_channels = [mc]
         ch = mc
         last = len(config.channel_mult) - 1
@@ -189,7 +190,7 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(nn.ModuleList(layers))
 
-        self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), Conv2d(mc, config.out_channels, 3, padding=1))
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
 
