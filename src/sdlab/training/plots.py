@@ -31,6 +31,14 @@ def _wrap(text: str, width: int, draw: ImageDraw.ImageDraw, font, max_lines: int
     return lines[:max_lines]
 
 
+FONT_SIZE = 12  # Pillow's default 10 px renders some spaces zero-width ("sdlabtrain unet")
+LINE_HEIGHT = 14
+
+
+def label_font() -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=FONT_SIZE)
+
+
 def image_grid(images: Sequence[Image.Image], columns: int, labels: Sequence[str] = (), pad: int = 2,
                min_side: int = 128) -> Image.Image:
     """Images (all one size) in rows of `columns`, enlarged (nearest neighbour, whole factors) to at
@@ -38,10 +46,10 @@ def image_grid(images: Sequence[Image.Image], columns: int, labels: Sequence[str
     factor = max(1, math.ceil(min_side / max(images[0].size)))
     images = [image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST) for image in images]
     width, height = images[0].size
-    font = ImageFont.load_default()
+    font = label_font()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     wrapped = [_wrap(label, width, measure, font) for label in labels]
-    label_height = 11 * max((len(lines) for lines in wrapped), default=0) + (2 if wrapped else 0)
+    label_height = LINE_HEIGHT * max((len(lines) for lines in wrapped), default=0) + (2 if wrapped else 0)
     rows = math.ceil(len(images) / columns)
     grid = Image.new("RGB", (columns * (width + pad) + pad, rows * (height + label_height + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
@@ -49,7 +57,7 @@ def image_grid(images: Sequence[Image.Image], columns: int, labels: Sequence[str
         x, y = pad + (i % columns) * (width + pad), pad + (i // columns) * (height + label_height + pad)
         grid.paste(image, (x, y))
         for k, line in enumerate(wrapped[i] if i < len(wrapped) else []):
-            draw.text((x, y + height + 1 + 11 * k), line, fill=(0, 0, 0), font=font)
+            draw.text((x, y + height + 1 + LINE_HEIGHT * k), line, fill=(0, 0, 0), font=font)
     return grid
 
 
@@ -65,11 +73,15 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
 def _ticks(lo: float, hi: float, log: bool) -> list[float]:
     """Round values to label the y axis: 1-2-5 per decade (log), or about six steps (linear)."""
     if log:
-        return [m * 10.0**e for e in range(math.floor(lo), math.ceil(hi) + 1) for m in (1, 2, 5)
-                if lo <= math.log10(m * 10.0**e) <= hi]
+        for mantissas in ((1, 2, 5), range(1, 10)):  # every integer mantissa where a range is under one 1-2-5 step
+            ticks = [m * 10.0**e for e in range(math.floor(lo), math.ceil(hi) + 1) for m in mantissas
+                     if lo <= math.log10(m * 10.0**e) <= hi]
+            if len(ticks) >= 2:
+                return ticks
+        return [v for v in _ticks(10.0**lo, 10.0**hi, False) if v > 0]  # a narrow range: evenly spaced values
     raw = (hi - lo) / 6
     step = min((m * 10.0 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
-    return list(np.arange(math.ceil(lo / step) * step, hi + step / 2, step))
+    return [v for v in np.arange(math.ceil(lo / step) * step, hi + step / 2, step) if v <= hi + step * 1e-6]
 
 
 def curve_panel(name: str, curve: Sequence[tuple[int, float]], size=(800, 220)) -> Image.Image:
@@ -79,7 +91,7 @@ def curve_panel(name: str, curve: Sequence[tuple[int, float]], size=(800, 220)) 
     left, right, top, bottom = 64, 16, 22, 30
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
+    font = label_font()
     curve = [(s, v) for s, v in curve if math.isfinite(v)]
     if not curve:
         draw.text((left, 6), f"{name}: no data yet", fill=(0, 0, 0), font=font)
@@ -122,7 +134,7 @@ def loss_plot(curves: dict[str, Sequence[tuple[int, float]]], title: str = "") -
     names = sorted(curves, key=lambda name: name != "loss")
     panels = [curve_panel(name, curves[name]) for name in names] or [curve_panel("loss", [])]
     image = Image.new("RGB", (panels[0].width, 20 + sum(p.height for p in panels)), "white")
-    ImageDraw.Draw(image).text((8, 4), title, fill=(0, 0, 0), font=ImageFont.load_default())
+    ImageDraw.Draw(image).text((8, 4), title, fill=(0, 0, 0), font=label_font())
     y = 20
     for panel in panels:
         image.paste(panel, (0, y))
