@@ -8,6 +8,8 @@
 """
 
 import inspect
+import textwrap
+import types
 
 import pytest
 import torch
@@ -138,6 +140,13 @@ PARITY = [  # (our sampler, diffusers scheduler, steps, our kwargs, diffusers st
     ("DPM++ 2M SDE", lambda: DPMSolverMultistepScheduler(
         **SD_DIFFUSERS, algorithm_type="sde-dpmsolver++", solver_order=2, use_karras_sigmas=True), 12,
      {"schedule_type": "Karras"}, {}),
+    # 3 steps: diffusers' first- and second-order updates and the final step to sigma 0; its third-order
+    # update is matched in test_dpmpp_3m_sde_matches_diffusers_with_its_third_order_sign_corrected
+    ("DPM++ 3M SDE", lambda: DPMSolverMultistepScheduler(
+        **SD_DIFFUSERS, algorithm_type="sde-dpmsolver++", solver_order=3, solver_type="heun"), 3, {}, {}),
+    ("DPM++ 3M SDE", lambda: DPMSolverMultistepScheduler(
+        **SD_DIFFUSERS, algorithm_type="sde-dpmsolver++", solver_order=3, solver_type="heun",
+        use_karras_sigmas=True), 3, {"schedule_type": "Karras"}, {}),
     ("UniPC", lambda: UniPCMultistepScheduler(**SD_DIFFUSERS), 15, {}, {}),
     ("UniPC", lambda: UniPCMultistepScheduler(**SD_DIFFUSERS), 5, {}, {}),
     ("LCM", lambda: LCMScheduler(**SD_DIFFUSERS), 4, {}, {}),
@@ -155,6 +164,27 @@ PARITY = [  # (our sampler, diffusers scheduler, steps, our kwargs, diffusers st
 def test_sampler_matches_diffusers_scheduler(unet, inputs, sampler, scheduler, steps, kwargs, step_kwargs):
     expected = diffusers_loop(unet, inputs, scheduler(), steps, **step_kwargs)
     latents = sdlab_loop(unet, inputs, sampler, steps, **kwargs)
+    assert (latents - expected).abs().max().item() <= TOLERANCE
+
+
+def test_dpmpp_3m_sde_matches_diffusers_with_its_third_order_sign_corrected(unet, inputs):
+    """diffusers' `sde-dpmsolver++` third-order update (added in its PR #9104) weights the second difference
+    D2 by (1 - e^-2h - 2h) / (2h)^2 - 0.5, which tends to -1 as h -> 0 where the paper's (and k-diffusion's,
+    the web UI's DPM++ 3M SDE) tends to 0: the 0.5 takes the other sign. With that one sign turned, diffusers'
+    sampler is sdlab's over 12 steps (its lower-order final steps off: sdlab runs third order to the end)."""
+    import diffusers.schedulers.scheduling_dpmsolver_multistep as module
+
+    source = textwrap.dedent(inspect.getsource(DPMSolverMultistepScheduler.multistep_dpm_solver_third_order_update))
+    shipped = "(2.0 * h) ** 2 - 0.5)) * D2"
+    scheduler = DPMSolverMultistepScheduler(**SD_DIFFUSERS, algorithm_type="sde-dpmsolver++", solver_order=3,
+                                            solver_type="heun", lower_order_final=False)
+    if shipped in source:  # as of diffusers 0.42
+        namespace: dict = {}
+        exec(source.replace(shipped, "(2.0 * h) ** 2 + 0.5)) * D2"), vars(module), namespace)
+        scheduler.multistep_dpm_solver_third_order_update = types.MethodType(
+            namespace["multistep_dpm_solver_third_order_update"], scheduler)
+    expected = diffusers_loop(unet, inputs, scheduler, 12)
+    latents = sdlab_loop(unet, inputs, "DPM++ 3M SDE", 12)
     assert (latents - expected).abs().max().item() <= TOLERANCE
 
 

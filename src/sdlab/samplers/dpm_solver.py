@@ -111,6 +111,8 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.
     x0 is extrapolated in lambda from the last three denoised (first and second divided differences
     d1, d2), integrated against the exponential weights phi_2, phi_3 of h(1 + eta); the first two steps
     use what history there is. eta = 1 adds sigma_next sqrt(1 - e^-2h) of fresh noise, eta = 0 is the ODE.
+    diffusers' `sde-dpmsolver++` of order 3 is this sampler but for the sign of phi_3's 0.5 in its third-order
+    update, where the paper's coefficient vanishes as h -> 0 and diffusers' does not (tests/test_samplers.py).
     """
     extra_args = extra_args or {}
     noise_sampler = noise_sampler or default_noise_sampler(x)
