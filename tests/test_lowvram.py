@@ -75,3 +75,21 @@ def test_on_the_cpu_the_mode_changes_nothing():
     assert enable_lowvram(pipe) is None  # cpu to cpu: no hooks
     low = pipe.txt2img("a red circle", steps=2, seed=3, width=64, height=64)
     assert np.array_equal(np.asarray(plain.images[0]), np.asarray(low.images[0]))
+
+
+
+def test_the_server_loads_its_models_in_the_mode(monkeypatch):
+    """`sdlab serve --lowvram` reaches every load the server makes."""
+    from sdlab.cli import build_parser
+    from sdlab.cli.serve import settings_from_args
+    from sdlab.server.engine import Engine
+    from sdlab.server.model_folder import ModelFolder
+
+    settings = settings_from_args(build_parser("serve").parse_args(["serve", "--lowvram"]))
+    assert settings.lowvram and not settings_from_args(build_parser("serve").parse_args(["serve"])).lowvram
+    calls, real_load = [], sdlab.load
+    monkeypatch.setattr(sdlab, "load", lambda *args, **kwargs: calls.append(kwargs) or real_load(*args, **kwargs))
+    engine = Engine(settings, ModelFolder(None))
+    engine._load(None)
+    engine.upscaler()
+    assert len(calls) == 2 and all(call["lowvram"] for call in calls)

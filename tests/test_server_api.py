@@ -192,7 +192,8 @@ def test_listings_have_the_web_uis_fields(client):
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     assert client.get("/sdapi/v1/memory").json()["ram"]["total"] > 0
-    assert client.get("/sdapi/v1/cmd-flags").json()["api_auth"] is None
+    flags = client.get("/sdapi/v1/cmd-flags").json()
+    assert flags["api_auth"] is None and flags["lowvram"] is False
     assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
 
 

@@ -32,6 +32,9 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--outdir", default="outputs", help="where save_images writes (default: outputs)")
     serve.add_argument("--device", default=None, help="cpu, cuda, mps (default: detected)")
     serve.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fastest safe for the device)")
+    serve.add_argument("--lowvram", action="store_true",
+                       help="keep the networks in CPU memory and move each to the GPU only while it works "
+                            "(the peak is the largest network, not all three)")
     serve.add_argument("--workers", choices=("single", "ray"), default="single",
                        help="single: one process (default); ray: a Ray Serve deployment, one replica per device")
     serve.add_argument("--replicas", type=int, default=None, metavar="N",
@@ -64,20 +67,26 @@ def warn_if_open(settings) -> None:
               "machine can use the server", file=sys.stderr)
 
 
-def cmd_serve(args) -> int:
-    import uvicorn
-
-    from ..server.app import create_app
+def settings_from_args(args):
+    """The server's settings from `sdlab serve`'s arguments (checked)."""
     from ..server.settings import ServerSettings, parse_api_auth
 
     for name in ("max_size", "max_batch", "max_steps", "replicas"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
-    settings = ServerSettings(
+    return ServerSettings(
         host=args.host, port=args.port, models_dir=args.models_dir, model=args.model,
         api_auth=parse_api_auth(args.api_auth), max_size=args.max_size, max_batch=args.max_batch,
         max_steps=args.max_steps, cors_allow_origins=tuple(args.cors_allow_origins), outputs_dir=args.outdir,
-        device=args.device, dtype=args.dtype)
+        device=args.device, dtype=args.dtype, lowvram=args.lowvram)
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from ..server.app import create_app
+
+    settings = settings_from_args(args)
     if args.workers == "ray":
         return serve_with_ray(settings, args)
     if args.replicas is not None or args.ray_address is not None:

@@ -144,7 +144,8 @@ class Engine:
         from ..previews import fit_for_pipeline
 
         self.pipe = None  # let the old model's memory go before the new one is read
-        pipe = load(entry.path if entry else None, device=self.settings.device, dtype=self.settings.dtype, vae=vae_path)
+        pipe = load(entry.path if entry else None, device=self.settings.device, dtype=self.settings.dtype, vae=vae_path,
+                    lowvram=self.settings.lowvram)
         self.embeddings = self._load_embeddings(pipe)
         self.pipe, self.entry, self.vae_path = pipe, entry, vae_path
         if self._preview_key() not in self._previews:
@@ -195,7 +196,8 @@ class Engine:
         if self._upscaler is None:
             from .. import load
 
-            self._upscaler = load(None, task="upscale", device=self.settings.device, dtype=self.settings.dtype)
+            self._upscaler = load(None, task="upscale", device=self.settings.device, dtype=self.settings.dtype,
+                                 lowvram=self.settings.lowvram)
         return self._upscaler
 
     # -- the worker's entry point -------------------------------------------------------------------

@@ -29,6 +29,7 @@ class ServerSettings:
     outputs_dir: str = "outputs"  # where save_images writes, as the CLI does
     device: Optional[str] = None
     dtype: Optional[str] = None
+    lowvram: bool = False  # each network on the device only while it works (pipelines/lowvram.py)
     load_model_at_start: bool = True  # False: the first job loads it (tests that never generate)
     finished_jobs_kept: int = 200  # finished jobs whose results GET /api/v1/jobs/{id} still returns
 

@@ -182,7 +182,8 @@ async def cmd_flags(request: Request) -> dict[str, Any]:
     return {"api": True, "nowebui": False, "listen": settings.host not in ("127.0.0.1", "localhost", "::1"),
             "server_name": settings.host, "port": settings.port, "api_auth": None, "ckpt_dir": settings.models_dir,
             "ckpt": settings.model, "lora_dir": None, "embeddings_dir": None, "cors_allow_origins":
-            ",".join(settings.cors_allow_origins) or None, "device_id": settings.device, "no_half": settings.dtype == "fp32"}
+            ",".join(settings.cors_allow_origins) or None, "device_id": settings.device, "no_half": settings.dtype == "fp32",
+            "lowvram": settings.lowvram}
 
 
 @router.get("/sd-models", response_model=list[SDModelItem])
