@@ -108,6 +108,25 @@ def test_noise_weighting_puts_the_loss_where_only_the_caption_can_place_objects(
     assert torch.linspace(0, 999, 1000).mul(2 / 1000).mean().item() == pytest.approx(1.0, abs=1e-3)
 
 
+def test_the_shape_words_alone_and_the_single_object_captions_alone():
+    images, captions = scene_batch()
+    ids = get_tokenizer().tokenize(captions, 77)
+    regions = grounding.colour_regions(images)
+    # every shape word looks inside its object, every colour word outside: only the colour words cost
+    maps = maps_looking(images, captions, 8, False)
+    for b, found in enumerate(grounding.object_tokens(ids)):
+        for colour, (_, shape) in found:
+            cell = torch.nn.functional.adaptive_max_pool2d((regions[colour][b] > 0.5).float()[None, None], 8).flatten()
+            maps[b, :, shape] = cell / cell.sum()
+    assert grounding.grounding_loss([maps], images, ids).item() == pytest.approx(0.5, abs=1e-6)
+    assert grounding.grounding_loss([maps], images, ids, words="shape").item() == pytest.approx(0.0, abs=1e-6)
+    # looking outside everywhere: image 0 names two objects, image 1 one; "single" keeps image 1's terms
+    outside = [maps_looking(images, captions, 8, False)]
+    weights = torch.tensor([1.0, 3.0])
+    assert grounding.grounding_loss(outside, images, ids, weights).item() == pytest.approx(10 / 6)  # (4 x 1 + 2 x 3) / 6
+    assert grounding.grounding_loss(outside, images, ids, weights, captions="single").item() == pytest.approx(3.0)
+
+
 def test_dropped_captions_add_nothing_and_keep_a_gradient_path():
     images, _ = scene_batch()
     maps = [torch.rand(2, 64, 77, requires_grad=True)]
@@ -151,17 +170,18 @@ def test_the_trainer_adds_the_weighted_grounding_loss(tmp_path):
     torch.testing.assert_close(grounded, plain + 0.5 * logs["grounding"])
 
 
-def test_the_trainer_weights_grounding_by_the_batchs_timesteps_and_passes_place_words(tmp_path, monkeypatch):
+def test_the_trainer_weights_grounding_by_the_batchs_timesteps_and_passes_its_options(tmp_path, monkeypatch):
     config = tiny_config("unet", tmp_path / "run", base=str(tiny_base(tmp_path / "base.safetensors")), data="shapes",
                          **{"shapes.grounding_loss": 1.0, "shapes.grounding_weighting": "noise",
-                            "shapes.grounding_place_words": True})
+                            "shapes.grounding_place_words": True, "shapes.grounding_words": "shape",
+                            "shapes.grounding_captions": "single"})
     trainer = unet_trainer.build(config, torch.device("cpu"))
     seen = {}
     real_loss = grounding.grounding_loss
 
-    def spy(maps, images, ids, weights=None, place_words=False):
-        seen.update(weights=weights, place_words=place_words)
-        return real_loss(maps, images, ids, weights, place_words)
+    def spy(maps, images, ids, weights=None, place_words=False, words="colour and shape", captions="all"):
+        seen.update(weights=weights, place_words=place_words, words=words, captions=captions)
+        return real_loss(maps, images, ids, weights, place_words, words, captions)
 
     monkeypatch.setattr(grounding, "grounding_loss", spy)
     images, captions = scene_batch()
@@ -172,7 +192,7 @@ def test_the_trainer_weights_grounding_by_the_batchs_timesteps_and_passes_place_
     torch.randn(latent_shape, generator=generator)
     timesteps = torch.randint(0, 1000, (2,), generator=generator)
     torch.testing.assert_close(seen["weights"], 2 * timesteps.float() / 1000)
-    assert seen["place_words"] is True
+    assert seen["place_words"] is True and seen["words"] == "shape" and seen["captions"] == "single"
 
 
 def test_the_grounding_loss_teaches_the_words_where_their_objects_are(tmp_path):

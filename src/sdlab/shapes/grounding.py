@@ -51,7 +51,8 @@ def object_tokens(ids: torch.Tensor, place_words: bool = False) -> list[list[tup
 
 
 def grounding_loss(maps: list[torch.Tensor], images: torch.Tensor, ids: torch.Tensor,
-                   weights: Optional[torch.Tensor] = None, place_words: bool = False) -> torch.Tensor:
+                   weights: Optional[torch.Tensor] = None, place_words: bool = False,
+                   words: str = "colour and shape", captions: str = "all") -> torch.Tensor:
     """TokenCompose's token loss over the recorded cross-attention `maps` (see the module docstring).
 
     maps: [(B, h*w, L)] from `sdlab.models.attention.recorded_cross_attention`; images: the (B, 3, H, W)
@@ -61,6 +62,10 @@ def grounding_loss(maps: list[torch.Tensor], images: torch.Tensor, ids: torch.Te
     height, width = images.shape[-2:]
     regions = colour_regions(images)
     tokens = object_tokens(ids, place_words)
+    if words == "shape":  # each object's list is [colour word, shape word, place words...]: drop the colour word
+        tokens = [[(colour, indices[1:]) for colour, indices in found] for found in tokens]
+    if captions == "single":
+        tokens = [found if len(found) == 1 else [] for found in tokens]
     terms = []
     for attention in maps:
         h, w = map_shape(attention.shape[1], height, width)

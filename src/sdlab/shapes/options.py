@@ -57,6 +57,12 @@ class ShapesOptions:
     # also ground the words that say where the first object goes ("left", "above", ...) on that object:
     # they are the caption's only tokens that know which way round two objects are
     grounding_place_words: bool = False
+    # which of each object's words are grounded: "colour and shape" (TokenCompose's), or "shape" alone (the
+    # colour words of the shapes model localise without it; its shape words did not)
+    grounding_words: Literal["colour and shape", "shape"] = "colour and shape"
+    # which captions are grounded: "all", or "single" (single-object captions only: the two-object scenes
+    # keep the plain objectives, which grounding them at weight 0.1 cost 30 points of their pass rate)
+    grounding_captions: Literal["all", "single"] = "all"
     # `sdlab train inpaint`: the fraction of samples whose mask is the bounding box of one of the picture's
     # objects, grown by 1-4 px, instead of random boxes, strokes or a full mask, so that only the caption
     # says what goes there: the object masking of Imagen Editor (Wang et al. 2023), which made inpainting

@@ -78,7 +78,7 @@ class ShapesUNetTrainer(unet.UNetTrainer):
                                                  options.grounding_weighting)
             logs["grounding"] = grounding.grounding_loss(
                 step.records["attention_maps"], step.batch.images, diffusion.token_ids(self.model_config, step.captions),
-                weights, options.grounding_place_words)
+                weights, options.grounding_place_words, options.grounding_words, options.grounding_captions)
             terms.append(options.grounding_loss * logs["grounding"])
         return terms, logs
 
