@@ -103,6 +103,7 @@ def test_noise_weighting_puts_the_loss_where_only_the_caption_can_place_objects(
     weights = grounding.timestep_weights(torch.tensor([0, 750]), 1000, "noise")
     torch.testing.assert_close(weights, torch.tensor([0.0, 1.5]))
     assert grounding.timestep_weights(torch.tensor([0, 750]), 1000, "uniform") is None
+    torch.testing.assert_close(grounding.timestep_weights(torch.tensor([0, 750]), 1000, "clean"), torch.tensor([2.0, 0.5]))
     # image 0 names two objects, image 1 one: the mean of 0, 0 and 1.5
     assert grounding.grounding_loss(maps, images, ids, weights).item() == pytest.approx(0.5)
     assert torch.linspace(0, 999, 1000).mul(2 / 1000).mean().item() == pytest.approx(1.0, abs=1e-3)

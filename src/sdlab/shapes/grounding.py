@@ -90,7 +90,11 @@ def timestep_weights(timesteps: torch.Tensor, num_train_timesteps: int, weightin
     """Per-sample factors on the grounding terms. "uniform": none (TokenCompose). "noise": 2 t / T, a mean
     of 1 over uniform timesteps, 0 on clean latents and 2 on pure noise. Where the latents still show the
     objects, attention can follow the picture; where they are noise, only the caption can say where each
-    object goes ("a red circle to the left of a blue square"), so that is where the loss teaches layout."""
+    object goes ("a red circle to the left of a blue square"), so that is where the loss teaches layout.
+    "clean": 2 (1 - t / T), the other way round: the words learn to look at objects the latents already
+    show, and the noisy steps, where the layout and the pairing of colours with shapes are decided, are
+    left to the other objectives."""
     if weighting == "uniform":
         return None
-    return 2 * timesteps.float() / num_train_timesteps
+    noise_level = timesteps.float() / num_train_timesteps
+    return 2 * noise_level if weighting == "noise" else 2 * (1 - noise_level)

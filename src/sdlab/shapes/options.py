@@ -51,9 +51,10 @@ class ShapesOptions:
     # loss): each object's colour and shape words learn to attend where that object is, its region read
     # from its palette colour. 0: off.
     grounding_loss: float = 0.0
-    # "uniform" over timesteps, or "noise": weighted 2t/T, towards the noisy latents where only the caption
-    # can say where each object goes (sdlab.shapes.grounding.timestep_weights)
-    grounding_weighting: Literal["uniform", "noise"] = "uniform"
+    # "uniform" over timesteps, "noise": weighted 2t/T, towards the noisy latents where only the caption
+    # can say where each object goes, or "clean": 2(1 - t/T), towards the latents that already show the
+    # objects, leaving the noisy steps that decide the layout alone (sdlab.shapes.grounding.timestep_weights)
+    grounding_weighting: Literal["uniform", "noise", "clean"] = "uniform"
     # also ground the words that say where the first object goes ("left", "above", ...) on that object:
     # they are the caption's only tokens that know which way round two objects are
     grounding_place_words: bool = False
