@@ -182,6 +182,15 @@ def test_prompt_to_prompt_refuses_the_fast_modes(pipe):
         pipe.edit("a red circle", "a blue circle", fast="deepcache:2", steps=2, sampler="DPM++ 2M")
 
 
+@pytest.mark.parametrize("spec", ["deepcache:2", "tome:0.5"])
+def test_attention_maps_refuse_the_modes_that_skip_or_merge_attention(tmp_path, capsys, spec):
+    out, maps = tmp_path / "out.png", tmp_path / "maps.png"
+    code = main(["generate", "a blue square", "--fast", spec, "--attention-maps", str(maps), "--steps", "2",
+                 "--quiet", "-o", str(out)])
+    assert code == 2 and "leave out --fast deepcache/tome" in capsys.readouterr().err
+    assert not out.exists() and not maps.exists()
+
+
 def test_an_image_made_fast_is_made_again_from_its_parameters(tmp_path):
     made, again = tmp_path / "made.png", tmp_path / "again.png"
     common = ["--size", "64x64", "--steps", "3", "--sampler", "DPM++ 2M", "--quiet"]

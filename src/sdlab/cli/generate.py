@@ -91,6 +91,11 @@ def cmd_generate(args) -> int:
         raise InputError("--attention-maps maps one sampling pass; leave out --hires-scale")
     if args.n_iter != 1 and args.attention_maps:
         raise InputError("--attention-maps maps one batch; leave out --n-iter")
+    if args.attention_maps and args.fast and ("deepcache" in args.fast or "tome" in args.fast):
+        # cached steps skip the deep layers' attention and merged tokens shrink the maps: the sum would
+        # weigh layers and steps unevenly
+        raise InputError("--attention-maps records every layer at every step; leave out --fast deepcache/tome "
+                         "(cfg-trunc may stay)")
     if args.hires_scale and args.trajectory:
         raise InputError("--trajectory follows one sampling pass; leave out --hires-scale")
     if args.hires_scale:
