@@ -107,7 +107,9 @@ def profile_table(data: dict, size: int) -> list[str]:
                      _f(gflop / seconds[0], 1) if gflop else "–"])
     walls = ", ".join(f"{library} {profiles[library]['wall']:.3f} s" for library in libraries)
     return [f"Profile of one UNet step (CFG batch 2), {size} px, torch.profiler, the ops' own time; the "
-            f"step unprofiled: {walls}.", "", *_table(header, rows)]
+            f"step unprofiled (best of 3, the UNets taking turns in one process): {walls}. sdlab's 3x3 "
+            "convolutions over at most 64 positions run as matrix products (models/conv.py), which the "
+            "profiler counts under linear.", "", *_table(header, rows)]
 
 
 BAR_COLOURS = {"sdlab": (31, 119, 180), "diffusers": (255, 127, 14), "openvino": (44, 160, 44)}
