@@ -98,6 +98,14 @@ def test_profile_groups_a_unet_step(tiny_model):
     assert sum(seconds[group] for group in floor.CATEGORIES) == pytest.approx(seconds["total"])
 
 
+def test_alternating_walls_are_each_steps_best_call():
+    from profile_step import alternating_walls
+
+    calls = []
+    walls = alternating_walls({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2)
+    assert calls == ["a", "b", "a", "b"] and set(walls) == {"a", "b"} and all(w >= 0 for w in walls.values())
+
+
 def synthetic_results() -> dict:
     runs = [{"size": 256, "name": name, "library": library, "dtype": "fp32", "options": [], "load_s": load,
              "first_step_s": 4.0, "step_s": step, "command_s": command, "rss_mb": 4000.0, "psnr": psnr}
