@@ -193,3 +193,13 @@ def test_gpu_script_runs_on_the_cpu_with_the_tiny_model(tiny_model, tmp_path, ca
     assert "| eager | 2 |" in out
     psnr = float(out.split("PSNR sdlab vs diffusers, first image, eager: ")[1].split(" dB")[0])
     assert psnr >= 40
+
+
+def test_the_page_cache_is_warmed_with_every_file_the_runs_load(tmp_path):
+    from suite import warm_page_cache
+
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "openvino").mkdir()
+    (tmp_path / "openvino" / "unet.bin").write_bytes(b"y" * 500)
+    assert warm_page_cache(tmp_path, openvino=False) == 1000
+    assert warm_page_cache(tmp_path, openvino=True) == 1500
