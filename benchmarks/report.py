@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from sdlab.inside import sheets
 
 from floor import CATEGORIES
 
@@ -117,7 +119,7 @@ BAR_COLOURS = {"sdlab": (31, 119, 180), "diffusers": (255, 127, 14), "openvino":
 
 def plot(data: dict) -> Image.Image:
     """One panel per size: seconds per UNet step of every run as bars, the matmul floors as lines."""
-    font = ImageFont.load_default(size=12)  # at the default 10 px some spaces render zero-width
+    font = sheets.font(12)  # at Pillow's default 10 px some spaces render zero-width
     sizes = data["work"]["sizes"]
     label_w, bar_w, bar_h, pad = 220, 520, 22, 12
     panels = []

@@ -5,7 +5,8 @@ import math
 import pytest
 from PIL import Image, ImageDraw
 
-from sdlab.training.plots import _ticks, label_font, loss_plot
+from sdlab.inside.sheets import font
+from sdlab.training.plots import FONT_SIZE, _ticks, loss_plot
 
 
 def test_a_narrow_positive_range_still_gets_several_labels():
@@ -23,7 +24,7 @@ def test_linear_ticks_stay_inside_the_range():
 def widest_blank_run(text: str) -> int:
     """The widest run of ink-free pixel columns between the first and last inked column of `text`."""
     image = Image.new("L", (200, 20), 255)
-    ImageDraw.Draw(image).text((2, 2), text, fill=0, font=label_font())
+    ImageDraw.Draw(image).text((2, 2), text, fill=0, font=font(FONT_SIZE))
     inked = [x for x in range(image.width) if min(image.getpixel((x, y)) for y in range(image.height)) < 160]
     gaps = [b - a - 1 for a, b in zip(inked, inked[1:])]
     return max(gaps, default=0)

@@ -91,7 +91,10 @@ def cmd_generate(args) -> int:
         raise InputError("--attention-maps maps one sampling pass; leave out --hires-scale")
     if args.n_iter != 1 and args.attention_maps:
         raise InputError("--attention-maps maps one batch; leave out --n-iter")
-    if args.attention_maps and args.fast and ("deepcache" in args.fast or "tome" in args.fast):
+    from ..fast.modes import as_fast_modes
+
+    fast = as_fast_modes(args.fast)
+    if args.attention_maps and (fast.deepcache is not None or fast.token_merging is not None):
         # cached steps skip the deep layers' attention and merged tokens shrink the maps: the sum would
         # weigh layers and steps unevenly
         raise InputError("--attention-maps records every layer at every step; leave out --fast deepcache/tome "

@@ -7,7 +7,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from ..inside import sheets
 
 CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
@@ -35,10 +37,6 @@ FONT_SIZE = 12  # Pillow's default 10 px renders some spaces zero-width ("sdlabt
 LINE_HEIGHT = 14
 
 
-def label_font() -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=FONT_SIZE)
-
-
 def image_grid(images: Sequence[Image.Image], columns: int, labels: Sequence[str] = (), pad: int = 2,
                min_side: int = 128) -> Image.Image:
     """Images (all one size) in rows of `columns`, enlarged (nearest neighbour, whole factors) to at
@@ -46,7 +44,7 @@ def image_grid(images: Sequence[Image.Image], columns: int, labels: Sequence[str
     factor = max(1, math.ceil(min_side / max(images[0].size)))
     images = [image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST) for image in images]
     width, height = images[0].size
-    font = label_font()
+    font = sheets.font(FONT_SIZE)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     wrapped = [_wrap(label, width, measure, font) for label in labels]
     label_height = LINE_HEIGHT * max((len(lines) for lines in wrapped), default=0) + (2 if wrapped else 0)
@@ -91,7 +89,7 @@ def curve_panel(name: str, curve: Sequence[tuple[int, float]], size=(800, 220)) 
     left, right, top, bottom = 64, 16, 22, 30
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    font = label_font()
+    font = sheets.font(FONT_SIZE)
     curve = [(s, v) for s, v in curve if math.isfinite(v)]
     if not curve:
         draw.text((left, 6), f"{name}: no data yet", fill=(0, 0, 0), font=font)
@@ -134,7 +132,7 @@ def loss_plot(curves: dict[str, Sequence[tuple[int, float]]], title: str = "") -
     names = sorted(curves, key=lambda name: name != "loss")
     panels = [curve_panel(name, curves[name]) for name in names] or [curve_panel("loss", [])]
     image = Image.new("RGB", (panels[0].width, 20 + sum(p.height for p in panels)), "white")
-    ImageDraw.Draw(image).text((8, 4), title, fill=(0, 0, 0), font=label_font())
+    ImageDraw.Draw(image).text((8, 4), title, fill=(0, 0, 0), font=sheets.font(FONT_SIZE))
     y = 20
     for panel in panels:
         image.paste(panel, (0, y))
