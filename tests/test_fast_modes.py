@@ -69,6 +69,18 @@ def test_deepcache_every_call_is_the_exact_network_and_every_third_call_is_not(u
     assert torch.equal(third(x[:1], t[:1], context=context[:1]), unet(x[:1], t[:1], context[:1]))
 
 
+@torch.no_grad()
+def test_deepcache_runs_whole_above_the_warm_up_timestep_then_counts_from_the_last_whole_call(unet):
+    """deepcache:3 with the first steps whole: calls at t > 500 whole, then two shallow, one whole, ..."""
+    model = DeepCacheUNet(unet, 3, whole_above=500.0)
+    whole = []
+    for timestep in (900.0, 700.0, 400.0, 300.0, 200.0, 100.0, 50.0):
+        x, _, context = inputs(int(timestep))
+        t = torch.tensor([timestep, timestep])
+        whole.append(torch.equal(model(x, t, context=context), unet(x, t, context)))
+    assert whole == [True, True, False, False, True, False, False]
+
+
 def test_deepcache_refuses_a_depth_beyond_the_skip_connections(unet):
     with pytest.raises(InputError, match="beyond this UNet's skip connections"):
         DeepCacheUNet(unet, 3, depth=len(unet.input_blocks))
@@ -120,6 +132,7 @@ def test_cfg_truncation_drops_the_unconditional_pass_from_its_fraction_of_the_st
 @pytest.mark.parametrize("spec, modes", [
     ("deepcache:3", FastModes(deepcache=3)),
     ("deepcache:2:0", FastModes(deepcache=2, deepcache_depth=0)),
+    ("deepcache:5:1:0.3", FastModes(deepcache=5, deepcache_whole_first=0.3)),
     ("cfg-trunc:0.8", FastModes(cfg_truncation=0.8)),
     ("tome:0.5", FastModes(token_merging=0.5)),
     ("deepcache:3,tome:0.5,cfg-trunc:0.7", FastModes(deepcache=3, cfg_truncation=0.7, token_merging=0.5)),
@@ -133,6 +146,8 @@ def test_specs_read_as_the_modes_and_are_written_back_in_one_order(spec, modes):
     ("warp:2", "unknown fast mode 'warp:2'"),
     ("deepcache:0", "needs N >= 1"),
     ("deepcache:x", "needs a whole number"),
+    ("deepcache:3:1:1", "share of the first steps run whole"),
+    ("deepcache:3:1:-0.2", "share of the first steps run whole"),
     ("cfg-trunc:1.5", "0 to 1"),
     ("tome:0.9", "at most 0.75"),
     ("tome:0.5,tome:0.3", "given twice"),
@@ -147,7 +162,7 @@ def test_a_bad_spec_on_the_command_line_is_one_line_and_exit_2(capsys):
         main(["generate", "a red circle", "--fast", "deepcache:0"])
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "deepcache:N[:D] needs N >= 1" in err
+    assert err.count("\n") == 1 and "deepcache:N[:D[:S]] needs N >= 1" in err
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +190,21 @@ def test_each_mode_changes_the_image_and_says_so_and_the_default_is_the_exact_on
         fast = pipe.txt2img("a large red circle on the left", fast=spec, **RUN)
         assert not np.array_equal(pixels(fast), pixels(exact)), spec
         assert parse_infotext(fast.infotexts[0])["Fast"] == spec
+
+
+def test_deepcache_with_the_first_half_whole_follows_the_exact_run_for_those_steps_only(pipe):
+    def steps(fast):
+        denoised = []
+        pipe.txt2img("a large red circle on the left", fast=fast, callback=lambda info: denoised.append(info["denoised"]),
+                     **RUN)
+        return denoised
+
+    exact, warmed, cached = steps(None), steps("deepcache:2:1:0.5"), steps("deepcache:2")
+    # 4 steps: 0 and 1 whole, 2 shallow, 3 whole; plain deepcache:2 is shallow from step 1 on
+    assert [torch.equal(a, b) for a, b in zip(warmed, exact)] == [True, True, False, False]
+    assert [torch.equal(a, b) for a, b in zip(cached, exact)] == [True, False, False, False]
+    result = pipe.txt2img("a large red circle on the left", fast="deepcache:2:1:0.5", **RUN)
+    assert parse_infotext(result.infotexts[0])["Fast"] == "deepcache:2:1:0.5"
 
 
 def test_prompt_to_prompt_refuses_the_fast_modes(pipe):

@@ -4,11 +4,18 @@ on the calls between, only its shallow branch at full resolution, reusing the de
 whole call (models/unet.py, DeepFeatures).
 
 The schedule counts model calls, not sampler steps, so every sampler gets it alike (Heun's two calls a
-step are two calls). A call whose latents differ in shape from the cached call's (the batch halves when
-cfg-trunc drops the unconditional pass, hires fix changes the size) runs whole and starts the count again.
+step are two calls): after each whole call, N - 1 shallow ones. A call whose latents differ in shape from
+the cached call's (the batch halves when cfg-trunc drops the unconditional pass, hires fix changes the
+size) runs whole and starts the count again.
+
+`whole_above`: calls at a timestep above it all run whole (the first share of the steps, DeepCache's
+`deepcache:N:D:S`). The first steps decide the layout, and their deep features change fastest, so caching
+there costs the most (docs/performance-fast-modes.md); after them the count starts from the last whole call.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -18,10 +25,11 @@ from ..models.unet import DeepFeatures
 
 
 class DeepCacheUNet(nn.Module):
-    """`unet(x, timesteps, **cond)` that runs whole on calls 0, N, 2N, ... and shallow on the others.
-    With interval 1 every call is whole: the exact network."""
+    """`unet(x, timesteps, **cond)` that runs whole on calls 0, N, 2N, ... and shallow on the others
+    (after the calls above timestep `whole_above`, all whole). With interval 1 every call is whole: the
+    exact network."""
 
-    def __init__(self, unet: nn.Module, interval: int, depth: int = 1):
+    def __init__(self, unet: nn.Module, interval: int, depth: int = 1, whole_above: Optional[float] = None):
         super().__init__()
         deepest = len(unet.input_blocks) - 1
         if interval < 1:
@@ -31,7 +39,8 @@ class DeepCacheUNet(nn.Module):
         self.unet = unet
         self.interval = interval
         self.cache = DeepFeatures(depth)
-        self.calls = 0
+        self.whole_above = whole_above
+        self.shallow_calls = 0  # since the last whole call
         self.shape = None
 
     @property
@@ -39,9 +48,10 @@ class DeepCacheUNet(nn.Module):
         return self.unet.config
 
     def forward(self, x: torch.Tensor, timesteps, **cond) -> torch.Tensor:
-        if x.shape != self.shape:
-            self.shape, self.calls = x.shape, 0
-        if self.calls % self.interval == 0:
+        warming_up = self.whole_above is not None and float(torch.as_tensor(timesteps).max()) > self.whole_above
+        if x.shape != self.shape or warming_up or self.shallow_calls == self.interval - 1:
+            self.shape, self.shallow_calls = x.shape, 0
             self.cache.features = None  # this call runs whole and keeps its deep features
-        self.calls += 1
+        else:
+            self.shallow_calls += 1
         return self.unet(x, timesteps, **cond, deep_cache=self.cache)

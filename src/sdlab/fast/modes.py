@@ -4,8 +4,9 @@ Each mode trades the exact image for time, so none is on unless asked for, and a
 says so in its parameters ("Fast: deepcache:3"). What each costs in quality is measured by
 benchmarks/fast_modes.py (docs/performance-fast-modes.md).
 
-- deepcache:N[:D]  the whole UNet every N-th call, only its shallow branch (skip connection D, default 1)
-                   in between, reusing the deep features (Ma et al. 2023, "DeepCache"; fast/deepcache.py)
+- deepcache:N[:D[:S]]  the whole UNet every N-th call, only its shallow branch (skip connection D, default 1)
+                   in between, reusing the deep features (Ma et al. 2023, "DeepCache"; fast/deepcache.py);
+                   with S, the first share S of the steps all run whole (they decide the layout)
 - cfg-trunc:F      no unconditional pass after fraction F of the steps: guidance shapes the layout early
                    on and matters little for the last details (guidance.CFGDenoiser)
 - tome:R           merge fraction R of the full-resolution image tokens before self-attention, unmerge
@@ -23,7 +24,7 @@ from ..errors import InputError
 
 DEFAULT_DEEPCACHE_DEPTH = 1  # conv_in and the first block: DeepCache's choice for SD 1.5 (its sec. 4.1)
 MAX_TOKEN_MERGING = 0.75  # one token in four is a merge destination, so at most three in four can move
-SPEC_HELP = "deepcache:N[:D], cfg-trunc:F or tome:R, comma-separated (e.g. deepcache:3,tome:0.5)"
+SPEC_HELP = "deepcache:N[:D[:S]], cfg-trunc:F or tome:R, comma-separated (e.g. deepcache:3,tome:0.5)"
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class FastModes:
 
     deepcache: Optional[int] = None  # N: full UNet every N calls (1 is the exact network)
     deepcache_depth: int = DEFAULT_DEEPCACHE_DEPTH  # D: the skip connection where the cached features join
+    deepcache_whole_first: float = 0.0  # S in [0, 1): the first share S of the steps run the whole UNet
     cfg_truncation: Optional[float] = None  # F in [0, 1]: steps from F * steps on run the conditional pass only
     token_merging: Optional[float] = None  # R in (0, 0.75]: share of full-resolution tokens merged
 
@@ -44,6 +46,8 @@ class FastModes:
         parts = []
         if self.deepcache is not None:
             depth = f":{self.deepcache_depth}" if self.deepcache_depth != DEFAULT_DEEPCACHE_DEPTH else ""
+            if self.deepcache_whole_first:
+                depth = f":{self.deepcache_depth}:{self.deepcache_whole_first:g}"
             parts.append(f"deepcache:{self.deepcache}{depth}")
         if self.cfg_truncation is not None:
             parts.append(f"cfg-trunc:{self.cfg_truncation:g}")
@@ -72,10 +76,15 @@ def parse_fast(text: str) -> FastModes:
         if name in values:
             raise InputError(f"fast mode {name} is given twice in '{text}'; name each mode once")
         if name == "deepcache":
-            interval, _, depth = rest.partition(":")
-            values[name] = (_number(name, interval, int), _number(name, depth, int) if depth else None)
+            interval, _, rest = rest.partition(":")
+            depth, _, whole_first = rest.partition(":")
+            values[name] = (_number(name, interval, int), _number(name, depth, int) if depth else None,
+                            _number(name, whole_first, float) if whole_first else 0.0)
             if values[name][0] < 1 or (values[name][1] is not None and values[name][1] < 0):
-                raise InputError(f"deepcache:N[:D] needs N >= 1 (1 is exact) and D >= 0, got '{part}'")
+                raise InputError(f"deepcache:N[:D[:S]] needs N >= 1 (1 is exact) and D >= 0, got '{part}'")
+            if not 0 <= values[name][2] < 1:
+                raise InputError(f"deepcache:N:D:S needs S, the share of the first steps run whole, from 0 to "
+                                 f"below 1 (e.g. 0.3), got '{part}'")
         elif name == "cfg-trunc":
             values[name] = _number(name, rest, float)
             if not 0 <= values[name] <= 1:
@@ -87,9 +96,9 @@ def parse_fast(text: str) -> FastModes:
                                  f"(e.g. 0.5), got '{part}'")
         else:
             raise InputError(f"unknown fast mode '{part}'; use {SPEC_HELP}")
-    interval, depth = values.get("deepcache", (None, None))
-    return FastModes(interval, DEFAULT_DEEPCACHE_DEPTH if depth is None else depth, values.get("cfg-trunc"),
-                     values.get("tome"))
+    interval, depth, whole_first = values.get("deepcache", (None, None, 0.0))
+    return FastModes(interval, DEFAULT_DEEPCACHE_DEPTH if depth is None else depth, whole_first,
+                     values.get("cfg-trunc"), values.get("tome"))
 
 
 def as_fast_modes(value: Union[None, str, FastModes]) -> FastModes:

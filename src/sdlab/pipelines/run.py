@@ -8,6 +8,7 @@ blending) and its own infotext fields (STYLE principle 5).
 from __future__ import annotations
 
 import dataclasses
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -27,6 +28,7 @@ from ..memory import check_generation_fits, hooked_attention
 from ..models.attention import text_projections_cached
 from ..models.seamless import seamless
 from ..samplers import resolve_sampler, sample, sampler_and_schedule_names, sampler_sigmas
+from ..schedules import sigma_to_t
 from .checks import as_list, check_batch_size, check_noise, check_prompts, check_steps, check_strength, size_or_default
 from .latents import decode_latents, encode_posterior, with_tiled_vae
 from .masks import KeepOutsideMask, unmasked_concat
@@ -99,12 +101,26 @@ def make_denoiser(pipe: Pipeline, cond, uncond, guidance_scale: float, sampler=N
         raise InputError("--compile works with the exact UNet and --fast cfg-trunc only; leave out --compile "
                          "for --fast deepcache or tome")
     if fast.deepcache is not None:
-        unet = DeepCacheUNet(pipe.unet, fast.deepcache, fast.deepcache_depth)
+        whole_above = deepcache_whole_above(fast.deepcache_whole_first, sigmas, pipe.config.schedule,
+                                            bool(sampler is not None and sampler.quantize))
+        unet = DeepCacheUNet(pipe.unet, fast.deepcache, fast.deepcache_depth, whole_above)
     else:
         unet = sampling_unet(pipe.unet, compile)
     denoiser = Denoiser(unet, pipe.config.schedule, pipe.config.prediction,
                         quantize=bool(sampler is not None and sampler.quantize))
     return CFGDenoiser(denoiser, cond, uncond, guidance_scale, sigmas=sigmas, truncation=fast.cfg_truncation, **extra)
+
+
+def deepcache_whole_above(share: float, sigmas, schedule, quantize: bool) -> Optional[float]:
+    """The UNet timestep above which DeepCache runs every call whole: that of the first step after the
+    first `share` of the steps (the steps counted as CFG truncation counts them). None for share 0."""
+    if not share:
+        return None
+    if sigmas is None:
+        raise InputError("deepcache:N:D:S counts the steps: pass the sampler's sigmas")
+    sigmas = torch.as_tensor(sigmas).detach().cpu().reshape(-1)
+    first_cached = min(math.ceil(share * (len(sigmas) - 1)), len(sigmas) - 1)
+    return float(sigma_to_t(sigmas[first_cached:first_cached + 1], schedule, quantize))
 
 
 def vae_tiling(options: GenerationOptions) -> Optional[bool]:
