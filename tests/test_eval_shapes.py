@@ -39,6 +39,12 @@ class RenderingPipe:
         seed = kwargs["seed"]
         return SimpleNamespace(images=images, seeds=[seed + i for i in range(len(prompts))])
 
+    def hires_fix(self, prompts, hires_scale, **kwargs):
+        """Draws at the hires fix's larger size, as the second pass returns it."""
+        width, height = kwargs.pop("width", 64), kwargs.pop("height", 64)
+        self.calls.append({"hires_scale": hires_scale})
+        return self.txt2img(prompts, width=round(width * hires_scale), height=round(height * hires_scale), **kwargs)
+
 
 def test_ground_truth_images_pass_and_wrong_colours_fail():
     judged = evaluate(RenderingPipe(), n=20, seed=3, batch_size=8)
@@ -115,6 +121,21 @@ def test_a_wide_canvas_is_asked_for_and_judged_per_axis(tmp_path):
     assert all("width" not in call and "height" not in call for call in plain.calls)  # the model's own size
     write_report(judged, str(tmp_path), {})
     assert (tmp_path / "sheet.png").is_file()
+
+
+def test_the_hires_fix_is_asked_for_and_judged_at_its_larger_size():
+    pipe = RenderingPipe()
+    judged = evaluate(pipe, n=8, seed=2, batch_size=4, with_paraphrases=False,
+                      hires=dict(hires_scale=2, hires_strength=0.5))
+    assert [call for call in pipe.calls if "hires_scale" in call] == [{"hires_scale": 2}] * 2
+    assert judged[0].image.size == (128, 128) and table(judged)["single"]["all"] == 1.0
+
+
+def test_eval_command_runs_the_hires_fix_and_says_so(capsys):
+    code = main(["eval", "shapes", "--model", "demo", "-n", "2", "--steps", "2", "--no-paraphrases", "--quiet",
+                 "--size", "32", "--hires-scale", "2", "--hires-strength", "0.4"])
+    out = capsys.readouterr().out
+    assert code == 0 and "2 images, 64x64 (hires fix 2x, strength 0.4, latent)" in out
 
 
 @pytest.mark.parametrize("flags, message", [(["-n", "0"], "--captions must be at least 1"),

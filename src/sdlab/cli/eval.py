@@ -24,6 +24,13 @@ def add_eval_command(commands) -> None:
     shapes.add_argument("--size", default=None, help="image size, N or WxH, e.g. 128 or 96x64 (default: the model's "
                         "resolution); a canvas that is not square is judged with positions per axis")
     shapes.add_argument("--out", default=None, help="folder for results.json and sheet.png (every image with its verdict)")
+    hires = shapes.add_argument_group("hires fix", "judge the hires fix's pictures: generate at --size, enlarge, "
+                                      "repaint part-way at the larger size (as `sdlab generate --hires-scale`)")
+    hires.add_argument("--hires-scale", type=float, default=None,
+                       help="enlarge by this factor (e.g. 2) and judge the second pass; off when not given")
+    hires.add_argument("--hires-strength", type=float, default=0.5, help="denoising strength of the second pass")
+    hires.add_argument("--hires-upscaler", default="latent", choices=("latent", "latent-nearest-exact", "lanczos"),
+                       help="enlarge the latents (bilinear or nearest-exact) or the decoded pixels (lanczos)")
 
     inpaint = kinds.add_parser("inpaint", help="erase a shape / paint one where the mask is, judged from pixels",
                                formatter_class=DefaultsHelpFormatter)
@@ -80,17 +87,27 @@ def cmd_eval_shapes(args) -> int:
     pipe, judged = _load_and_evaluate(args, "txt2img", total, lambda pipe, progress: evaluate(
         pipe, args.captions, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler,
         batch_size=args.batch, with_paraphrases=not args.no_paraphrases, progress=progress,
-        width=width, height=height))
+        width=width, height=height, hires=_hires_settings(args)))
     counts = {g: sum(j.group == g for j in judged) for g in GROUPS}
     size = f", {judged[0].image.width}x{judged[0].image.height}" if judged else ""
+    if args.hires_scale is not None:
+        size += f" (hires fix {args.hires_scale:g}x, strength {args.hires_strength:g}, {args.hires_upscaler})"
     print(f"{pipe.model_name}: {len(judged)} images{size}, {args.steps} steps {args.sampler}, CFG {args.cfg}, seed {args.seed}")
     print(format_table(table(judged), counts))
     if args.out:
         write_report(judged, args.out, {key: getattr(args, key) for key in
-                                        ("model", "captions", "seed", "steps", "cfg", "sampler", "batch", "size")})
+                                        ("model", "captions", "seed", "steps", "cfg", "sampler", "batch", "size",
+                                         "hires_scale", "hires_strength", "hires_upscaler")})
         print(f"wrote {args.out}/results.json and {args.out}/sheet.png")
     print(f"{time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
+
+
+def _hires_settings(args):
+    """The hires fix's settings for evaluate(), or None when --hires-scale is not given."""
+    if args.hires_scale is None:
+        return None
+    return dict(hires_scale=args.hires_scale, hires_strength=args.hires_strength, hires_upscaler=args.hires_upscaler)
 
 
 def _image_size(text):
