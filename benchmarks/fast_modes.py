@@ -26,9 +26,11 @@ import time
 import numpy as np
 import torch
 
-BUNDLED_MODES = ("deepcache:2", "deepcache:3", "deepcache:3:0", "cfg-trunc:0.8", "cfg-trunc:0.6", "tome:0.5",
+BUNDLED_MODES = ("deepcache:2", "deepcache:3", "deepcache:3:0", "deepcache:3:1:0.4", "deepcache:4:1:0.25",
+                 "cfg-trunc:0.8", "cfg-trunc:0.6", "tome:0.5",
                  "deepcache:3,cfg-trunc:0.8", "deepcache:3:0,cfg-trunc:0.6,tome:0.5")
-SD15_MODES = ("deepcache:2", "deepcache:3", "deepcache:5", "cfg-trunc:0.8", "tome:0.5",
+SD15_MODES = ("deepcache:2", "deepcache:3", "deepcache:5", "deepcache:3:1:0.4", "deepcache:4:1:0.25", "cfg-trunc:0.8",
+              "tome:0.5",
               "deepcache:3,cfg-trunc:0.8", "deepcache:3,cfg-trunc:0.8,tome:0.5", "deepcache:5,cfg-trunc:0.6,tome:0.5")
 PROMPT = "a photograph of an astronaut riding a horse"
 

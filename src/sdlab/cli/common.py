@@ -202,7 +202,8 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
     parser.add_argument("--fast", type=fast_option, default=None, metavar="MODE[,MODE]",
                         help="trade the exact image for speed (off by default; quality in "
                              "docs/performance-fast-modes.md): deepcache:N reuses the deep UNet features for N-1 "
-                             "of every N steps, cfg-trunc:F drops the unconditional pass after fraction F of the "
+                             "of every N steps (deepcache:N:D:S: cached below skip connection D, default 1, and "
+                             "only after the first share S of the steps, e.g. deepcache:3:1:0.4), cfg-trunc:F drops the unconditional pass after fraction F of the "
                              "steps, tome:R merges share R of the image tokens before self-attention; combine "
                              "with commas, e.g. deepcache:3,tome:0.5")
     parser.add_argument("--lora", action="append", default=[], type=lora_option, metavar="FILE[:WEIGHT]",
