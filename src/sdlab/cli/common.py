@@ -203,9 +203,9 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
                         help="trade the exact image for speed (off by default; quality in "
                              "docs/performance-fast-modes.md): deepcache:N reuses the deep UNet features for N-1 "
                              "of every N steps (deepcache:N:D:S: cached below skip connection D, default 1, and "
-                             "only after the first share S of the steps, e.g. deepcache:3:1:0.4), cfg-trunc:F drops the unconditional pass after fraction F of the "
-                             "steps, tome:R merges share R of the image tokens before self-attention; combine "
-                             "with commas, e.g. deepcache:3,tome:0.5")
+                             "only after the first share S of the steps, e.g. deepcache:3:1:0.4), cfg-trunc:F "
+                             "drops the unconditional pass after fraction F of the steps, tome:R merges share R of "
+                             "the image tokens before self-attention; combine with commas, e.g. deepcache:3,tome:0.5")
     parser.add_argument("--lora", action="append", default=[], type=lora_option, metavar="FILE[:WEIGHT]",
                         help="apply a LoRA (kohya/web UI or diffusers format); repeatable")
     parser.add_argument("--lora-dir", action="append", default=[], metavar="DIR",

@@ -8,8 +8,8 @@ step are two calls): after each whole call, N - 1 shallow ones. A call whose lat
 the cached call's (the batch halves when cfg-trunc drops the unconditional pass, hires fix changes the
 size) runs whole and starts the count again.
 
-`whole_above`: calls at a timestep above it all run whole (the first share of the steps, DeepCache's
-`deepcache:N:D:S`). The first steps decide the layout, and their deep features change fastest, so caching
+`whole_above`: calls at a timestep above it all run whole (the first share S of the steps,
+`--fast deepcache:N:D:S`). The first steps decide the layout, and their deep features change fastest, so caching
 there costs the most (docs/performance-fast-modes.md); after them the count starts from the last whole call.
 """
 
