@@ -241,3 +241,10 @@ def test_every_evaluation_samples_as_the_commands_do_by_default():
     functions = (evaluate, edit_eval.evaluate_inpainting, edit_eval.evaluate_upscaling)
     defaults |= {inspect.signature(f).parameters["sampler"].default for f in functions}
     assert defaults == {"Euler a"}
+
+
+def test_the_hires_upscaler_choices_are_the_pipelines_upscalers():
+    from sdlab.cli.upscale import HIRES_UPSCALER_CHOICES
+    from sdlab.pipelines.hires import HIRES_UPSCALERS
+
+    assert set(HIRES_UPSCALER_CHOICES) == set(HIRES_UPSCALERS)

@@ -8,6 +8,7 @@ import time
 from ..config import DEFAULT_SAMPLER
 from ..errors import InputError
 from .common import DefaultsHelpFormatter
+from .upscale import HIRES_UPSCALER_CHOICES
 
 
 def add_eval_command(commands) -> None:
@@ -29,7 +30,7 @@ def add_eval_command(commands) -> None:
     hires.add_argument("--hires-scale", type=float, default=None,
                        help="enlarge by this factor (e.g. 2) and judge the second pass; off when not given")
     hires.add_argument("--hires-strength", type=float, default=0.5, help="denoising strength of the second pass")
-    hires.add_argument("--hires-upscaler", default="latent", choices=("latent", "latent-nearest-exact", "lanczos"),
+    hires.add_argument("--hires-upscaler", default="latent", choices=HIRES_UPSCALER_CHOICES,
                        help="enlarge the latents (bilinear or nearest-exact) or the decoded pixels (lanczos)")
 
     inpaint = kinds.add_parser("inpaint", help="erase a shape / paint one where the mask is, judged from pixels",

@@ -14,6 +14,9 @@ from .common import (add_generation_options, add_tiled_vae_option, check_image_f
 from .sizing import image_size, refuse_too_large
 
 
+HIRES_UPSCALER_CHOICES = ("latent", "latent-nearest-exact", "lanczos")  # pipelines/hires.HIRES_UPSCALERS' keys
+
+
 def add_hires_options(parser: argparse.ArgumentParser) -> None:
     """The web UI's "Hires. fix" as options of `sdlab generate`."""
     group = parser.add_argument_group("hires fix", "generate at --size, enlarge, then repaint part-way at the larger size")
@@ -22,7 +25,7 @@ def add_hires_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hires-strength", type=float, default=0.5,
                        help="denoising strength of the second pass (default 0.5; below 0.5 the latent upscaler blurs)")
     group.add_argument("--hires-steps", type=int, default=None, help="steps of the second pass (default: --steps)")
-    group.add_argument("--hires-upscaler", default="latent", choices=("latent", "latent-nearest-exact", "lanczos"),
+    group.add_argument("--hires-upscaler", default="latent", choices=HIRES_UPSCALER_CHOICES,
                        help="enlarge the latents (bilinear or nearest-exact) or the decoded pixels (lanczos)")
     add_tiled_vae_option(parser)
 

@@ -15,13 +15,16 @@ there costs the most (docs/performance-fast-modes.md); after them the count star
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ..config import ScheduleConfig
 from ..errors import InputError
 from ..models.unet import DeepFeatures
+from ..schedules import sigma_to_t
 
 
 class DeepCacheUNet(nn.Module):
@@ -55,3 +58,16 @@ class DeepCacheUNet(nn.Module):
         else:
             self.shallow_calls += 1
         return self.unet(x, timesteps, **cond, deep_cache=self.cache)
+
+
+def whole_above_timestep(share: float, sigmas, schedule: ScheduleConfig, quantize: bool) -> Optional[float]:
+    """DeepCacheUNet's `whole_above` for `deepcache:N:D:S`: the UNet timestep of the first step after the
+    first share S of the sampler's steps (counted as CFG truncation counts them), as the Denoiser feeds it
+    (`quantize`: rounded). None for S = 0, where no step is kept whole."""
+    if not share:
+        return None
+    if sigmas is None:
+        raise InputError("deepcache:N:D:S counts the steps: pass the sampler's sigmas")
+    sigmas = torch.as_tensor(sigmas).detach().cpu().reshape(-1)
+    first_cached = min(math.ceil(share * (len(sigmas) - 1)), len(sigmas) - 1)
+    return float(sigma_to_t(sigmas[first_cached:first_cached + 1], schedule, quantize))

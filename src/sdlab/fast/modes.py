@@ -45,10 +45,12 @@ class FastModes:
         """The modes as `--fast` takes them (and the images' "Fast" field writes them); None when exact."""
         parts = []
         if self.deepcache is not None:
-            depth = f":{self.deepcache_depth}" if self.deepcache_depth != DEFAULT_DEEPCACHE_DEPTH else ""
+            suffix = ""  # D is written when it is not the default or when S follows it
             if self.deepcache_whole_first:
-                depth = f":{self.deepcache_depth}:{self.deepcache_whole_first:g}"
-            parts.append(f"deepcache:{self.deepcache}{depth}")
+                suffix = f":{self.deepcache_depth}:{self.deepcache_whole_first:g}"
+            elif self.deepcache_depth != DEFAULT_DEEPCACHE_DEPTH:
+                suffix = f":{self.deepcache_depth}"
+            parts.append(f"deepcache:{self.deepcache}{suffix}")
         if self.cfg_truncation is not None:
             parts.append(f"cfg-trunc:{self.cfg_truncation:g}")
         if self.token_merging is not None:

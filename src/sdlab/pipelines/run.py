@@ -8,7 +8,6 @@ blending) and its own infotext fields (STYLE principle 5).
 from __future__ import annotations
 
 import dataclasses
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -19,7 +18,7 @@ from ..adapters import apply_prompt_adapters, lora_request_tags
 from ..compile import sampling_unet
 from ..denoisers import Denoiser
 from ..errors import InputError
-from ..fast.deepcache import DeepCacheUNet
+from ..fast.deepcache import DeepCacheUNet, whole_above_timestep
 from ..fast.modes import FastModes, as_fast_modes
 from ..fast.tome import token_merging
 from ..guidance import CFGDenoiser
@@ -28,7 +27,6 @@ from ..memory import check_generation_fits, hooked_attention
 from ..models.attention import text_projections_cached
 from ..models.seamless import seamless
 from ..samplers import resolve_sampler, sample, sampler_and_schedule_names, sampler_sigmas
-from ..schedules import sigma_to_t
 from .checks import as_list, check_batch_size, check_noise, check_prompts, check_steps, check_strength, size_or_default
 from .latents import decode_latents, encode_posterior, with_tiled_vae
 from .masks import KeepOutsideMask, unmasked_concat
@@ -100,27 +98,14 @@ def make_denoiser(pipe: Pipeline, cond, uncond, guidance_scale: float, sampler=N
     if compile and (fast.deepcache is not None or fast.token_merging):
         raise InputError("--compile works with the exact UNet and --fast cfg-trunc only; leave out --compile "
                          "for --fast deepcache or tome")
+    quantize = bool(sampler is not None and sampler.quantize)
     if fast.deepcache is not None:
-        whole_above = deepcache_whole_above(fast.deepcache_whole_first, sigmas, pipe.config.schedule,
-                                            bool(sampler is not None and sampler.quantize))
+        whole_above = whole_above_timestep(fast.deepcache_whole_first, sigmas, pipe.config.schedule, quantize)
         unet = DeepCacheUNet(pipe.unet, fast.deepcache, fast.deepcache_depth, whole_above)
     else:
         unet = sampling_unet(pipe.unet, compile)
-    denoiser = Denoiser(unet, pipe.config.schedule, pipe.config.prediction,
-                        quantize=bool(sampler is not None and sampler.quantize))
+    denoiser = Denoiser(unet, pipe.config.schedule, pipe.config.prediction, quantize=quantize)
     return CFGDenoiser(denoiser, cond, uncond, guidance_scale, sigmas=sigmas, truncation=fast.cfg_truncation, **extra)
-
-
-def deepcache_whole_above(share: float, sigmas, schedule, quantize: bool) -> Optional[float]:
-    """The UNet timestep above which DeepCache runs every call whole: that of the first step after the
-    first `share` of the steps (the steps counted as CFG truncation counts them). None for share 0."""
-    if not share:
-        return None
-    if sigmas is None:
-        raise InputError("deepcache:N:D:S counts the steps: pass the sampler's sigmas")
-    sigmas = torch.as_tensor(sigmas).detach().cpu().reshape(-1)
-    first_cached = min(math.ceil(share * (len(sigmas) - 1)), len(sigmas) - 1)
-    return float(sigma_to_t(sigmas[first_cached:first_cached + 1], schedule, quantize))
 
 
 def vae_tiling(options: GenerationOptions) -> Optional[bool]:
