@@ -149,3 +149,36 @@ def test_the_resolution_bucket_fraction_comes_from_the_recipe_for_data_drawn_at_
         training_data(config.replace(data=folder), 32, verbose=False, size_multiple=4)
     with pytest.raises(ConfigError, match=r"resolution_bucket_fraction' must be in \[0, 1\]"):
         tiny_config("unet", tmp_path / "run", resolution_bucket_fraction=1.5)
+
+
+def test_bucket_weights_give_each_named_bucket_its_share_and_the_others_none(tmp_path):
+    config = tiny_config("unet", tmp_path / "run", data="shapes", buckets=True, min_bucket_reso=16,
+                         max_bucket_reso=32, bucket_weights={"32x32": 3, "24x16": 1})
+    data = training_data(config, 32, verbose=False, size_multiple=4)
+    chosen = [data.bucket_of_step(step) for step in range(800)]
+    assert set(chosen) == {(32, 32), (24, 16)} and 0.70 < chosen.count((32, 32)) / 800 < 0.80
+    assert chosen == [training_data(config, 32, verbose=False, size_multiple=4).bucket_of_step(s) for s in range(800)]
+    images, _ = zip(*(data[n] for n in range(2 * 4)))  # step 0 and 1's samples have their bucket's size
+    assert {tuple(image.shape[-2:][::-1]) for image in images} <= {(32, 32), (24, 16)}
+
+
+def test_bad_bucket_weights_are_refused_in_one_line(tmp_path):
+    def build(**changes):
+        config = tiny_config("unet", tmp_path / "run", data="shapes", buckets=True, min_bucket_reso=16,
+                             max_bucket_reso=32, **changes)
+        return training_data(config, 32, verbose=False, size_multiple=4)
+
+    with pytest.raises(ConfigError, match="'40x40' is not one of the buckets"):
+        build(bucket_weights={"40x40": 1})
+    with pytest.raises(ConfigError, match="must be a number >= 0"):
+        build(bucket_weights={"32x32": -1})
+    with pytest.raises(ConfigError, match="at least one bucket needs a weight above 0"):
+        build(bucket_weights={"32x32": 0})
+    with pytest.raises(ConfigError, match="keep one"):
+        build(bucket_weights={"32x32": 1}, resolution_bucket_fraction=0.5)
+    with pytest.raises(ConfigError, match="'bucket_weights' must be a table"):
+        build(bucket_weights=[1, 2])
+    with pytest.raises(ConfigError, match="folder"):
+        config = tiny_config("unet", tmp_path / "run", buckets=True, min_bucket_reso=16, max_bucket_reso=32,
+                             bucket_weights={"32x32": 1})
+        training_data(config.replace(data=str(mixed_folder(tmp_path / "data"))), 32, verbose=False, size_multiple=4)

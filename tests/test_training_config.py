@@ -317,7 +317,7 @@ def read_back(tmp_path, config):
 
 
 @pytest.mark.parametrize("trainer, recipe", [("vae", "vae"), ("unet", "relation"), ("inpaint", "inpaint-objects"),
-                                             ("dpo", "dpo"), ("unet", "tiny")])
+                                             ("dpo", "dpo"), ("unet", "tiny"), ("unet", "buckets-3")])
 def test_the_written_settings_read_back_to_the_same_recipe(tmp_path, trainer, recipe):
     name = "tiny.toml" if recipe == "tiny" else f"shapes-{recipe}.toml"
     config = load_config(trainer, str(RECIPES / name), {"base": "bundled"})

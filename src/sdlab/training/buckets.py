@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -54,14 +54,34 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket
     return max(fitting, key=lambda b: b[0] * b[1]) if fitting else min(nearest, key=lambda b: b[0] * b[1])
 
 
+def bucket_weights(table: Mapping[str, float], buckets: Sequence[Bucket]) -> list[float]:
+    """A recipe's `bucket_weights` table ({"64x64": 0.5, "128x128": 0.3, ...}) as one weight per bucket,
+    in the buckets' order; a bucket the table leaves out is never drawn."""
+    names = {f"{w}x{h}": (w, h) for w, h in buckets}
+    for key, weight in table.items():
+        if key not in names:
+            raise ConfigError(f"bucket_weights: '{key}' is not one of the buckets ({', '.join(names)}); "
+                              "name them WIDTHxHEIGHT, or widen min/max_bucket_reso")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0 or not math.isfinite(weight):
+            raise ConfigError(f"bucket_weights: the weight of {key} must be a number >= 0, got {weight!r}")
+    weights = [float(table.get(name, 0.0)) for name in names]
+    if sum(weights) <= 0:
+        raise ConfigError("bucket_weights: at least one bucket needs a weight above 0")
+    return weights
+
+
 def step_bucket(seed: int, step: int, buckets: Sequence[Bucket], home: Optional[Bucket] = None,
-                home_fraction: float = 0.0) -> Bucket:
-    """The bucket step `step` draws at, for a data set that can draw any size: uniform over the buckets,
-    or, with a `home` bucket and `home_fraction` > 0, `home` at that fraction of the steps and the
-    others uniformly at the rest. A model fine-tuned from one size keeps what it drew there when that
-    size stays a large share of the steps (one step in nine, uniform over 64..128 px at step 32, cost the
-    bundled model 18 points of its 64 px two-object rate: MODEL_CARD.md, "Aspect-ratio buckets")."""
+                home_fraction: float = 0.0, weights: Optional[Sequence[float]] = None) -> Bucket:
+    """The bucket step `step` draws at, for a data set that can draw any size: uniform over the buckets;
+    with `weights` (one per bucket), in proportion to them; or, with a `home` bucket and `home_fraction`
+    > 0, `home` at that fraction of the steps and the others uniformly at the rest. A model fine-tuned
+    from one size keeps what it drew there when that size stays a large share of the steps (one step in
+    nine, uniform over 64..128 px at step 32, cost the bundled model 18 points of its 64 px two-object
+    rate: MODEL_CARD.md, "Aspect-ratio buckets")."""
     rng = np.random.default_rng([seed, step, BUCKET_STREAM])
+    if weights is not None:
+        p = np.asarray(weights, dtype=np.float64)
+        return buckets[int(rng.choice(len(buckets), p=p / p.sum()))]
     if home is None or home_fraction <= 0:
         return buckets[int(rng.integers(len(buckets)))]
     others = [b for b in buckets if b != home]
@@ -75,15 +95,18 @@ class BucketedStream:
     drawn at one seeded bucket (step_bucket: `home` at `home_fraction` of the steps)."""
 
     def __init__(self, data, buckets: Sequence[Bucket], batch_size: int, seed: int = 0,
-                 home: Optional[Bucket] = None, home_fraction: float = 0.0):
+                 home: Optional[Bucket] = None, home_fraction: float = 0.0,
+                 weights: Optional[Sequence[float]] = None):
         self.data, self.buckets, self.batch_size, self.seed = data, list(buckets), batch_size, seed
         if home is not None and home not in self.buckets:
             raise ConfigError(f"the bucket {home[0]}x{home[1]} is not one of the buckets "
                               f"({', '.join(f'{w}x{h}' for w, h in self.buckets)}); widen min/max_bucket_reso")
-        self.home, self.home_fraction = home, home_fraction
+        if weights is not None and len(weights) != len(self.buckets):
+            raise ValueError(f"{len(weights)} bucket weights for {len(self.buckets)} buckets")
+        self.home, self.home_fraction, self.weights = home, home_fraction, weights
 
     def bucket_of_step(self, step: int) -> Bucket:
-        return step_bucket(self.seed, step, self.buckets, self.home, self.home_fraction)
+        return step_bucket(self.seed, step, self.buckets, self.home, self.home_fraction, self.weights)
 
     def __getitem__(self, n: int) -> tuple[torch.Tensor, str]:
         return self.data.sample_at(n, *self.bucket_of_step(n // self.batch_size))

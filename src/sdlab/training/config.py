@@ -263,6 +263,9 @@ class TrainConfig:
     # the share of steps drawn at resolution x resolution, the rest uniform over the other buckets
     # (buckets.step_bucket); 0: uniform over all. For data drawn at any size (data = "shapes")
     resolution_bucket_fraction: float = 0.0
+    # or each bucket's share of the steps, by name: { "64x64" = 0.45, "128x128" = 0.3, "96x64" = 0.1 };
+    # buckets left out are not drawn. For data drawn at any size; not with resolution_bucket_fraction
+    bucket_weights: Optional[dict] = None
     num_workers: int = 0  # DataLoader processes decoding images
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPUs, fp32 on CPUs
@@ -485,6 +488,9 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
     if not 0 <= config.resolution_bucket_fraction <= 1:
         raise ConfigError(f"{source}: 'resolution_bucket_fraction' must be in [0, 1], "
                           f"got {config.resolution_bucket_fraction}")
+    if config.bucket_weights is not None and config.resolution_bucket_fraction:
+        raise ConfigError(f"{source}: 'bucket_weights' gives every bucket its share, 'resolution_bucket_fraction' "
+                          "only the training size's: keep one")
     if config.shard_model:
         if config.trainer not in SHARDABLE_TRAINERS:
             raise ConfigError(f"{source}: shard_model shards the UNet trainers ({', '.join(SHARDABLE_TRAINERS)}), "

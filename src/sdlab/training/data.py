@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ConfigError, InputError
-from .buckets import BucketedFolder, BucketedStream, bucket_sizes
+from .buckets import BucketedFolder, BucketedStream, bucket_sizes, bucket_weights
 from .config import DATA_SOURCES, TrainConfig
 from .distributed import note
 
@@ -194,13 +194,16 @@ def bucketed(data, config: TrainConfig, size: int, size_multiple: Optional[int] 
     high = config.max_bucket_reso or size // step * step
     sizes = bucket_sizes(low, high, step)
     if isinstance(data, ImageFolder):
-        if config.resolution_bucket_fraction:
-            raise ConfigError("resolution_bucket_fraction weights the buckets of data drawn at any size; a "
-                              "folder's batches follow its images' sizes: drop it")
+        for key in ("resolution_bucket_fraction", "bucket_weights"):
+            if getattr(config, key):
+                raise ConfigError(f"{key} weights the buckets of data drawn at any size; a "
+                                  "folder's batches follow its images' sizes: drop it")
         return BucketedFolder(data, sizes, config.batch_size, config.seed)
     if hasattr(data, "sample_at"):
         home = (size, size) if config.resolution_bucket_fraction else None
-        return BucketedStream(data, sizes, config.batch_size, config.seed, home, config.resolution_bucket_fraction)
+        weights = bucket_weights(config.bucket_weights, sizes) if config.bucket_weights is not None else None
+        return BucketedStream(data, sizes, config.batch_size, config.seed, home, config.resolution_bucket_fraction,
+                              weights)
     raise ConfigError(f"data '{config.data}' cannot be drawn at other sizes; drop 'buckets'")
 
 
