@@ -243,8 +243,20 @@ def test_every_evaluation_samples_as_the_commands_do_by_default():
     assert defaults == {"Euler a"}
 
 
-def test_the_hires_upscaler_choices_are_the_pipelines_upscalers():
-    from sdlab.cli.upscale import HIRES_UPSCALER_CHOICES
+def test_the_hires_upscaler_choices_and_defaults_are_the_pipelines():
+    from sdlab.cli.upscale import HIRES_STRENGTH, HIRES_UPSCALER, HIRES_UPSCALER_CHOICES
     from sdlab.pipelines.hires import HIRES_UPSCALERS
+    from sdlab.pipelines.options import HiresOptions
 
     assert set(HIRES_UPSCALER_CHOICES) == set(HIRES_UPSCALERS)
+    assert (HIRES_STRENGTH, HIRES_UPSCALER) == (HiresOptions.hires_strength, HiresOptions.hires_upscaler)
+
+
+@pytest.mark.parametrize("command", [["eval", "shapes", "--model", "demo"], ["generate", "a cat", "--model", "demo"]])
+@pytest.mark.parametrize("flags, named", [(["--hires-strength", "0.3"], "--hires-strength sets"),
+                                          (["--hires-upscaler", "lanczos"], "--hires-upscaler sets")])
+def test_a_second_pass_option_without_hires_scale_is_refused_in_one_line(command, flags, named, capsys, tmp_path):
+    out = tmp_path / "x.png"
+    assert main([*command, *flags, *(["-o", str(out)] if command[0] == "generate" else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and "add --hires-scale" in err and "\n" not in err and not out.exists()

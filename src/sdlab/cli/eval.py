@@ -8,7 +8,7 @@ import time
 from ..config import DEFAULT_SAMPLER
 from ..errors import InputError
 from .common import DefaultsHelpFormatter
-from .upscale import HIRES_UPSCALER_CHOICES
+from .upscale import HIRES_STRENGTH, HIRES_UPSCALER, HIRES_UPSCALER_CHOICES, resolve_hires_options
 
 
 def add_eval_command(commands) -> None:
@@ -29,9 +29,11 @@ def add_eval_command(commands) -> None:
                                       "repaint part-way at the larger size (as `sdlab generate --hires-scale`)")
     hires.add_argument("--hires-scale", type=float, default=None,
                        help="enlarge by this factor (e.g. 2) and judge the second pass; off when not given")
-    hires.add_argument("--hires-strength", type=float, default=0.5, help="denoising strength of the second pass")
-    hires.add_argument("--hires-upscaler", default="latent", choices=HIRES_UPSCALER_CHOICES,
-                       help="enlarge the latents (bilinear or nearest-exact) or the decoded pixels (lanczos)")
+    hires.add_argument("--hires-strength", type=float, default=None,
+                       help=f"denoising strength of the second pass (default: {HIRES_STRENGTH})")
+    hires.add_argument("--hires-upscaler", default=None, choices=HIRES_UPSCALER_CHOICES,
+                       help="enlarge the latents (bilinear or nearest-exact) or the decoded pixels (lanczos) "
+                            f"(default: {HIRES_UPSCALER})")
 
     inpaint = kinds.add_parser("inpaint", help="erase a shape / paint one where the mask is, judged from pixels",
                                formatter_class=DefaultsHelpFormatter)
@@ -83,6 +85,7 @@ def cmd_eval_shapes(args) -> int:
     if args.batch < 1:
         raise InputError(f"--batch must be at least 1, got {args.batch}")
     width, height = _image_size(args.size)
+    resolve_hires_options(args)
     started = time.perf_counter()
     total = args.captions * (1 if args.no_paraphrases else 2)
     pipe, judged = _load_and_evaluate(args, "txt2img", total, lambda pipe, progress: evaluate(

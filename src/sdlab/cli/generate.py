@@ -12,7 +12,7 @@ from .common import (add_generation_options, apply_params_from, check_image_file
                      run_and_save, seed_kwargs)
 from .saving import check_writable_file, grid_path, output_paths
 from .sizing import image_size, refuse_too_large
-from .upscale import add_hires_options, cmd_hires
+from .upscale import add_hires_options, cmd_hires, resolve_hires_options
 
 
 def add_generate_commands(commands) -> None:
@@ -87,6 +87,7 @@ def generation_kwargs(args) -> dict:
 
 def cmd_generate(args) -> int:
     apply_params_from(args)
+    resolve_hires_options(args)
     if args.hires_scale and args.attention_maps:
         raise InputError("--attention-maps maps one sampling pass; leave out --hires-scale")
     if args.n_iter != 1 and args.attention_maps:

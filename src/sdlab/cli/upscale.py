@@ -15,6 +15,7 @@ from .sizing import image_size, refuse_too_large
 
 
 HIRES_UPSCALER_CHOICES = ("latent", "latent-nearest-exact", "lanczos")  # pipelines/hires.HIRES_UPSCALERS' keys
+HIRES_STRENGTH, HIRES_UPSCALER = 0.5, "latent"  # the second pass's defaults, as hires_fix()'s
 
 
 def add_hires_options(parser: argparse.ArgumentParser) -> None:
@@ -22,12 +23,31 @@ def add_hires_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("hires fix", "generate at --size, enlarge, then repaint part-way at the larger size")
     group.add_argument("--hires-scale", type=float, default=None,
                        help="enlarge by this factor (e.g. 2) and run the second pass; off when not given")
-    group.add_argument("--hires-strength", type=float, default=0.5,
-                       help="denoising strength of the second pass (default 0.5; below 0.5 the latent upscaler blurs)")
+    group.add_argument("--hires-strength", type=float, default=None,
+                       help=f"denoising strength of the second pass (default {HIRES_STRENGTH}; below 0.5 the "
+                            "latent upscaler blurs)")
     group.add_argument("--hires-steps", type=int, default=None, help="steps of the second pass (default: --steps)")
-    group.add_argument("--hires-upscaler", default="latent", choices=HIRES_UPSCALER_CHOICES,
-                       help="enlarge the latents (bilinear or nearest-exact) or the decoded pixels (lanczos)")
+    group.add_argument("--hires-upscaler", default=None, choices=HIRES_UPSCALER_CHOICES,
+                       help="enlarge the latents (bilinear or nearest-exact) or the decoded pixels (lanczos); "
+                            f"default: {HIRES_UPSCALER}")
     add_tiled_vae_option(parser)
+
+
+def resolve_hires_options(args) -> None:
+    """The hires options' defaults filled in when --hires-scale turns the fix on; a second-pass option
+    without --hires-scale would change nothing, so it is refused in one line."""
+    given = [f"--{name.replace('_', '-')}" for name in ("hires_strength", "hires_steps", "hires_upscaler")
+             if getattr(args, name, None) is not None]
+    if args.hires_scale is None:
+        if given:
+            raise InputError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the hires fix's second pass, "
+                             "which runs only with --hires-scale: add --hires-scale (e.g. 2) or leave "
+                             f"{'it' if len(given) == 1 else 'them'} out")
+        return
+    if args.hires_strength is None:
+        args.hires_strength = HIRES_STRENGTH
+    if args.hires_upscaler is None:
+        args.hires_upscaler = HIRES_UPSCALER
 
 
 def _common_kwargs(args) -> dict:
@@ -39,6 +59,7 @@ def _common_kwargs(args) -> dict:
 
 def cmd_hires(args) -> int:
     """`sdlab generate ... --hires-scale S`: txt2img, then the hires pass; one progress bar for both."""
+    resolve_hires_options(args)
     from ..pipelines.hires import hires_fix, hires_size
 
     prepare_generation(args)
