@@ -92,7 +92,8 @@ def step_bucket(seed: int, step: int, buckets: Sequence[Bucket], home: Optional[
 
 class BucketedStream:
     """A data set with `sample_at(n, width, height)` (e.g. sdlab.shapes' ShapesData), each step's samples
-    drawn at one seeded bucket (step_bucket: `home` at `home_fraction` of the steps)."""
+    drawn at one seeded bucket (step_bucket: `home` at `home_fraction` of the steps, or each bucket at its
+    share of `weights`)."""
 
     def __init__(self, data, buckets: Sequence[Bucket], batch_size: int, seed: int = 0,
                  home: Optional[Bucket] = None, home_fraction: float = 0.0,
