@@ -193,6 +193,55 @@ def test_inpainting_cases_pass_when_the_edit_is_made_and_fail_when_it_is_not():
     assert recoloured["appears"] == recoloured["insert"] == 0.0
 
 
+class OutpaintingPipe:
+    """Answers each outpainting case with its whole scene drawn, or (`lazy`) with the picture and an empty
+    margin, or (`reshape`) with every object in another shape."""
+
+    def __init__(self, n, seed, lazy=False, reshape=False):
+        import dataclasses
+
+        from sdlab.shapes.edit_eval import OUTPAINT_CANVAS, outpaint_cases
+
+        other = {"circle": "square", "square": "triangle", "triangle": "circle"}
+        self.calls, self.answers = [], {}
+        for case in outpaint_cases(n, seed):
+            scene = case.scene
+            if lazy:
+                scene = dataclasses.replace(scene, objects=tuple(o for o in scene.objects
+                                                                 if (o.colour, o.shape) == case.kept), relation=None)
+            if reshape:
+                scene = dataclasses.replace(scene, objects=tuple(dataclasses.replace(o, shape=other[o.shape])
+                                                                 for o in scene.objects))
+            self.answers[(case.prompt, case.image.tobytes())] = render(scene, OUTPAINT_CANVAS)
+
+    def outpaint(self, prompt, image, extend, **kwargs):
+        assert kwargs["noise"] == "a1111-cpu" and "strength" not in kwargs  # outpaint's own default
+        self.calls.append(extend)
+        return SimpleNamespace(images=[self.answers[(prompt, image.tobytes())]])
+
+
+def test_outpainting_cases_keep_one_object_and_leave_the_other_to_the_margin():
+    from sdlab.shapes.check import analyse
+    from sdlab.shapes.edit_eval import OutpaintCase, evaluate_outpainting, judge_outpaint, outpaint_cases
+
+    cases = outpaint_cases(8, seed=3)
+    assert [c.side for c in cases[:4]] == ["right", "left", "right", "left"] and len(cases) == 8
+    assert cases == outpaint_cases(8, seed=3) and cases != outpaint_cases(8, seed=4)
+    for case in cases:
+        found = analyse(case.image).objects
+        assert case.image.size == (64, 64) and [(o.colour, o.shape) for o in found] == [case.kept]
+    pipe = OutpaintingPipe(8, 3)
+    assert evaluate_outpainting(pipe, n=8, seed=3) == {"appears": 1.0, "outpaint": 1.0}
+    assert pipe.calls[:2] == [{"right": 32}, {"left": 32}]
+    assert evaluate_outpainting(OutpaintingPipe(8, 3, lazy=True), n=8, seed=3) == {"appears": 0.0, "outpaint": 0.0}
+    assert evaluate_outpainting(OutpaintingPipe(8, 3, reshape=True), n=8, seed=3) == {"appears": 0.0, "outpaint": 0.0}
+    # the added object on the other side of the canvas than the margin is not "appears"
+    case = cases[0]
+    drawn = OutpaintingPipe(8, 3).answers[(case.prompt, case.image.tobytes())]
+    mirrored = OutpaintCase(case.prompt, case.image, "left", case.kept, case.added, case.scene)
+    assert judge_outpaint(case, drawn)["appears"] and not judge_outpaint(mirrored, drawn)["appears"]
+
+
 def test_upscaling_psnr_compares_with_bicubic_on_the_same_scenes():
     from PIL import Image
 
@@ -215,7 +264,7 @@ def test_upscaling_psnr_compares_with_bicubic_on_the_same_scenes():
     assert evaluate_upscaling(Nearest(), n=3, seed=0)["model"] < same["bicubic"]
 
 
-def test_eval_upscale_and_inpaint_commands_print_their_figures(capsys):
+def test_eval_upscale_inpaint_and_outpaint_commands_print_their_figures(capsys):
     """The bundled sibling models, one scene and one sampler step each: the commands' own lines."""
     assert main(["eval", "upscale", "-n", "1", "--steps", "1", "--quiet"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -225,6 +274,10 @@ def test_eval_upscale_and_inpaint_commands_print_their_figures(capsys):
     assert "erase" in out and "insert, loose" in out and "insert, strict" in out
     # one scene: a rate of 0 or 100% says little, and the interval says so
     assert out.count("(95% interval 0-79%)") + out.count("(95% interval 21-100%)") == 3, out
+    assert main(["eval", "outpaint", "-n", "1", "--steps", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "outpaint, loose" in out and "outpaint, strict" in out
+    assert out.count("(95% interval 0-79%)") + out.count("(95% interval 21-100%)") == 2, out
 
 
 def test_every_evaluation_samples_as_the_commands_do_by_default():
@@ -237,8 +290,9 @@ def test_every_evaluation_samples_as_the_commands_do_by_default():
     parser = build_parser()
     defaults = {parser.parse_args(command).sampler for command in (
         ["generate", "a red circle"], ["inpaint", "a", "--init", "in.png", "--mask", "mask.png"], ["upscale", "in.png", "a"],
-        ["eval", "shapes"], ["eval", "inpaint"], ["eval", "upscale"])}
-    functions = (evaluate, edit_eval.evaluate_inpainting, edit_eval.evaluate_upscaling)
+        ["outpaint", "a", "--init", "in.png", "--extend", "left=32"],
+        ["eval", "shapes"], ["eval", "inpaint"], ["eval", "outpaint"], ["eval", "upscale"])}
+    functions = (evaluate, edit_eval.evaluate_inpainting, edit_eval.evaluate_outpainting, edit_eval.evaluate_upscaling)
     defaults |= {inspect.signature(f).parameters["sampler"].default for f in functions}
     assert defaults == {"Euler a"}
 

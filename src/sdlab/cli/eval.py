@@ -39,12 +39,17 @@ def add_eval_command(commands) -> None:
                                formatter_class=DefaultsHelpFormatter)
     inpaint.add_argument("--model", default=None, help="checkpoint (default: the bundled inpainting model)")
     inpaint.add_argument("-n", "--cases", type=int, default=20, help="scenes; each gives one erase and one insert case")
+    outpaint = kinds.add_parser("outpaint", help="grow a 64 px picture to 96 x 64 and paint the caption's other "
+                                "shape in the margin, judged from pixels", formatter_class=DefaultsHelpFormatter)
+    outpaint.add_argument("--model", default=None, help="checkpoint (default: the bundled inpainting model)")
+    outpaint.add_argument("-n", "--cases", type=int, default=20, help="scenes (the margin on the right, then the left)")
     upscale = kinds.add_parser("upscale", help="32 -> 128 px: PSNR against the 128 px render, and bicubic's",
                                formatter_class=DefaultsHelpFormatter)
     upscale.add_argument("--model", default=None, help="checkpoint (default: the bundled upscaler)")
     upscale.add_argument("-n", "--cases", type=int, default=10, help="scenes")
     upscale.add_argument("--noise-level", type=int, default=20, help="noise added to the small image, 0-350")
     add_run_options(inpaint, cmd_eval_inpaint)
+    add_run_options(outpaint, cmd_eval_outpaint)
     add_run_options(upscale, cmd_eval_upscale)
 
 
@@ -134,20 +139,33 @@ def _run_edit_eval(args, task: str, total: int, evaluate):
     return result
 
 
+def _rate(rates: dict, key: str, cases: int) -> str:
+    """A pass rate over `cases` with its 95% Wilson interval."""
+    from ..shapes.evaluation import wilson_interval
+
+    low, high = wilson_interval(round(rates[key] * cases), cases)
+    return f"{rates[key] * 100:.1f}% (95% interval {low * 100:.0f}-{high * 100:.0f}%)"
+
+
 def cmd_eval_inpaint(args) -> int:
     from ..shapes.edit_eval import evaluate_inpainting
 
     rates = _run_edit_eval(args, "inpaint", 2 * args.cases, lambda pipe, progress: evaluate_inpainting(
         pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, progress=progress))
-    from ..shapes.evaluation import wilson_interval
+    print(f"erase (masked shape becomes background): {_rate(rates, 'erase', args.cases)}")
+    print(f"insert, loose (the asked-for shape appears in the mask, the other stays): {_rate(rates, 'appears', args.cases)}")
+    print(f"insert, strict (both shapes, their relation and the background right): {_rate(rates, 'insert', args.cases)}")
+    return 0
 
-    def rate(key: str) -> str:
-        low, high = wilson_interval(round(rates[key] * args.cases), args.cases)
-        return f"{rates[key] * 100:.1f}% (95% interval {low * 100:.0f}-{high * 100:.0f}%)"
 
-    print(f"erase (masked shape becomes background): {rate('erase')}")
-    print(f"insert, loose (the asked-for shape appears in the mask, the other stays): {rate('appears')}")
-    print(f"insert, strict (both shapes, their relation and the background right): {rate('insert')}")
+def cmd_eval_outpaint(args) -> int:
+    from ..shapes.edit_eval import evaluate_outpainting
+
+    rates = _run_edit_eval(args, "inpaint", args.cases, lambda pipe, progress: evaluate_outpainting(
+        pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, progress=progress))
+    print(f"outpaint, loose (the asked-for shape appears in the margin, the other stays): "
+          f"{_rate(rates, 'appears', args.cases)}")
+    print(f"outpaint, strict (both shapes, their relation and the background right): {_rate(rates, 'outpaint', args.cases)}")
     return 0
 
 

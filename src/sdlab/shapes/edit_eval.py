@@ -6,6 +6,10 @@
   two-object caption. Two verdicts: "appears" when an object of the asked colour and shape has its
   centre inside the mask and the kept object is still found; "insert" (strict) when the checker
   finds both objects with the caption's relation and background.
+- outpaint: a two-object scene side by side on a 96 x 64 canvas, the 64 px part holding one object
+  given, the 32 px margin where the other belongs extended (left or right, alternating), the prompt the
+  full caption. Verdicts as for insert: "appears" (an object of the asked colour and shape centred in
+  the margin, the kept object still found) and "outpaint" (the checker finds the whole caption).
 - upscale: a scene rendered at 128 px, shrunk to 32 px by area averaging, enlarged 4x by the model and
   by bicubic interpolation; PSNR of both against the 128 px render.
 """
@@ -121,6 +125,81 @@ def evaluate_inpainting(pipe, n: int = 20, seed: int = 0, *, steps: int = 20, gu
         if progress is not None:
             progress(1)
     return {task: float(np.mean(values)) for task, values in passed.items()}
+
+
+OUTPAINT_CANVAS = (96, 64)  # the 64 px picture and a 32 px margin: the canvas `eval shapes --size 96x64` judges
+OUTPAINT_OVERLAP = 8  # px of the picture repainted along the seam (outpaint's default)
+
+
+@dataclass
+class OutpaintCase:
+    prompt: str  # the whole scene's caption
+    image: Image.Image  # the 64 x 64 part holding the kept object
+    side: str  # "left" | "right": where the margin grows
+    kept: tuple[str, str]  # (colour, shape) already in the picture
+    added: tuple[str, str]  # (colour, shape) the margin should get
+    scene: Scene  # the whole 96 x 64 scene
+
+
+def _x_extent(obj, canvas: tuple[int, int]) -> tuple[float, float]:
+    half = obj.side * min(canvas) / 2
+    return obj.center[0] * canvas[0] - half, obj.center[0] * canvas[0] + half
+
+
+def outpaint_cases(n: int, seed: int = 0) -> list[OutpaintCase]:
+    """n cases, deterministic per seed: side-by-side scenes where the object to be painted lies wholly in
+    the margin and the kept one wholly outside the repainted seam; even cases grow the right side."""
+    width, height = OUTPAINT_CANVAS
+    margin = width - height
+    rng = np.random.default_rng(seed)
+    cases = []
+    while len(cases) < n:
+        side = "right" if len(cases) % 2 == 0 else "left"
+        scene = sample_scene(rng, single_object_fraction=0.0, aspect=width / height)
+        if scene.relation not in ("to the left of", "to the right of"):
+            continue
+        left, right = sorted(scene.objects, key=lambda o: o.center[0])
+        added, kept = (right, left) if side == "right" else (left, right)
+        if side == "right":
+            fits = _x_extent(added, OUTPAINT_CANVAS)[0] >= height and _x_extent(kept, OUTPAINT_CANVAS)[1] <= height - OUTPAINT_OVERLAP
+            box = (0, 0, height, height)
+        else:
+            fits = _x_extent(added, OUTPAINT_CANVAS)[1] <= margin and _x_extent(kept, OUTPAINT_CANVAS)[0] >= margin + OUTPAINT_OVERLAP
+            box = (margin, 0, width, height)
+        if not fits:
+            continue
+        alone = dataclasses.replace(scene, objects=(kept,), relation=None)
+        cases.append(OutpaintCase(canonical_caption(scene, with_background=True),
+                                  render(alone, OUTPAINT_CANVAS).crop(box), side,
+                                  (kept.colour, kept.shape), (added.colour, added.shape), scene))
+    return cases
+
+
+def judge_outpaint(case: OutpaintCase, result: Image.Image) -> dict[str, bool]:
+    """"appears": an object of the added colour and shape centred in the margin, the kept one still
+    found; "outpaint": the checker finds the whole caption (count, colours, shapes, relation, background)."""
+    found = analyse(result).objects
+    in_margin = (lambda x: x >= result.height / result.width) if case.side == "right" else \
+        (lambda x: x < 1 - result.height / result.width)
+    pairs = [(obj.colour, obj.shape) for obj in found]
+    appears = case.kept in pairs and any((o.colour, o.shape) == case.added and in_margin(o.center[0]) for o in found)
+    return {"appears": appears, "outpaint": check(result, case.prompt)["all"]}
+
+
+def evaluate_outpainting(pipe, n: int = 20, seed: int = 0, *, steps: int = 20, guidance_scale: float = 5.0,
+                         sampler: str = DEFAULT_SAMPLER, progress=None) -> dict[str, float]:
+    """Pass rates of the outpainting cases, loose ("appears") and strict ("outpaint"), with outpaint's
+    own defaults (strength 0.8, an 8 px seam)."""
+    passed = {"appears": [], "outpaint": []}
+    for i, case in enumerate(outpaint_cases(n, seed)):
+        result = pipe.outpaint(case.prompt, case.image, extend={case.side: OUTPAINT_CANVAS[0] - OUTPAINT_CANVAS[1]},
+                               overlap=OUTPAINT_OVERLAP, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                               seed=seed + i, noise="a1111-cpu")
+        for key, value in judge_outpaint(case, result.images[0]).items():
+            passed[key].append(value)
+        if progress is not None:
+            progress(1)
+    return {key: float(np.mean(values)) for key, values in passed.items()}
 
 
 def psnr(a: Image.Image, b: Image.Image) -> float:
