@@ -138,6 +138,15 @@ def test_eval_command_runs_the_hires_fix_and_says_so(capsys):
     assert code == 0 and "2 images, 64x64 (hires fix 2x, strength 0.4, latent)" in out
 
 
+@pytest.mark.parametrize("kind", ["shapes", "outpaint"])
+def test_an_out_folder_that_is_a_file_is_refused_before_any_work(kind, capsys, tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("x")
+    assert main(["eval", kind, "--model", "demo", "--out", str(blocker / "report")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"sdlab: error: --out {blocker / 'report'}: {blocker} is a file, not a folder"
+
+
 @pytest.mark.parametrize("flags, message", [(["-n", "0"], "--captions must be at least 1"),
                                             (["--batch", "0"], "--batch must be at least 1"),
                                             (["--size", "96x"], "--size takes N or WxH")])
@@ -264,7 +273,7 @@ def test_upscaling_psnr_compares_with_bicubic_on_the_same_scenes():
     assert evaluate_upscaling(Nearest(), n=3, seed=0)["model"] < same["bicubic"]
 
 
-def test_eval_upscale_inpaint_and_outpaint_commands_print_their_figures(capsys):
+def test_eval_upscale_inpaint_and_outpaint_commands_print_their_figures(capsys, tmp_path):
     """The bundled sibling models, one scene and one sampler step each: the commands' own lines."""
     assert main(["eval", "upscale", "-n", "1", "--steps", "1", "--quiet"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -274,9 +283,13 @@ def test_eval_upscale_inpaint_and_outpaint_commands_print_their_figures(capsys):
     assert "erase" in out and "insert, loose" in out and "insert, strict" in out
     # one scene: a rate of 0 or 100% says little, and the interval says so
     assert out.count("(95% interval 0-79%)") + out.count("(95% interval 21-100%)") == 3, out
-    assert main(["eval", "outpaint", "-n", "1", "--steps", "1", "--quiet"]) == 0
+    assert main(["eval", "outpaint", "-n", "1", "--steps", "1", "--quiet", "--out", str(tmp_path / "op")]) == 0
     out = capsys.readouterr().out
-    assert "outpaint, loose" in out and "outpaint, strict" in out
+    assert "outpaint, loose" in out and "outpaint, strict" in out and f"wrote {tmp_path / 'op' / 'sheet.png'}" in out
+    from PIL import Image
+
+    with Image.open(tmp_path / "op" / "sheet.png") as sheet:
+        assert sheet.width > 10 * 96 * 2  # ten columns of 96 px pictures at zoom 2
     assert out.count("(95% interval 0-79%)") + out.count("(95% interval 21-100%)") == 2, out
 
 

@@ -9,6 +9,7 @@ from ..config import DEFAULT_SAMPLER
 from ..errors import InputError
 from .common import DefaultsHelpFormatter
 from .upscale import HIRES_STRENGTH, HIRES_UPSCALER, HIRES_UPSCALER_CHOICES, resolve_hires_options
+from .saving import check_output_folder
 
 
 def add_eval_command(commands) -> None:
@@ -43,6 +44,8 @@ def add_eval_command(commands) -> None:
                                 "shape in the margin, judged from pixels", formatter_class=DefaultsHelpFormatter)
     outpaint.add_argument("--model", default=None, help="checkpoint (default: the bundled inpainting model)")
     outpaint.add_argument("-n", "--cases", type=int, default=20, help="scenes (the margin on the right, then the left)")
+    outpaint.add_argument("--out", default=None, help="folder for sheet.png (every picture, framed green when the "
+                          "whole caption is right)")
     upscale = kinds.add_parser("upscale", help="32 -> 128 px: PSNR against the 128 px render, and bicubic's",
                                formatter_class=DefaultsHelpFormatter)
     upscale.add_argument("--model", default=None, help="checkpoint (default: the bundled upscaler)")
@@ -91,6 +94,8 @@ def cmd_eval_shapes(args) -> int:
         raise InputError(f"--batch must be at least 1, got {args.batch}")
     width, height = _image_size(args.size)
     resolve_hires_options(args)
+    if args.out:
+        check_output_folder(args.out, "--out")
     started = time.perf_counter()
     total = args.captions * (1 if args.no_paraphrases else 2)
     pipe, judged = _load_and_evaluate(args, "txt2img", total, lambda pipe, progress: evaluate(
@@ -161,11 +166,19 @@ def cmd_eval_inpaint(args) -> int:
 def cmd_eval_outpaint(args) -> int:
     from ..shapes.edit_eval import evaluate_outpainting
 
+    if args.out:
+        check_output_folder(args.out, "--out")
+    judged = []
     rates = _run_edit_eval(args, "inpaint", args.cases, lambda pipe, progress: evaluate_outpainting(
-        pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, progress=progress))
+        pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, progress=progress,
+        judged=judged))
     print(f"outpaint, loose (the asked-for shape appears in the margin, the other stays): "
           f"{_rate(rates, 'appears', args.cases)}")
     print(f"outpaint, strict (both shapes, their relation and the background right): {_rate(rates, 'outpaint', args.cases)}")
+    if args.out:
+        from ..shapes.evaluation import write_sheet
+
+        print(f"wrote {write_sheet(judged, args.out)}")
     return 0
 
 

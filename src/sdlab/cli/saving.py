@@ -59,13 +59,18 @@ def check_output_options(args) -> None:
             raise InputError(f"--format {args.format} but -o {args.output} is a .{fmt} file; leave out one of them")
         check_writable_file(args.output)
         return
-    existing = os.path.abspath(args.outdir)
+    check_output_folder(args.outdir, "--outdir")
+
+
+def check_output_folder(folder: str, option: str) -> None:
+    """`folder` is, or can be made, a folder to write in: its nearest existing part is a writable folder."""
+    existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise InputError(f"--outdir {args.outdir}: {existing} is a file, not a folder")
+        raise InputError(f"{option} {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK):
-        raise InputError(f"--outdir {args.outdir}: cannot write to {existing}")
+        raise InputError(f"{option} {folder}: cannot write to {existing}")
 
 
 def save_results(args, result) -> list[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -26,6 +27,7 @@ from PIL import Image
 from ..config import DEFAULT_SAMPLER
 from .dataset import BACKGROUNDS, POSITIONS, Meaning, Scene, canonical_caption, format_caption, render, sample_scene
 from .check import analyse, check
+from .evaluation import Judged
 
 MASK_MARGIN = 0.06  # of the side, around the object's bounding box
 BACKGROUND_TOLERANCE = 40  # mean |RGB difference| to the background colour inside the mask, 0-255
@@ -187,16 +189,22 @@ def judge_outpaint(case: OutpaintCase, result: Image.Image) -> dict[str, bool]:
 
 
 def evaluate_outpainting(pipe, n: int = 20, seed: int = 0, *, steps: int = 20, guidance_scale: float = 5.0,
-                         sampler: str = DEFAULT_SAMPLER, progress=None) -> dict[str, float]:
+                         sampler: str = DEFAULT_SAMPLER, progress=None,
+                         judged: Optional[list[Judged]] = None) -> dict[str, float]:
     """Pass rates of the outpainting cases, loose ("appears") and strict ("outpaint"), with outpaint's
-    own defaults (strength 0.8, an 8 px seam)."""
+    own defaults (strength 0.8, an 8 px seam). `judged`, when given, receives every picture with its
+    verdicts ("all": the strict one), for a contact sheet."""
     passed = {"appears": [], "outpaint": []}
     for i, case in enumerate(outpaint_cases(n, seed)):
         result = pipe.outpaint(case.prompt, case.image, extend={case.side: OUTPAINT_CANVAS[0] - OUTPAINT_CANVAS[1]},
                                overlap=OUTPAINT_OVERLAP, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                seed=seed + i, noise="a1111-cpu")
-        for key, value in judge_outpaint(case, result.images[0]).items():
+        verdicts = judge_outpaint(case, result.images[0])
+        for key, value in verdicts.items():
             passed[key].append(value)
+        if judged is not None:
+            judged.append(Judged("outpaint", case.prompt, seed + i, {**verdicts, "all": verdicts["outpaint"]},
+                                 result.images[0]))
         if progress is not None:
             progress(1)
     return {key: float(np.mean(values)) for key, values in passed.items()}

@@ -139,6 +139,13 @@ def write_report(judged: list[Judged], out_dir: str, settings: dict) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=1)
     os.replace(path + ".tmp", path)
+    write_sheet(judged, out_dir)
+
+
+def write_sheet(judged: list[Judged], out_dir: str) -> str:
+    """OUT_DIR/sheet.png, the contact sheet of `judged`, written atomically; its path."""
+    os.makedirs(out_dir, exist_ok=True)
     sheet = os.path.join(out_dir, "sheet.png")
     contact_sheet(judged).save(sheet + ".tmp.png")
     os.replace(sheet + ".tmp.png", sheet)
+    return sheet
