@@ -138,7 +138,7 @@ def test_eval_command_runs_the_hires_fix_and_says_so(capsys):
     assert code == 0 and "2 images, 64x64 (hires fix 2x, strength 0.4, latent)" in out
 
 
-@pytest.mark.parametrize("kind", ["shapes", "outpaint"])
+@pytest.mark.parametrize("kind", ["shapes", "inpaint", "outpaint"])
 def test_an_out_folder_that_is_a_file_is_refused_before_any_work(kind, capsys, tmp_path):
     blocker = tmp_path / "a file"
     blocker.write_text("x")
@@ -278,9 +278,10 @@ def test_eval_upscale_inpaint_and_outpaint_commands_print_their_figures(capsys, 
     assert main(["eval", "upscale", "-n", "1", "--steps", "1", "--quiet"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("PSNR against the 128 px render, mean (median) of 1 scenes: model ") and "bicubic" in line
-    assert main(["eval", "inpaint", "-n", "1", "--steps", "1", "--quiet"]) == 0
+    assert main(["eval", "inpaint", "-n", "1", "--steps", "1", "--quiet", "--out", str(tmp_path / "ip")]) == 0
     out = capsys.readouterr().out
     assert "erase" in out and "insert, loose" in out and "insert, strict" in out
+    assert (tmp_path / "ip" / "sheet.png").is_file()
     # one scene: a rate of 0 or 100% says little, and the interval says so
     assert out.count("(95% interval 0-79%)") + out.count("(95% interval 21-100%)") == 3, out
     assert main(["eval", "outpaint", "-n", "1", "--steps", "1", "--quiet", "--out", str(tmp_path / "op")]) == 0

@@ -40,6 +40,7 @@ def add_eval_command(commands) -> None:
                                formatter_class=DefaultsHelpFormatter)
     inpaint.add_argument("--model", default=None, help="checkpoint (default: the bundled inpainting model)")
     inpaint.add_argument("-n", "--cases", type=int, default=20, help="scenes; each gives one erase and one insert case")
+    inpaint.add_argument("--out", default=None, help="folder for sheet.png (every picture, framed green when it passes)")
     outpaint = kinds.add_parser("outpaint", help="grow a 64 px picture to 96 x 64 and paint the caption's other "
                                 "shape in the margin, judged from pixels", formatter_class=DefaultsHelpFormatter)
     outpaint.add_argument("--model", default=None, help="checkpoint (default: the bundled inpainting model)")
@@ -155,12 +156,25 @@ def _rate(rates: dict, key: str, cases: int) -> str:
 def cmd_eval_inpaint(args) -> int:
     from ..shapes.edit_eval import evaluate_inpainting
 
+    if args.out:
+        check_output_folder(args.out, "--out")
+    judged = []
     rates = _run_edit_eval(args, "inpaint", 2 * args.cases, lambda pipe, progress: evaluate_inpainting(
-        pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, progress=progress))
+        pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, progress=progress,
+        judged=judged))
     print(f"erase (masked shape becomes background): {_rate(rates, 'erase', args.cases)}")
     print(f"insert, loose (the asked-for shape appears in the mask, the other stays): {_rate(rates, 'appears', args.cases)}")
     print(f"insert, strict (both shapes, their relation and the background right): {_rate(rates, 'insert', args.cases)}")
+    _write_sheet(args.out, judged)
     return 0
+
+
+def _write_sheet(out, judged) -> None:
+    """--out DIR: the evaluated pictures' contact sheet."""
+    if out:
+        from ..shapes.evaluation import write_sheet
+
+        print(f"wrote {write_sheet(judged, out)}")
 
 
 def cmd_eval_outpaint(args) -> int:
@@ -175,10 +189,7 @@ def cmd_eval_outpaint(args) -> int:
     print(f"outpaint, loose (the asked-for shape appears in the margin, the other stays): "
           f"{_rate(rates, 'appears', args.cases)}")
     print(f"outpaint, strict (both shapes, their relation and the background right): {_rate(rates, 'outpaint', args.cases)}")
-    if args.out:
-        from ..shapes.evaluation import write_sheet
-
-        print(f"wrote {write_sheet(judged, args.out)}")
+    _write_sheet(args.out, judged)
     return 0
 
 

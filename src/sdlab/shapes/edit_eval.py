@@ -114,16 +114,21 @@ def judge_edit(case: EditCase, result: Image.Image) -> bool:
 
 
 def evaluate_inpainting(pipe, n: int = 20, seed: int = 0, *, steps: int = 20, guidance_scale: float = 5.0,
-                        sampler: str = DEFAULT_SAMPLER, progress=None) -> dict[str, float]:
+                        sampler: str = DEFAULT_SAMPLER, progress=None,
+                        judged: Optional[list[Judged]] = None) -> dict[str, float]:
     """Pass rates of the erase cases and of the insert cases, loose ("appears") and strict ("insert");
-    strength 1: the masked area is fully repainted."""
+    strength 1: the masked area is fully repainted. `judged`, when given, receives every picture with
+    its verdict ("all": erase, or the strict insert), for a contact sheet."""
     passed = {"erase": [], "appears": [], "insert": []}
     for i, case in enumerate(edit_cases(n, seed)):
         result = pipe.inpaint(case.prompt, case.image, case.mask, strength=1.0, mask_blur=0, steps=steps,
                               guidance_scale=guidance_scale, sampler=sampler, seed=seed + i, noise="a1111-cpu")
-        passed[case.task].append(judge_edit(case, result.images[0]))
+        verdict = judge_edit(case, result.images[0])
+        passed[case.task].append(verdict)
         if case.task == "insert":
             passed["appears"].append(appears(case, result.images[0]))
+        if judged is not None:
+            judged.append(Judged(case.task, f"{case.task}: {case.prompt}", seed + i, {"all": verdict}, result.images[0]))
         if progress is not None:
             progress(1)
     return {task: float(np.mean(values)) for task, values in passed.items()}
