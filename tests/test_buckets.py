@@ -124,6 +124,18 @@ def test_a_folder_of_mixed_aspect_images_trains_with_buckets(tmp_path):
     assert (tmp_path / "run" / "last.safetensors").exists()
 
 
+@pytest.mark.parametrize("trainer", ["inpaint", "shapes-inpaint"])
+def test_the_inpainting_trainer_masks_each_bucket_at_its_own_shape(tmp_path, trainer):
+    """Non-square buckets: every sample's mask has the batch's (height, width) (it took the width for both)."""
+    base = str(tiny_base(tmp_path / "base.safetensors"))
+    data = str(mixed_folder(tmp_path / "data")) if trainer == "inpaint" else "shapes"
+    overrides = {} if trainer == "inpaint" else {"shapes.object_masks": 0.5}
+    config = tiny_config("inpaint", tmp_path / "run", data=data, base=base, buckets=True, min_bucket_reso=16,
+                         max_bucket_reso=32, steps=4, batch_size=2, ema_decay=0.0, **overrides)
+    logs = run(config)
+    assert len(logs) == 4 and all(np.isfinite(entry["loss"]) for entry in logs)
+
+
 def test_a_stream_draws_the_resolution_bucket_at_its_share_of_the_steps_and_the_others_alike():
     buckets = bucket_sizes(64, 128, 32)
     data = BucketedStream(ShapesData(64), buckets, 4, seed=1, home=(64, 64), home_fraction=0.5)

@@ -52,6 +52,17 @@ def test_masks_are_boxes_and_strokes_or_everything_and_repeat_per_sample():
     assert min(partial) > 0 and np.mean(partial) < 0.7
     again = inpaint_trainer.random_mask(64, np.random.default_rng([0, 7, 2]), options)
     assert torch.equal(again, masks[7])
+    assert torch.equal(inpaint_trainer.random_mask((64, 64), np.random.default_rng([0, 7, 2]), options), masks[7])
+
+
+def test_masks_fit_a_canvas_that_is_not_square():
+    """An aspect-ratio bucket's (width, height): the mask has its shape and reaches across all of it."""
+    options = InpaintOptions(full_mask=0.0)
+    masks = [inpaint_trainer.random_mask((96, 32), np.random.default_rng([0, n, 2]), options) for n in range(100)]
+    assert all(m.shape == (1, 32, 96) for m in masks)
+    covered = torch.stack(masks).amax(0)[0]
+    assert covered[:, :32].any() and covered[:, 64:].any()  # boxes and strokes over the whole width
+    assert inpaint_trainer.random_mask((96, 32), np.random.default_rng(1), InpaintOptions(full_mask=1.0)).shape == (1, 32, 96)
 
 
 def test_the_concatenated_input_is_latents_mask_then_masked_image_latents(tmp_path, base, monkeypatch):

@@ -37,11 +37,11 @@ def object_mask(image: torch.Tensor, rng: np.random.Generator) -> Optional[torch
 
 
 class ShapesInpaintTrainer(inpaint.InpaintTrainer):
-    def sample_mask(self, image: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
+    def sample_mask(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """An object's box for an `object_masks` fraction (when the picture has an object), else a random mask."""
         fraction = shapes_options(self.config).object_masks
         mask = object_mask(image, rng) if fraction and rng.random() < fraction else None
-        return super().sample_mask(image, size, rng) if mask is None else mask
+        return super().sample_mask(image, rng) if mask is None else mask
 
 
 def build(config: TrainConfig, device: torch.device) -> ShapesInpaintTrainer:

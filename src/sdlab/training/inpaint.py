@@ -36,27 +36,31 @@ from .unet import UNetFamilyTrainer
 EXTRA_CHANNELS = 5  # mask (1) + masked-image latents (4)
 
 
-def random_mask(size: int, rng: np.random.Generator, options: InpaintOptions) -> torch.Tensor:
-    """(1, size, size) of 0 (keep) and 1 (repaint): some boxes and brush strokes, or everything."""
+def random_mask(size, rng: np.random.Generator, options: InpaintOptions) -> torch.Tensor:
+    """(1, height, width) of 0 (keep) and 1 (repaint): some boxes and brush strokes, or everything.
+    `size`: N (N x N) or (width, height), an aspect-ratio bucket's canvas; boxes scale with each side,
+    strokes with the shorter one (a square canvas draws what it always drew)."""
+    width, height = (size, size) if isinstance(size, int) else size
+    sides, short = np.array([width, height], dtype=np.float64), min(width, height)
     if rng.random() < options.full_mask:
-        return torch.ones(1, size, size)
-    mask = Image.new("L", (size, size), 0)
+        return torch.ones(1, height, width)
+    mask = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(mask)
     boxes = int(rng.integers(0, options.max_boxes + 1))
     strokes = int(rng.integers(0 if boxes else 1, options.max_strokes + 1))
     for _ in range(boxes):
-        w, h = rng.uniform(0.1, 0.6, size=2) * size
-        x, y = rng.uniform(0, size - w), rng.uniform(0, size - h)
+        w, h = rng.uniform(0.1, 0.6, size=2) * sides
+        x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
         draw.rectangle((x, y, x + w, y + h), fill=255)
     for _ in range(strokes):
-        points = [tuple(rng.uniform(0, size, size=2))]
+        points = [tuple(rng.uniform(0, 1, size=2) * sides)]
         for _ in range(int(rng.integers(2, 6))):  # a few segments in random directions, like a brush drag
-            angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.4) * size
+            angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.4) * short
             x, y = points[-1]
-            points.append((float(np.clip(x + length * np.cos(angle), 0, size)),
-                           float(np.clip(y + length * np.sin(angle), 0, size))))
-        width = max(1, int(rng.uniform(0.03, 0.12) * size))
-        draw.line(points, fill=255, width=width, joint="curve")
+            points.append((float(np.clip(x + length * np.cos(angle), 0, width)),
+                           float(np.clip(y + length * np.sin(angle), 0, height))))
+        stroke = max(1, int(rng.uniform(0.03, 0.12) * short))
+        draw.line(points, fill=255, width=stroke, joint="curve")
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0 >= 0.5).float()[None]
 
 
@@ -87,16 +91,15 @@ class InpaintTrainer(UNetFamilyTrainer):
     def masks(self, batch: Batch) -> torch.Tensor:
         """(b, 1, H, W): sample n's mask from the generator (seed, n)."""
         first = batch.step * batch.global_size + batch.start
-        size = batch.images.shape[-1]
         masks = []
         for image, n in zip(batch.images, range(first, first + batch.size)):
-            masks.append(self.sample_mask(image, size, np.random.default_rng([self.config.seed, n, 2])))
+            masks.append(self.sample_mask(image, np.random.default_rng([self.config.seed, n, 2])))
         return torch.stack(masks).to(batch.images.device)
 
-    def sample_mask(self, image: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
-        """(1, size, size): one sample's mask, drawn from its own `rng` (a subclass may mask what it knows
-        is in the picture: sdlab.shapes masks whole objects)."""
-        return random_mask(size, rng, self.options)
+    def sample_mask(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """(1, H, W) for a (3, H, W) image: one sample's mask, drawn from its own `rng` (a subclass may mask
+        what it knows is in the picture: sdlab.shapes masks whole objects)."""
+        return random_mask((image.shape[-1], image.shape[-2]), rng, self.options)
 
     def conditioning(self, images: torch.Tensor, masks: torch.Tensor, batch: Batch) -> torch.Tensor:
         """(b, 5, h, w): [mask at latent size, masked-image latents]."""
@@ -124,7 +127,7 @@ class InpaintTrainer(UNetFamilyTrainer):
         pipe = Pipeline(self.model_config, model, self.vae, self.text_encoder, device, torch.float32)
         pictures, labels = [], []
         for i, (image, caption) in enumerate(examples[:2]):
-            mask = random_mask(image.shape[-1], np.random.default_rng([self.config.seed, i, 3]),
+            mask = random_mask((image.shape[-1], image.shape[-2]), np.random.default_rng([self.config.seed, i, 3]),
                                dataclasses.replace(self.options, full_mask=0.0))
             source, mask_image = tensor_to_image(image), Image.fromarray((mask[0].numpy() * 255).astype(np.uint8))
             # mask_blur 0: the sharp masks of training (the pipeline's default blur can erase a small one)
