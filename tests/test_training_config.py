@@ -156,7 +156,7 @@ def test_a_model_file_named_in_a_recipe_is_found_beside_it(tmp_path):
                                              ("unet", "relation"), ("unet", "relation-repair"),
                                              ("unet", "relation-mirror"), ("vae", "vae-decoder"),
                                              ("inpaint", "inpaint-objects"), ("dpo", "dpo"), ("unet", "buckets-2"),
-                                             ("unet", "grounding")])
+                                             ("unet", "grounding"), ("inpaint", "inpaint-buckets")])
 def test_the_shipped_recipes_load(trainer, recipe):
     config = load_config(trainer, str(RECIPES / f"shapes-{recipe}.toml"))
     if config.model is None:  # the model is --base's: a fine-tune, or an inpainting UNet grown from it
