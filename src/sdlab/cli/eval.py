@@ -138,6 +138,8 @@ def _image_size(text):
 def _run_edit_eval(args, task: str, total: int, evaluate):
     if args.cases < 1:
         raise InputError(f"--cases must be at least 1, got {args.cases}")
+    if getattr(args, "out", None):  # inpaint and outpaint write a contact sheet there at the end
+        check_output_folder(args.out, "--out")
     started = time.perf_counter()
     pipe, result = _load_and_evaluate(args, task, total, evaluate)
     print(f"{pipe.model_name}: {args.cases} scenes, {args.steps} steps {args.sampler}, CFG {args.cfg}, seed {args.seed}")
@@ -156,8 +158,6 @@ def _rate(rates: dict, key: str, cases: int) -> str:
 def cmd_eval_inpaint(args) -> int:
     from ..shapes.edit_eval import evaluate_inpainting
 
-    if args.out:
-        check_output_folder(args.out, "--out")
     judged = []
     rates = _run_edit_eval(args, "inpaint", 2 * args.cases, lambda pipe, progress: evaluate_inpainting(
         pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, progress=progress,
@@ -180,8 +180,6 @@ def _write_sheet(out, judged) -> None:
 def cmd_eval_outpaint(args) -> int:
     from ..shapes.edit_eval import evaluate_outpainting
 
-    if args.out:
-        check_output_folder(args.out, "--out")
     judged = []
     rates = _run_edit_eval(args, "inpaint", args.cases, lambda pipe, progress: evaluate_outpainting(
         pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, progress=progress,

@@ -89,7 +89,6 @@ def edit_cases(n: int, seed: int = 0, size: int = 64) -> list[EditCase]:
 def appears(case: EditCase, result: Image.Image) -> bool:
     """An insert case's object of the asked colour and shape is centred inside the mask, and the kept
     object is still there."""
-    found = analyse(result).objects
     inside = np.asarray(case.mask) > 127
     side = inside.shape[0]
 
@@ -97,8 +96,14 @@ def appears(case: EditCase, result: Image.Image) -> bool:
         row, column = (min(int(c * side), side - 1) for c in (obj.center[1], obj.center[0]))
         return bool(inside[row, column])
 
+    return kept_and_placed(analyse(result).objects, case.kept, case.edited, in_mask)
+
+
+def kept_and_placed(found, kept: tuple[str, str], placed: tuple[str, str], where) -> bool:
+    """Among the checker's `found` objects, one of the `kept` (colour, shape), and one of the `placed`
+    (colour, shape) whose centre satisfies `where(obj)`."""
     pairs = [(obj.colour, obj.shape) for obj in found]
-    return case.kept in pairs and any((o.colour, o.shape) == case.edited and in_mask(o) for o in found)
+    return kept in pairs and any((o.colour, o.shape) == placed and where(o) for o in found)
 
 
 def judge_edit(case: EditCase, result: Image.Image) -> bool:
@@ -185,11 +190,12 @@ def outpaint_cases(n: int, seed: int = 0) -> list[OutpaintCase]:
 def judge_outpaint(case: OutpaintCase, result: Image.Image) -> dict[str, bool]:
     """"appears": an object of the added colour and shape centred in the margin, the kept one still
     found; "outpaint": the checker finds the whole caption (count, colours, shapes, relation, background)."""
-    found = analyse(result).objects
-    in_margin = (lambda x: x >= result.height / result.width) if case.side == "right" else \
-        (lambda x: x < 1 - result.height / result.width)
-    pairs = [(obj.colour, obj.shape) for obj in found]
-    appears = case.kept in pairs and any((o.colour, o.shape) == case.added and in_margin(o.center[0]) for o in found)
+    picture = result.height / result.width  # the given picture's share of the width
+
+    def in_margin(obj) -> bool:
+        return obj.center[0] >= picture if case.side == "right" else obj.center[0] < 1 - picture
+
+    appears = kept_and_placed(analyse(result).objects, case.kept, case.added, in_margin)
     return {"appears": appears, "outpaint": check(result, case.prompt)["all"]}
 
 
