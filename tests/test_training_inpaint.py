@@ -65,6 +65,49 @@ def test_masks_fit_a_canvas_that_is_not_square():
     assert inpaint_trainer.random_mask((96, 32), np.random.default_rng(1), InpaintOptions(full_mask=1.0)).shape == (1, 32, 96)
 
 
+def test_edge_masks_are_outpainting_margins_and_leave_the_other_masks_as_they_were():
+    """`edge_masks`: that share of the masks is a strip along one edge, 20-50% across, on every side over
+    the draws; with 0 (the default) every mask is the one drawn before the option existed."""
+    edges = InpaintOptions(full_mask=0.0, edge_masks=1.0)
+    masks = [inpaint_trainer.random_mask((96, 64), np.random.default_rng([0, n, 2]), edges) for n in range(80)]
+    sides = set()
+    for m in masks:
+        columns, rows = m[0].any(0), m[0].any(1)
+        if rows.all():  # a left or right strip: whole columns from one edge
+            width = int(columns.sum())
+            assert m[0, :, :width].all() or m[0, :, -width:].all()
+            assert 0.2 * 96 - 1 <= width <= 0.5 * 96 + 1 and m.sum() == width * 64
+            sides.add("left" if m[0, 0, 0] else "right")
+        else:  # top or bottom: whole rows
+            assert columns.all()
+            depth = int(rows.sum())
+            assert m[0, :depth].all() or m[0, -depth:].all()
+            assert 0.2 * 64 - 1 <= depth <= 0.5 * 64 + 1 and m.sum() == depth * 96
+            sides.add("top" if m[0, 0, 0] else "bottom")
+    assert sides == {"left", "right", "top", "bottom"}
+    mixed = InpaintOptions(full_mask=0.0, edge_masks=0.3)
+    share = np.mean([_is_edge_strip(inpaint_trainer.random_mask(64, np.random.default_rng([1, n, 2]), mixed))
+                     for n in range(300)])
+    assert 0.2 <= share <= 0.4
+    plain, zero = InpaintOptions(full_mask=0.25), InpaintOptions(full_mask=0.25, edge_masks=0.0)
+    for n in range(50):
+        assert torch.equal(inpaint_trainer.random_mask(64, np.random.default_rng([0, n, 2]), plain),
+                           inpaint_trainer.random_mask(64, np.random.default_rng([0, n, 2]), zero))
+
+
+def _is_edge_strip(mask: torch.Tensor) -> bool:
+    rows, columns = mask[0].any(1), mask[0].any(0)
+    box = mask[0][rows][:, columns]
+    touches = bool(columns[0] or columns[-1]) if rows.all() else bool(rows[0] or rows[-1]) and bool(columns.all())
+    return bool(box.all()) and (bool(rows.all()) or bool(columns.all())) and touches and not bool(mask.all())
+
+
+def test_a_mask_share_outside_zero_to_one_is_refused(tmp_path, base):
+    with pytest.raises(sdlab.errors.ConfigError, match="edge_masks"):
+        inpaint_trainer.build(tiny_config("inpaint", tmp_path, base=base, **{"inpaint.edge_masks": 1.5}),
+                              torch.device("cpu"))
+
+
 def test_the_concatenated_input_is_latents_mask_then_masked_image_latents(tmp_path, base, monkeypatch):
     trainer = inpaint_trainer.build(tiny_config("inpaint", tmp_path, base=base, **{"inpaint.full_mask": 0.0}),
                                     torch.device("cpu"))

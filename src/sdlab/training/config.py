@@ -145,6 +145,7 @@ class InpaintOptions:
     caption_dropout: float = 0.1
     max_boxes: int = 3  # random rectangles per mask
     max_strokes: int = 3  # random brush strokes per mask
+    edge_masks: float = 0.0  # of the rest, masked along one edge instead (an outpainting margin, 20-50% across)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ to 0, grey in [-1, 1]), concatenated in that order, the order pipelines/inpaint.
 channels' weights start at zero, so at step 0 the model is the base model. Each sample gets a random
 mask of rectangles and brush strokes, drawn from (seed, sample number) so a resumed run repeats it;
 a `full_mask` fraction is masked entirely, which keeps plain text-to-image in the model (the masked
-image is then all grey). (sdlab.shapes' subclass masks whole objects of its pictures.) The loss is the noise-prediction MSE over the whole latent.
+image is then all grey), and an `edge_masks` fraction of the rest along one edge, as outpainting masks. (sdlab.shapes' subclass masks whole objects of its pictures.) The loss is the noise-prediction MSE over the whole latent.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def random_mask(size, rng: np.random.Generator, options: InpaintOptions) -> torc
     sides, short = np.array([width, height], dtype=np.float64), min(width, height)
     if rng.random() < options.full_mask:
         return torch.ones(1, height, width)
+    if options.edge_masks and rng.random() < options.edge_masks:
+        return edge_mask(width, height, rng)
     mask = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(mask)
     boxes = int(rng.integers(0, options.max_boxes + 1))
@@ -62,6 +64,21 @@ def random_mask(size, rng: np.random.Generator, options: InpaintOptions) -> torc
         stroke = max(1, int(rng.uniform(0.03, 0.12) * short))
         draw.line(points, fill=255, width=stroke, joint="curve")
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0 >= 0.5).float()[None]
+
+
+def edge_mask(width: int, height: int, rng: np.random.Generator) -> torch.Tensor:
+    """(1, height, width): a strip along one edge, chosen at random, 20-50% of the canvas across: what
+    outpainting repaints (the new margin and a seam of the old picture), which boxes and strokes never are."""
+    side = int(rng.integers(4))  # left, right, top, bottom
+    across = width if side < 2 else height
+    depth = max(1, round(rng.uniform(0.2, 0.5) * across))
+    mask = torch.zeros(1, height, width)
+    strip = slice(0, depth) if side in (0, 2) else slice(across - depth, across)
+    if side < 2:
+        mask[:, :, strip] = 1
+    else:
+        mask[:, strip, :] = 1
+    return mask
 
 
 def inpainting_unet(base_unet: nn.Module, model: ModelConfig) -> tuple[nn.Module, ModelConfig]:
@@ -140,8 +157,8 @@ class InpaintTrainer(UNetFamilyTrainer):
 
 def build(config: TrainConfig, device: torch.device, trainer_class: type = InpaintTrainer) -> InpaintTrainer:
     options: InpaintOptions = config.options
-    if not 0 <= options.full_mask <= 1 or not 0 <= options.caption_dropout <= 1:
-        raise ConfigError("inpaint.full_mask and inpaint.caption_dropout must be in [0, 1]")
+    if not all(0 <= value <= 1 for value in (options.full_mask, options.caption_dropout, options.edge_masks)):
+        raise ConfigError("inpaint.full_mask, inpaint.edge_masks and inpaint.caption_dropout must be in [0, 1]")
     if options.max_boxes < 0 or options.max_strokes < 0 or options.max_boxes + options.max_strokes == 0:
         raise ConfigError("inpaint.max_boxes and inpaint.max_strokes must not be negative, and one must be positive")
     base = load_base(config, "inpaint")
