@@ -56,6 +56,9 @@ def test_fewer_than_two_frames_are_refused():
     (["latents", "{bad}"], "cannot read"),
     (["interpolate", "--seeds", "1,2", "--frames", "1"], "2 frames"),
     (["interpolate", "--seeds", "1"], "two whole numbers"),
+    (["interpolate", "--seeds", "1,2"], "--seeds needs --prompt"),
+    (["interpolate", "--seeds", "1,2", "--prompt", "a red circle", "--seed", "3"], "--seed goes with --prompts"),
+    (["interpolate", "--prompts", "a", "b", "--prompt", "a red circle"], "--prompt goes with --seeds"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):
     bad = tmp_path / "bad.png"
@@ -75,3 +78,8 @@ def test_commands_write_their_pictures(tmp_path):
     assert code == 0, stderr
     with Image.open(tmp_path / "strip.png") as strip:
         assert strip.width > 3 * 128
+    code, _, stderr = run_main("interpolate", "--seeds", "1,2", "--prompt", "a red circle", "--frames", "2",
+                              "--steps", "2", "-o", str(tmp_path / "seeds.png"))
+    assert code == 0, stderr
+    with Image.open(tmp_path / "seeds.png") as strip:
+        assert strip.width > 2 * 128

@@ -37,9 +37,9 @@ def add_inside_commands(commands) -> None:
     walk = interpolate.add_mutually_exclusive_group(required=True)
     walk.add_argument("--seeds", help="two seeds, like 1,2: their starting noises slerped (with --prompt)")
     walk.add_argument("--prompts", nargs=2, metavar=("A", "B"), help="two prompts: their encodings mixed linearly")
-    interpolate.add_argument("--prompt", default="", help="with --seeds: the prompt of every frame")
+    interpolate.add_argument("--prompt", dest="seeds_prompt", default=None, help="with --seeds: the prompt of every frame (needed)")
     interpolate.add_argument("--frames", type=int, default=8, help="images along the walk, 2 or more (default 8)")
-    interpolate.add_argument("--seed", type=int, default=0, help="with --prompts: the seed of every frame (default 0)")
+    interpolate.add_argument("--seed", type=int, default=None, help="with --prompts: the seed of every frame (default 0)")
     interpolate.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     interpolate.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
     interpolate.add_argument("--sampler", default=None, help="sampler name (default: sdlab's default)")
@@ -123,6 +123,12 @@ def cmd_interpolate(args) -> int:
     check_png_output(args.output)
     fractions(args.frames)
     seeds = parse_seed_pair(args.seeds) if args.seeds else None
+    if seeds and args.seeds_prompt is None:
+        raise InputError('--seeds needs --prompt "...": the prompt every frame draws, from each seed\'s noise')
+    if seeds and args.seed is not None:
+        raise InputError("--seed goes with --prompts; with --seeds the two seeds are the walk's ends")
+    if not seeds and args.seeds_prompt is not None:
+        raise InputError("--prompt goes with --seeds; --prompts gives the walk's two prompts")
     if args.steps < 1:
         raise InputError(f"--steps must be 1 or more, got {args.steps}")
     pipe = load_model(args)
@@ -130,10 +136,10 @@ def cmd_interpolate(args) -> int:
     if args.sampler:
         settings["sampler"] = args.sampler
     if seeds:
-        images = interpolate_seeds(pipe, args.prompt, seeds, args.frames, **settings)
+        images = interpolate_seeds(pipe, args.seeds_prompt, seeds, args.frames, **settings)
         strip = interpolation_strip(images, f"seed {seeds[0]}", f"seed {seeds[1]} (slerp)")
     else:
-        images = interpolate_prompts(pipe, tuple(args.prompts), args.frames, seed=args.seed, **settings)
+        images = interpolate_prompts(pipe, tuple(args.prompts), args.frames, seed=args.seed or 0, **settings)
         strip = interpolation_strip(images, f"'{args.prompts[0]}'", f"'{args.prompts[1]}' (text embeddings)")
     print(f"wrote {save_image(strip, args.output)}")
     return 0
