@@ -39,7 +39,7 @@ def format_infotext(prompt: str, negative_prompt: str, params: dict) -> str:
     return "\n".join(lines)
 
 
-_FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def parse_infotext(text: str) -> dict:

@@ -81,6 +81,17 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def self_attention_scale(text: str) -> float:
+    """`--self-attention-scale`: a number above 0, as pipelines.checks wants it, checked before any loading."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: '{text}'") from None
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"the self-attention scale must be above 0 (1: as trained), got {text}")
+    return value
+
+
 def guidance_scale(text: str) -> float:
     """`--cfg`: a number, 0 or more (0 ignores the prompt; below 0 would steer away from it)."""
     try:
@@ -169,6 +180,9 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
     parser.add_argument("--tiling", action="store_true",
                         help="seamless images: the right edge continues into the left, the bottom into the top "
                              "(textures); the VAE then runs untiled")
+    parser.add_argument("--self-attention-scale", type=self_attention_scale, default=1.0, metavar="S",
+                        help="multiply the UNet's self-attention logits by S (default 1: as trained); about 2 on a "
+                             "canvas larger than the model's own draws fewer objects twice (MODEL_CARD.md)")
     parser.add_argument("--vae", type=vae_option, default=None, metavar="FILE",
                         help="a VAE file or diffusers VAE folder whose weights replace the model's VAE (the web "
                              "UI's SD VAE), e.g. vae-ft-mse-840000-ema-pruned.safetensors")
@@ -266,7 +280,7 @@ _OPTION_OF_SETTING = {
     "seed_resize_from": "seed_resize_from", "strength": "strength", "resize_mode": "resize_mode",
     "mask_blur": "mask_blur", "only_masked": "only_masked", "padding": "padding", "invert_mask": "invert_mask",
     "hires_scale": "hires_scale", "hires_strength": "hires_strength", "hires_steps": "hires_steps",
-    "hires_upscaler": "hires_upscaler", "prediction": "prediction",
+    "hires_upscaler": "hires_upscaler", "prediction": "prediction", "self_attention_scale": "self_attention_scale",
 }
 
 

@@ -7,7 +7,7 @@ import time
 
 from ..config import DEFAULT_SAMPLER
 from ..errors import InputError
-from .common import DefaultsHelpFormatter
+from .common import DefaultsHelpFormatter, self_attention_scale
 from .upscale import HIRES_STRENGTH, HIRES_UPSCALER, HIRES_UPSCALER_CHOICES, resolve_hires_options
 from .saving import check_output_folder
 
@@ -26,6 +26,8 @@ def add_eval_command(commands) -> None:
     shapes.add_argument("--size", default=None, help="image size, N or WxH, e.g. 128 or 96x64 (default: the model's "
                         "resolution); a canvas that is not square is judged with positions per axis")
     shapes.add_argument("--out", default=None, help="folder for results.json and sheet.png (every image with its verdict)")
+    shapes.add_argument("--self-attention-scale", type=self_attention_scale, default=1.0, metavar="S",
+                        help="the UNet's self-attention logits times S, as `sdlab generate` takes it (default 1)")
     hires = shapes.add_argument_group("hires fix", "judge the hires fix's pictures: generate at --size, enlarge, "
                                       "repaint part-way at the larger size (as `sdlab generate --hires-scale`)")
     hires.add_argument("--hires-scale", type=float, default=None,
@@ -47,6 +49,8 @@ def add_eval_command(commands) -> None:
     outpaint.add_argument("-n", "--cases", type=int, default=20, help="scenes (the margin on the right, then the left)")
     outpaint.add_argument("--out", default=None, help="folder for sheet.png (every picture, framed green when the "
                           "whole caption is right)")
+    outpaint.add_argument("--self-attention-scale", type=self_attention_scale, default=1.0, metavar="S",
+                          help="the UNet's self-attention logits times S, as `sdlab outpaint` takes it (default 1)")
     upscale = kinds.add_parser("upscale", help="32 -> 128 px: PSNR against the 128 px render, and bicubic's",
                                formatter_class=DefaultsHelpFormatter)
     upscale.add_argument("--model", default=None, help="checkpoint (default: the bundled upscaler)")
@@ -102,17 +106,19 @@ def cmd_eval_shapes(args) -> int:
     pipe, judged = _load_and_evaluate(args, "txt2img", total, lambda pipe, progress: evaluate(
         pipe, args.captions, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler,
         batch_size=args.batch, with_paraphrases=not args.no_paraphrases, progress=progress,
-        width=width, height=height, hires=_hires_settings(args)))
+        width=width, height=height, hires=_hires_settings(args), self_attention_scale=args.self_attention_scale))
     counts = {g: sum(j.group == g for j in judged) for g in GROUPS}
     size = f", {judged[0].image.width}x{judged[0].image.height}" if judged else ""
     if args.hires_scale is not None:
         size += f" (hires fix {args.hires_scale:g}x, strength {args.hires_strength:g}, {args.hires_upscaler})"
+    if args.self_attention_scale != 1:
+        size += f", self-attention scale {args.self_attention_scale:g}"
     print(f"{pipe.model_name}: {len(judged)} images{size}, {args.steps} steps {args.sampler}, CFG {args.cfg}, seed {args.seed}")
     print(format_table(table(judged), counts))
     if args.out:
         write_report(judged, args.out, {key: getattr(args, key) for key in
                                         ("model", "captions", "seed", "steps", "cfg", "sampler", "batch", "size",
-                                         "hires_scale", "hires_strength", "hires_upscaler")})
+                                         "hires_scale", "hires_strength", "hires_upscaler", "self_attention_scale")})
         print(f"wrote {args.out}/results.json and {args.out}/sheet.png")
     print(f"{time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
@@ -183,7 +189,7 @@ def cmd_eval_outpaint(args) -> int:
     judged = []
     rates = _run_edit_eval(args, "inpaint", args.cases, lambda pipe, progress: evaluate_outpainting(
         pipe, args.cases, args.seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, progress=progress,
-        judged=judged))
+        judged=judged, self_attention_scale=args.self_attention_scale))
     print(f"outpaint, loose (the asked-for shape appears in the margin, the other stays): "
           f"{_rate(rates, 'appears', args.cases)}")
     print(f"outpaint, strict (both shapes, their relation and the background right): {_rate(rates, 'outpaint', args.cases)}")

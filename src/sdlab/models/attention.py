@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v per head (Vaswani et al. 2017, eq. 1).
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+              logit_scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v per head (Vaswani et al. 2017, eq. 1); the logits times `logit_scale`
+    when one is given (None: the network as trained, the fused kernel's own scale).
 
     q: (B, Lq, heads * d), k and v: (B, Lk, heads * d) -> (B, Lq, heads * d).
     The head split is a view; scaled_dot_product_attention takes the strided tensors as they are.
@@ -42,7 +44,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     q = q.view(b, lq, heads, d).transpose(1, 2)
     k = k.view(b, -1, heads, d).transpose(1, 2)
     v = v.view(b, -1, heads, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, Lq, d)
+    scale = None if logit_scale is None else logit_scale * d ** -0.5
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (B, heads, Lq, d)
     return out.transpose(1, 2).reshape(b, lq, inner)
 
 
@@ -53,10 +56,13 @@ def _split_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int):
             v.view(b, -1, heads, d).transpose(1, 2))
 
 
-def attention_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) per head, (B, heads, Lq, Lk): where each query position looks."""
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int,
+                            logit_scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) per head, (B, heads, Lq, Lk): where each query position looks; the logits
+    times `logit_scale` when one is given, as in attention()."""
     q, k, _ = _split_heads(q, k, k, heads)
-    return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
+    scale = q.shape[-1] ** -0.5 if logit_scale is None else logit_scale * q.shape[-1] ** -0.5
+    return (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)
 
 
 def attend(probabilities: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -163,13 +169,14 @@ class CrossAttention(nn.Module):
         self.hook: Optional[AttentionHook] = None  # set by attention_hooks, with self.site
         self.site: Optional[AttentionSite] = None
         self.text_projections: Optional[TextProjections] = None  # set by text_projections_cached
+        self.logit_scale: Optional[float] = None  # set by sharpened_self_attention
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         q = self.to_q(x)
         k, v = (self.to_k(x), self.to_v(x)) if context is None else self.text_keys_values(context)
         if self.hook is None:
-            return self.to_out(attention(q, k, v, self.heads))
-        probabilities = attention_probabilities(q, k, self.heads)
+            return self.to_out(attention(q, k, v, self.heads, self.logit_scale))
+        probabilities = attention_probabilities(q, k, self.heads, self.logit_scale)
         replaced = self.hook(self.site, probabilities)
         return self.to_out(attend(probabilities if replaced is None else replaced, v))
 
@@ -325,6 +332,27 @@ def attention_hooks(unet: nn.Module, hook: AttentionHook, cross: bool = True, se
     finally:
         for layer, _ in chosen:
             layer.hook, layer.site = None, None
+
+
+@contextmanager
+def sharpened_self_attention(unet: nn.Module, scale: float) -> Iterator[int]:
+    """While inside, `unet`'s self-attention layers multiply their logits by `scale` (1: as trained);
+    the cross-attention to the text is left alone. Yields how many layers it changed.
+
+    Above 1 each image position attends to fewer others. On a canvas larger than the model was trained
+    on, a position then copies less of what is drawn elsewhere: the repeated objects of a model used
+    off its size are fewer (Jin et al. 2023, "Training-free Diffusion Model Adaptation for Variable-Sized
+    Text-to-Image Synthesis", scale the logits by sqrt(log N / log N_train) for N tokens against the
+    trained N_train; the bundled model wants a stronger scale, MODEL_CARD.md). Only an attribute
+    changes, and leaving restores it, after an exception too."""
+    layers = [layer for layer, site in attention_sites(unet) if not site.cross]
+    for layer in layers:
+        layer.logit_scale = float(scale)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer.logit_scale = None
 
 
 @contextmanager

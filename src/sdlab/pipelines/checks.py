@@ -51,6 +51,12 @@ def check_noise(noise: str) -> None:
         raise InputError(f"unknown noise mode '{noise}'; choose one of: {', '.join(NOISE_MODES)}")
 
 
+def check_self_attention_scale(scale) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise InputError(f"self-attention scale must be a number above 0 (1: the network as trained; 2 sharpens "
+                         f"it, for a canvas larger than the model's own), got {scale!r}")
+
+
 def check_strength(strength) -> None:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
         raise InputError(f"denoising strength must be a number from 0 (keep the image) to 1 (repaint it fully), "

@@ -146,6 +146,7 @@ _SIMPLE = {
     "Seed resize from": ("seed_resize_from", _size),
     "Tiling": ("tiling", lambda text: text == "True"),
     "Fast": ("fast", _fast),
+    "Self-attention scale": ("self_attention_scale", float),
 }
 
 # fields read by the functions above

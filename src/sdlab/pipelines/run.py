@@ -24,10 +24,11 @@ from ..fast.tome import token_merging
 from ..guidance import CFGDenoiser
 from ..infotext import format_infotext
 from ..memory import check_generation_fits, hooked_attention
-from ..models.attention import text_projections_cached
+from ..models.attention import sharpened_self_attention, text_projections_cached
 from ..models.seamless import seamless
 from ..samplers import resolve_sampler, sample, sampler_and_schedule_names, sampler_sigmas
-from .checks import as_list, check_batch_size, check_noise, check_prompts, check_steps, check_strength, size_or_default
+from .checks import (as_list, check_batch_size, check_noise, check_prompts, check_self_attention_scale, check_steps,
+                     check_strength, size_or_default)
 from .latents import decode_latents, encode_posterior, with_tiled_vae
 from .masks import KeepOutsideMask, unmasked_concat
 from .options import GenerationOptions
@@ -165,7 +166,8 @@ def generate(
     `strength` < 1 skips the first steps - int(steps * strength) steps, as diffusers' img2img does;
     with no step left the init latents are decoded as they are. LoRAs (`options.loras` and the prompts'
     `<lora:name:w>` tags) are applied before encoding, merged or on the fly (`options.lora_mode`).
-    `options.tiling` makes the UNet and the VAE seamless for the whole run, encoding an init image included.
+    `options.tiling` makes the UNet and the VAE seamless for the whole run, encoding an init image included;
+    `options.self_attention_scale` other than 1 sharpens (or softens) the UNet's self-attention for the run.
     `options.n_iter` batches run one after another (over_batches), `prepare` once for each.
     """
     if options.n_iter != 1:
@@ -177,6 +179,7 @@ def generate(
     check_strength(strength)
     sampler_and_schedule_names(options.sampler, options.schedule_type)  # an unknown or unfit name fails here
     check_batch_size(options.batch_size)
+    check_self_attention_scale(options.self_attention_scale)
     fast = as_fast_modes(options.fast)
     # refused with one line before anything large is allocated, for the Python API and the server as for the CLI
     check_generation_fits(pipe.config, width, height, options.batch_size, pipe.device, pipe.dtype,
@@ -184,8 +187,10 @@ def generate(
                           weights_loaded=True, hooked=hooked_attention(pipe.unet))
     pipe = with_tiled_vae(pipe, vae_tiling(options), width, height, options.batch_size)
     latent_size = (height // pipe.latent_factor, width // pipe.latent_factor)
+    sharpened = options.self_attention_scale != 1
     with seamless(pipe.unet, pipe.vae) if options.tiling else nullcontext(), text_projections_cached(pipe.unet), \
-            token_merging(pipe.unet, fast.token_merging, latent_size) if fast.token_merging else nullcontext():
+            token_merging(pipe.unet, fast.token_merging, latent_size) if fast.token_merging else nullcontext(), \
+            sharpened_self_attention(pipe.unet, options.self_attention_scale) if sharpened else nullcontext():
         return _generate(pipe, options, width, height, strength, prepare, params)
 
 
@@ -252,6 +257,8 @@ def _generate(pipe: Pipeline, options: GenerationOptions, width: int, height: in
     # LoRAs asked for beside the prompt are written into it as the web UI's tags, which are all it knows
     lora_tags = lora_request_tags(options.loras)
     sampler_name, schedule_label = sampler_and_schedule_names(spec, options.schedule_type)
+    sdlab_fields = {"Eta": options.eta, "Fast": as_fast_modes(options.fast).spec(),
+                    "Self-attention scale": options.self_attention_scale if options.self_attention_scale != 1 else None}
     infotexts = []
     for i, image_seed in enumerate(seeds):
         fields = generation_params(
@@ -259,8 +266,7 @@ def _generate(pipe: Pipeline, options: GenerationOptions, width: int, height: in
             guidance_scale=options.guidance_scale, seed=image_seed, tiling=options.tiling,
             width=width, height=height, noise=options.noise, clip_skip=options.clip_skip, batch_size=options.batch_size,
             batch_pos=i, subseed=subseeds[i], subseed_strength=options.subseed_strength,
-            seed_resize_from=options.seed_resize_from, extra={**(params or {}), **adapter_fields, "Eta": options.eta,
-                                                   "Fast": as_fast_modes(options.fast).spec()},
+            seed_resize_from=options.seed_resize_from, extra={**(params or {}), **adapter_fields, **sdlab_fields},
         )
         prompt = " ".join(text for text in (prompts[i], lora_tags) if text)
         infotexts.append(format_infotext(prompt, negatives[i], fields))

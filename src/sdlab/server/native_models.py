@@ -50,6 +50,8 @@ class JobRequest(_Request):
     schedule_type: Optional[str] = Field(default=None, description="a name from GET /api/v1/schedules; null: automatic")
     tiling: bool = Field(default=False, description="seamless images: they tile without a visible seam")
     clip_skip: int = 1
+    self_attention_scale: float = Field(default=1.0, description="the UNet's self-attention logits times this; 1: as "
+                                        "trained; about 2 on a canvas larger than the model's own: fewer doubled objects")
     fast: Optional[str] = Field(default=None, description="opt-in fast modes that change the image, e.g. "
                                 "'deepcache:3,cfg-trunc:0.8,tome:0.5'; null: the exact network")
     model: Optional[str] = Field(default=None, description="a name from GET /api/v1/models; null: the current one")

@@ -201,15 +201,15 @@ def judge_outpaint(case: OutpaintCase, result: Image.Image) -> dict[str, bool]:
 
 def evaluate_outpainting(pipe, n: int = 20, seed: int = 0, *, steps: int = 20, guidance_scale: float = 5.0,
                          sampler: str = DEFAULT_SAMPLER, progress=None,
-                         judged: Optional[list[Judged]] = None) -> dict[str, float]:
+                         judged: Optional[list[Judged]] = None, self_attention_scale: float = 1.0) -> dict[str, float]:
     """Pass rates of the outpainting cases, loose ("appears") and strict ("outpaint"), with outpaint's
     own defaults (strength 0.8, an 8 px seam). `judged`, when given, receives every picture with its
-    verdicts ("all": the strict one), for a contact sheet."""
+    verdicts ("all": the strict one), for a contact sheet. `self_attention_scale` as the pipelines take it."""
     passed = {"appears": [], "outpaint": []}
     for i, case in enumerate(outpaint_cases(n, seed)):
         result = pipe.outpaint(case.prompt, case.image, extend={case.side: OUTPAINT_CANVAS[0] - OUTPAINT_CANVAS[1]},
                                overlap=OUTPAINT_OVERLAP, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                               seed=seed + i, noise="a1111-cpu")
+                               seed=seed + i, noise="a1111-cpu", self_attention_scale=self_attention_scale)
         verdicts = judge_outpaint(case, result.images[0])
         for key, value in verdicts.items():
             passed[key].append(value)

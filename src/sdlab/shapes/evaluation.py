@@ -48,12 +48,14 @@ def paraphrased(captions: list[tuple[str, str]], seed: int) -> list[tuple[str, s
 def evaluate(pipe, n: int = 100, seed: int = 0, *, steps: int = 20, guidance_scale: float = 5.0,
              sampler: str = DEFAULT_SAMPLER, batch_size: int = 16, with_paraphrases: bool = True,
              progress: Optional[Callable[[int], None]] = None, width: Optional[int] = None,
-             height: Optional[int] = None, hires: Optional[dict] = None) -> list[Judged]:
+             height: Optional[int] = None, hires: Optional[dict] = None,
+             self_attention_scale: float = 1.0) -> list[Judged]:
     """Generate one image per evaluation caption and check it. Image i gets seed `seed + i` with the
     web UI's per-image noise, so any one of them is reproduced alone by
     `sdlab generate CAPTION --seed S --noise a1111-cpu` with the same steps, sampler and CFG (and
     --width/--height: unset, the model's resolution). `hires`: the hires fix's settings (hires_scale,
-    hires_strength, ...; pipelines/hires.py): each image is the second pass's, judged at its larger size."""
+    hires_strength, ...; pipelines/hires.py): each image is the second pass's, judged at its larger size.
+    `self_attention_scale`: as the pipelines take it (1: the network as trained)."""
     size = {key: value for key, value in (("width", width), ("height", height)) if value is not None}
     generate = pipe.txt2img if hires is None else functools.partial(pipe.hires_fix, **hires)
     tagged = evaluation_captions(n, seed)
@@ -64,7 +66,8 @@ def evaluate(pipe, n: int = 100, seed: int = 0, *, steps: int = 20, guidance_sca
         chunk = tagged[start:start + batch_size]
         prompts = [caption for _, caption in chunk]
         result = generate(prompts, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                              seed=seed + start, batch_size=len(chunk), noise="a1111-cpu", **size)
+                          seed=seed + start, batch_size=len(chunk), noise="a1111-cpu",
+                          self_attention_scale=self_attention_scale, **size)
         for i, ((group, caption), image) in enumerate(zip(chunk, result.images)):
             judged.append(Judged(group, caption, result.seeds[i], check(image, caption), image))
         if progress is not None:
