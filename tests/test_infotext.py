@@ -76,3 +76,12 @@ def test_variation_seed_fields_round_trip_in_the_web_uis_words():
     assert {key: parsed[key] for key in ("Variation seed", "Variation seed strength", "Seed resize from", "Noise")} \
         == {"Variation seed": "123", "Variation seed strength": "0.35", "Seed resize from": "512x768",
             "Noise": "per-image"}
+
+
+def test_field_names_with_hyphens_and_slashes_are_read_as_the_web_ui_reads_them():
+    """The web UI's field pattern allows '-' and '/' in a name after its first character; a name that
+    holds one must not lose its first words (it read 'attention scale' for 'Self-attention scale')."""
+    text = "a red circle\nSteps: 20, Self-attention scale: 2, Hires CFG/steps: 7, Seed: 1"
+    fields = parse_infotext(text)
+    assert fields["Self-attention scale"] == "2" and fields["Hires CFG/steps"] == "7" and fields["Seed"] == "1"
+    assert "attention scale" not in fields
