@@ -17,6 +17,9 @@ attends to the text computes `to_k(context)`, `to_v(context)` once per distinct 
 them: the same numbers, ~5 GFLOP less per SD 1.5 step with CFG. Adapters on to_k/to_v (dynamic LoRA's
 forward hooks) are in those calls; with gradients on (training) and in torch.compile'd code the cache
 is bypassed.
+
+Self-attention scale: inside `sharpened_self_attention(unet, S)` the self-attention layers multiply
+their logits by S (`--self-attention-scale`); outside it, `logit_scale` is None and nothing changes.
 """
 
 from __future__ import annotations
