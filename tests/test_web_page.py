@@ -157,8 +157,10 @@ def test_advanced_sampler_and_seed_reach_the_picture_and_seed_buttons_work(page)
     page.get_by_label("Steps", exact=True).fill(FEW_STEPS)
     page.get_by_label("Size", exact=True).select_option("64x64")
     expect(page.get_by_label("Width", exact=True)).to_have_value("64")
+    page.get_by_label("Self-attention scale", exact=True).fill("2")
     generate(page)
     infotext = page.locator("#infotext")
+    expect(infotext).to_contain_text("Self-attention scale: 2")
     expect(infotext).to_contain_text("Sampler: DPM++ 2M")
     expect(infotext).to_contain_text("Seed: 1234")
     first = picture_pixels(page)
@@ -252,7 +254,7 @@ def png_with_parameters(parameters: str) -> str:
 
 def test_dropping_a_png_reads_its_parameters_into_the_form(page):
     parameters = ("a yellow star next to a purple circle\nNegative prompt: blurry, dark\n"
-                  "Steps: 13, Sampler: DPM++ 2M, CFG scale: 5.5, Seed: 4242, Size: 96x64")
+                  "Steps: 13, Sampler: DPM++ 2M, CFG scale: 5.5, Seed: 4242, Size: 96x64, Self-attention scale: 2")
     transfer = page.evaluate_handle("""([data, name]) => {
         const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
         const transfer = new DataTransfer();
@@ -271,6 +273,7 @@ def test_dropping_a_png_reads_its_parameters_into_the_form(page):
     expect(page.get_by_label("Seed", exact=True)).to_have_value("4242")
     expect(page.get_by_label("Width", exact=True)).to_have_value("96")
     expect(page.get_by_label("Height", exact=True)).to_have_value("64")
+    expect(page.get_by_label("Self-attention scale", exact=True)).to_have_value("2")
 
 
 def save_screenshots(page, tmp_path, name, full_page=False, every_path=False):

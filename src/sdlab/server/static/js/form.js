@@ -52,6 +52,7 @@ export function readSettings() {
     sampler: $("sampler").value,
     schedule_type: $("schedule-type").value || null,
     clip_skip: Number($("clip-skip").value),
+    self_attention_scale: Number($("self-attention-scale").value),
     model: model && model !== startingModel ? model : null,
     loras: loraSettings(),
     hires: hiresSettings(),
@@ -106,6 +107,7 @@ export function applySettings(settings) {
   set("cfg-scale", settings.guidance_scale);
   set("seed", settings.seed);
   set("clip-skip", settings.clip_skip);
+  set("self-attention-scale", settings.self_attention_scale);
   set("batch-size", settings.batch_size);
   if (settings.sampler) selectIfKnown($("sampler"), settings.sampler);
   if (settings.schedule_type) selectIfKnown($("schedule-type"), settings.schedule_type);
@@ -143,6 +145,7 @@ export function settingsFromInfotext(fields) {
     sampler: fields["Sampler"],
     schedule_type: fields["Schedule type"],
     clip_skip: number("Clip skip"),
+    self_attention_scale: number("Self-attention scale") ?? 1, // absent: the network as trained
     model: fields["Model"],
     strength: number("Denoising strength"),
   };
