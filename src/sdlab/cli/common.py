@@ -92,6 +92,10 @@ def self_attention_scale(text: str) -> float:
     return value
 
 
+def add_self_attention_scale_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--self-attention-scale", type=self_attention_scale, default=1.0, metavar="S", help=help_text)
+
+
 def guidance_scale(text: str) -> float:
     """`--cfg`: a number, 0 or more (0 ignores the prompt; below 0 would steer away from it)."""
     try:
@@ -180,9 +184,9 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
     parser.add_argument("--tiling", action="store_true",
                         help="seamless images: the right edge continues into the left, the bottom into the top "
                              "(textures); the VAE then runs untiled")
-    parser.add_argument("--self-attention-scale", type=self_attention_scale, default=1.0, metavar="S",
-                        help="multiply the UNet's self-attention logits by S (default 1: as trained); about 2 on a "
-                             "canvas larger than the model's own draws fewer objects twice (MODEL_CARD.md)")
+    add_self_attention_scale_option(parser, "multiply the UNet's self-attention logits by S (default 1: as trained); "
+                                    "about 2 on a canvas larger than the model's own draws fewer objects twice "
+                                    "(MODEL_CARD.md)")
     parser.add_argument("--vae", type=vae_option, default=None, metavar="FILE",
                         help="a VAE file or diffusers VAE folder whose weights replace the model's VAE (the web "
                              "UI's SD VAE), e.g. vae-ft-mse-840000-ema-pruned.safetensors")

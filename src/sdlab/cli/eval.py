@@ -7,7 +7,7 @@ import time
 
 from ..config import DEFAULT_SAMPLER
 from ..errors import InputError
-from .common import DefaultsHelpFormatter, self_attention_scale
+from .common import DefaultsHelpFormatter, add_self_attention_scale_option
 from .upscale import HIRES_STRENGTH, HIRES_UPSCALER, HIRES_UPSCALER_CHOICES, resolve_hires_options
 from .saving import check_output_folder
 
@@ -26,8 +26,7 @@ def add_eval_command(commands) -> None:
     shapes.add_argument("--size", default=None, help="image size, N or WxH, e.g. 128 or 96x64 (default: the model's "
                         "resolution); a canvas that is not square is judged with positions per axis")
     shapes.add_argument("--out", default=None, help="folder for results.json and sheet.png (every image with its verdict)")
-    shapes.add_argument("--self-attention-scale", type=self_attention_scale, default=1.0, metavar="S",
-                        help="the UNet's self-attention logits times S, as `sdlab generate` takes it (default 1)")
+    add_self_attention_scale_option(shapes, "the UNet's self-attention logits times S, as `sdlab generate` takes it")
     hires = shapes.add_argument_group("hires fix", "judge the hires fix's pictures: generate at --size, enlarge, "
                                       "repaint part-way at the larger size (as `sdlab generate --hires-scale`)")
     hires.add_argument("--hires-scale", type=float, default=None,
@@ -49,8 +48,7 @@ def add_eval_command(commands) -> None:
     outpaint.add_argument("-n", "--cases", type=int, default=20, help="scenes (the margin on the right, then the left)")
     outpaint.add_argument("--out", default=None, help="folder for sheet.png (every picture, framed green when the "
                           "whole caption is right)")
-    outpaint.add_argument("--self-attention-scale", type=self_attention_scale, default=1.0, metavar="S",
-                          help="the UNet's self-attention logits times S, as `sdlab outpaint` takes it (default 1)")
+    add_self_attention_scale_option(outpaint, "the UNet's self-attention logits times S, as `sdlab outpaint` takes it")
     upscale = kinds.add_parser("upscale", help="32 -> 128 px: PSNR against the 128 px render, and bicubic's",
                                formatter_class=DefaultsHelpFormatter)
     upscale.add_argument("--model", default=None, help="checkpoint (default: the bundled upscaler)")
