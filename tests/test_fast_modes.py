@@ -65,8 +65,38 @@ def test_deepcache_every_call_is_the_exact_network_and_every_third_call_is_not(u
         assert torch.equal(every(x, t, context=context), exact)
         outputs.append(torch.equal(third(x, t, context=context), exact))
     assert outputs == [True, False, False]
-    x, t, context = inputs(0)  # another batch size starts the count again with a whole pass
-    assert torch.equal(third(x[:1], t[:1], context=context[:1]), unet(x[:1], t[:1], context[:1]))
+    x, t, context = inputs(0)  # another batch size (not CFG's halving) starts the count again with a whole pass
+    x, t, context = torch.cat([x, x[:1]]), torch.cat([t, t[:1]]), torch.cat([context, context[:1]])
+    assert torch.equal(third(x, t, context=context), unet(x, t, context))
+
+
+@torch.no_grad()
+def test_when_cfg_truncation_halves_the_batch_the_count_goes_on_with_the_conditional_half(unet):
+    """CFGDenoiser stacks (uncond, cond): the first conditional-only call after a whole one runs shallow on
+    the second half of the cached deep features, not whole."""
+    model = DeepCacheUNet(unet, 3)
+    x, t, context = inputs(0)
+    model(x, t, context=context)  # whole, batch 2: keeps the deep features of both halves
+    cached = model.cache.features.clone()
+    x2, t2, context2 = inputs(1)
+    halved = model(x2[1:], t2[1:], context=context2[1:])
+    on_the_conditional_half = unet(x2[1:], t2[1:], context2[1:], deep_cache=DeepFeatures(1, cached[1:]))
+    on_the_unconditional_half = unet(x2[1:], t2[1:], context2[1:], deep_cache=DeepFeatures(1, cached[:1]))
+    assert torch.equal(halved, on_the_conditional_half)
+    assert not torch.allclose(halved, on_the_unconditional_half, atol=1e-3)
+    assert not torch.allclose(halved, unet(x2[1:], t2[1:], context2[1:]), atol=1e-3)
+    assert torch.equal(model(x2[1:], t2[1:], context=context2[1:]), halved)  # the next shallow call, same inputs
+    assert torch.equal(model(x2[1:], t2[1:], context=context2[1:]), unet(x2[1:], t2[1:], context2[1:]))  # whole
+
+
+@torch.no_grad()
+def test_the_halved_batch_runs_whole_where_the_count_says_whole(unet):
+    model = DeepCacheUNet(unet, 2)
+    x, t, context = inputs(0)
+    model(x, t, context=context)  # whole
+    model(x, t, context=context)  # shallow
+    x2, t2, context2 = inputs(1)
+    assert torch.equal(model(x2[1:], t2[1:], context=context2[1:]), unet(x2[1:], t2[1:], context2[1:]))
 
 
 @torch.no_grad()

@@ -4,9 +4,11 @@ on the calls between, only its shallow branch at full resolution, reusing the de
 whole call (models/unet.py, DeepFeatures).
 
 The schedule counts model calls, not sampler steps, so every sampler gets it alike (Heun's two calls a
-step are two calls): after each whole call, N - 1 shallow ones. A call whose latents differ in shape from
-the cached call's (the batch halves when cfg-trunc drops the unconditional pass, hires fix changes the
-size) runs whole and starts the count again.
+step are two calls): after each whole call, N - 1 shallow ones. When cfg-trunc drops the unconditional
+pass the batch halves: the count goes on, the shallow calls on the conditional half of the cached
+features (guidance.CFGDenoiser stacks the unconditional batch first, the conditional second, so the
+halved call's inputs are the second half of the cached call's). A call whose latents differ from the
+cached call's in any other way (hires fix changes the size) runs whole and starts the count again.
 
 `whole_above`: calls at a timestep above it all run whole (the first share S of the steps,
 `--fast deepcache:N:D:S`). The first steps decide the layout, and their deep features change fastest, so caching
@@ -52,12 +54,21 @@ class DeepCacheUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps, **cond) -> torch.Tensor:
         warming_up = self.whole_above is not None and float(torch.as_tensor(timesteps).max()) > self.whole_above
+        if self._halved_to_the_conditional_pass(x) and not warming_up and self.shallow_calls < self.interval - 1:
+            self.cache.features = self.cache.features[x.shape[0]:]
+            self.shape = x.shape
         if x.shape != self.shape or warming_up or self.shallow_calls == self.interval - 1:
             self.shape, self.shallow_calls = x.shape, 0
             self.cache.features = None  # this call runs whole and keeps its deep features
         else:
             self.shallow_calls += 1
         return self.unet(x, timesteps, **cond, deep_cache=self.cache)
+
+    def _halved_to_the_conditional_pass(self, x: torch.Tensor) -> bool:
+        """Whether `x` is half the batch of the cached call, otherwise alike: CFG truncation's first
+        conditional-only call."""
+        return (self.shape is not None and self.cache.features is not None and x.dim() == len(self.shape)
+                and 2 * x.shape[0] == self.shape[0] and x.shape[1:] == self.shape[1:])
 
 
 def whole_above_timestep(share: float, sigmas, schedule: ScheduleConfig, quantize: bool) -> Optional[float]:
