@@ -213,6 +213,10 @@ def add_generation_options(parser: argparse.ArgumentParser, default_size: str = 
     parser.add_argument("--compile", action="store_true",
                         help="run the UNet through torch.compile (Inductor): the same image, faster steps, but the "
                              "first run compiles for minutes (kept in ~/.cache/sdlab/inductor for later runs)")
+    parser.add_argument("--prepack", action="store_true",
+                        help="CPU, fp32: reorder the UNet's weights once for oneDNN instead of at every step: the same "
+                             "image within fp32 rounding, ~1.2x faster UNet steps, a few seconds more before the first "
+                             "step and a second copy of the UNet's weights in memory (3.4 GB for SD 1.5)")
     parser.add_argument("--lowvram", action="store_true",
                         help="keep the text encoder, UNet and VAE in CPU memory, each on the GPU only while it works "
                              "(slower; for GPUs that cannot hold the whole model; nothing changes on the CPU)")
@@ -267,6 +271,8 @@ def prepare_generation(args) -> None:
     later, and expand --style into the prompt and negative prompt (which the image's parameters then
     carry, as the web UI's do)."""
     check_output_options(args)
+    if getattr(args, "prepack", False) and getattr(args, "compile", False):
+        raise InputError("--prepack and --compile both prepare the UNet's weights for the CPU: use one")
     if args.style:
         from ..styles import apply_styles, default_styles_file, load_styles
 

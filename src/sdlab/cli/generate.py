@@ -82,7 +82,7 @@ def generation_kwargs(args) -> dict:
                 batch_size=args.batch, sampler=args.sampler, schedule_type=args.schedule, tiling=args.tiling,
                 noise=args.noise, clip_skip=args.clip_skip, eta=args.eta,
                 loras=args.lora, lora_dirs=args.lora_dir, lora_mode=args.lora_mode,
-                tiled_vae=getattr(args, "tiled_vae", None), fast=args.fast, compile=args.compile,
+                tiled_vae=getattr(args, "tiled_vae", None), fast=args.fast, compile=args.compile, prepack=args.prepack,
                 self_attention_scale=args.self_attention_scale, **seed_kwargs(args))
 
 

@@ -54,7 +54,7 @@ def _common_kwargs(args) -> dict:
     return dict(steps=args.steps, guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler,
                 schedule_type=args.schedule, tiling=args.tiling, noise=args.noise,
                 clip_skip=args.clip_skip, eta=args.eta, loras=args.lora, lora_dirs=args.lora_dir,
-                lora_mode=args.lora_mode, fast=args.fast, compile=args.compile,
+                lora_mode=args.lora_mode, fast=args.fast, compile=args.compile, prepack=args.prepack,
                 self_attention_scale=args.self_attention_scale, **seed_kwargs(args))
 
 

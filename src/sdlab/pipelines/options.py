@@ -54,6 +54,9 @@ class GenerationOptions:
     seed_resize_from: Optional[tuple[int, int]] = None  # (width, height) px: the seed's noise as drawn at that size
     n_iter: int = 1  # the web UI's batch count: batches one after another, batch k seeded seed + k * batch_size
     compile: bool = False  # run the UNet through torch.compile (compile.py): same image, minutes to compile once
+    # the UNet's weights reordered once for oneDNN (models/prepack.py): same image within fp32 rounding, faster
+    # CPU steps, a second copy of the UNet's weights in memory
+    prepack: bool = False
     # the self-attention logits times this (models/attention.py, sharpened_self_attention); 1: the network as
     # trained. Above 1 on a canvas larger than the model's own size: fewer objects drawn twice
     self_attention_scale: float = 1.0

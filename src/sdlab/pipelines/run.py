@@ -17,14 +17,15 @@ import torch
 from ..adapters import apply_prompt_adapters, lora_request_tags
 from ..compile import sampling_unet
 from ..denoisers import Denoiser
-from ..errors import InputError
+from ..errors import InputError, TooLargeError
 from ..fast.deepcache import DeepCacheUNet, whole_above_timestep
 from ..fast.modes import FastModes, as_fast_modes
 from ..fast.tome import token_merging
 from ..guidance import CFGDenoiser
 from ..infotext import format_infotext
-from ..memory import check_generation_fits, hooked_attention
+from ..memory import available_memory_bytes, check_generation_fits, gib, hooked_attention
 from ..models.attention import sharpened_self_attention, text_projections_cached
+from ..models.prepack import prepacked, unpacked_bytes
 from ..models.seamless import seamless
 from ..samplers import resolve_sampler, sample, sampler_and_schedule_names, sampler_sigmas
 from .checks import (as_list, check_batch_size, check_noise, check_prompts, check_self_attention_scale, check_steps,
@@ -182,16 +183,34 @@ def generate(
     check_self_attention_scale(options.self_attention_scale)
     fast = as_fast_modes(options.fast)
     # refused with one line before anything large is allocated, for the Python API and the server as for the CLI
-    check_generation_fits(pipe.config, width, height, options.batch_size, pipe.device, pipe.dtype,
+    estimate = check_generation_fits(pipe.config, width, height, options.batch_size, pipe.device, pipe.dtype,
                           guidance=options.guidance_scale != 1, tiled_vae=vae_tiling(options), steps=options.steps,
                           weights_loaded=True, hooked=hooked_attention(pipe.unet))
     pipe = with_tiled_vae(pipe, vae_tiling(options), width, height, options.batch_size)
     latent_size = (height // pipe.latent_factor, width // pipe.latent_factor)
+    if options.prepack:
+        check_prepack_fits(pipe, options, estimate.work)
     sharpened = options.self_attention_scale != 1
     with seamless(pipe.unet, pipe.vae) if options.tiling else nullcontext(), text_projections_cached(pipe.unet), \
+            prepacked(pipe.unet, options.prepack), \
             token_merging(pipe.unet, fast.token_merging, latent_size) if fast.token_merging else nullcontext(), \
             sharpened_self_attention(pipe.unet, options.self_attention_scale) if sharpened else nullcontext():
         return _generate(pipe, options, width, height, strength, prepare, params)
+
+
+def check_prepack_fits(pipe: Pipeline, options: GenerationOptions, work: int) -> None:
+    """`prepack` asks for a second copy of the UNet's weights on CPU (models/prepack.py): refuse it, with one
+    line, where the machine has not that much free beside the run's `work` (bytes), or with `compile` (Inductor packs the
+    weights of the graph it builds itself)."""
+    if options.compile:
+        raise InputError("--prepack and --compile both prepare the UNet's weights for the CPU: use one "
+                         "(--compile also fuses the work between layers but compiles for minutes the first time)")
+    if pipe.device.type != "cpu" or pipe.dtype != torch.float32:
+        raise InputError(f"--prepack is for fp32 on a CPU (this run: {pipe.dtype} on {pipe.device.type}); leave it out")
+    packs, free = unpacked_bytes(pipe.unet), available_memory_bytes(pipe.device)
+    if free is not None and work + packs > free:
+        raise TooLargeError(f"--prepack needs about {gib(packs)} more for the UNet's packed weights, beside "
+                            f"{gib(work)} for the run, but the machine has {gib(free)} free: leave out --prepack")
 
 
 def _generate(pipe: Pipeline, options: GenerationOptions, width: int, height: int, strength: float,
