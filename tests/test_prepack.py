@@ -166,3 +166,28 @@ def test_prepack_is_refused_where_the_packed_weights_cannot_fit(demo, monkeypatc
     with pytest.raises(InputError, match="for fp32 on a CPU"):
         run.check_prepack_fits(SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16, unet=demo.unet),
                                GenerationOptions(prepack=True), work=0)
+
+
+def test_hires_fix_takes_prepack_too(demo):
+    settings = dict(steps=3, seed=2, width=64, height=64, hires_scale=1.5, hires_steps=2)
+    plain = demo.hires_fix("a red circle", **settings)
+    packed = demo.hires_fix("a red circle", **settings, prepack=True)
+    assert psnr(np.asarray(packed.images[0]), np.asarray(plain.images[0])) >= 40
+    release_prepacked(demo.unet)
+
+
+def test_sdlab_serve_prepack_runs_every_job_on_packed_weights():
+    import requests
+
+    from sdlab.cli.serve import settings_from_args
+    from server_fixtures import LiveServer
+
+    settings = settings_from_args(build_parser("serve").parse_args(["serve", "--prepack", "--max-size", "64"]))
+    assert settings.prepack and not settings_from_args(build_parser("serve").parse_args(["serve"])).prepack
+    with LiveServer(settings) as server:
+        answer = requests.post(server.url + "/sdapi/v1/txt2img", timeout=120, json={
+            "prompt": "a red circle", "width": 64, "height": 64, "steps": 3, "seed": 1})
+        assert answer.status_code == 200 and len(answer.json()["images"]) == 1
+        pipe = server.app.state.server.engine.pipe
+        assert any(vars(layer).get("_sdlab_prepacked") for layer in pipe.unet.modules())
+        assert requests.get(server.url + "/sdapi/v1/cmd-flags", timeout=10).json()["prepack"] is True

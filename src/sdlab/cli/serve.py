@@ -35,6 +35,9 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--lowvram", action="store_true",
                        help="keep the networks in CPU memory and move each to the GPU only while it works "
                             "(the peak is the largest network, not all three)")
+    serve.add_argument("--prepack", action="store_true",
+                       help="CPU, fp32: run every job's UNet on weights reordered once for oneDNN (~1.2x faster steps, "
+                            "the same images within fp32 rounding, a second copy of the UNet's weights in memory)")
     serve.add_argument("--workers", choices=("single", "ray"), default="single",
                        help="single: one process (default); ray: a Ray Serve deployment, one replica per device")
     serve.add_argument("--replicas", type=int, default=None, metavar="N",
@@ -78,7 +81,8 @@ def settings_from_args(args):
         host=args.host, port=args.port, models_dir=args.models_dir, model=args.model,
         api_auth=parse_api_auth(args.api_auth), max_size=args.max_size, max_batch=args.max_batch,
         max_steps=args.max_steps, cors_allow_origins=tuple(args.cors_allow_origins), outputs_dir=args.outdir,
-        device=args.device, dtype=args.dtype, lowvram=args.lowvram)
+        device=args.device, dtype=args.dtype, lowvram=args.lowvram,
+        prepack=args.prepack)
 
 
 def cmd_serve(args) -> int:

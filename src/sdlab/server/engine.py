@@ -274,7 +274,7 @@ class Engine:
                 if work.kind in INSIDE_KINDS:
                     result, job.inside = run_inside(pipe, work, settings)
                 else:
-                    result = self._call(pipe, work, settings)
+                    result = self._call(pipe, work, dict(settings, prepack=True) if self.settings.prepack else settings)
                 images, infotexts, seeds = result.images, result.infotexts, result.seeds
             except StopSampling as stop:
                 images, infotexts, seeds = self._partial(pipe, work, settings, stop, job)

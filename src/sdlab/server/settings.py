@@ -30,6 +30,7 @@ class ServerSettings:
     device: Optional[str] = None
     dtype: Optional[str] = None
     lowvram: bool = False  # each network on the device only while it works (pipelines/lowvram.py)
+    prepack: bool = False  # every job's UNet on weights packed once for oneDNN (models/prepack.py; CPU fp32)
     load_model_at_start: bool = True  # False: the first job loads it (tests that never generate)
     finished_jobs_kept: int = 200  # finished jobs whose results GET /api/v1/jobs/{id} still returns
 

@@ -183,7 +183,7 @@ async def cmd_flags(request: Request) -> dict[str, Any]:
             "server_name": settings.host, "port": settings.port, "api_auth": None, "ckpt_dir": settings.models_dir,
             "ckpt": settings.model, "lora_dir": None, "embeddings_dir": None, "cors_allow_origins":
             ",".join(settings.cors_allow_origins) or None, "device_id": settings.device, "no_half": settings.dtype == "fp32",
-            "lowvram": settings.lowvram}
+            "lowvram": settings.lowvram, "prepack": settings.prepack}
 
 
 @router.get("/sd-models", response_model=list[SDModelItem])
