@@ -42,8 +42,9 @@ def available() -> bool:
 def prepacked(module: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Inside, the nn.Linear and nn.Conv2d layers of `module` use packed weights where they can (see the
     module docstring); on leaving, they are plain layers again (the packed weights are kept for the next
-    run). With `enabled` False, or where this torch has no oneDNN, nothing changes."""
-    if not enabled or not available():
+    run). With `enabled` False nothing changes. Needs a torch with oneDNN (`available()`: every x86 CPU build;
+    pipelines.run refuses `prepack` without it)."""
+    if not enabled:
         yield
         return
     layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and _FORWARD not in vars(m)]

@@ -25,7 +25,7 @@ from ..guidance import CFGDenoiser
 from ..infotext import format_infotext
 from ..memory import available_memory_bytes, check_generation_fits, gib, hooked_attention
 from ..models.attention import sharpened_self_attention, text_projections_cached
-from ..models.prepack import prepacked, unpacked_bytes
+from ..models.prepack import available as prepack_available, prepacked, unpacked_bytes
 from ..models.seamless import seamless
 from ..samplers import resolve_sampler, sample, sampler_and_schedule_names, sampler_sigmas
 from .checks import (as_list, check_batch_size, check_noise, check_prompts, check_self_attention_scale, check_steps,
@@ -205,6 +205,8 @@ def check_prepack_fits(pipe: Pipeline, options: GenerationOptions, work: int) ->
     if options.compile:
         raise InputError("--prepack and --compile both prepare the UNet's weights for the CPU: use one "
                          "(--compile also fuses the work between layers but compiles for minutes the first time)")
+    if not prepack_available():
+        raise InputError("--prepack needs a torch built with oneDNN (torch's x86 CPU builds are); leave it out")
     if pipe.device.type != "cpu" or pipe.dtype != torch.float32:
         raise InputError(f"--prepack is for fp32 on a CPU (this run: {pipe.dtype} on {pipe.device.type}); leave it out")
     packs, free = unpacked_bytes(pipe.unet), available_memory_bytes(pipe.device)
