@@ -5,7 +5,7 @@ torch runs an fp32 CPU convolution through oneDNN, which reorders the weight int
 wants at every call, and a linear layer through MKL's GEMM. Reordering once (torch.ops.mkldnn's
 `_reorder_convolution_weight` / `_reorder_linear_weight`, the ops Inductor's frozen graphs call) lets
 oneDNN pick its kernel for the actual input size and skip the reorder: on a 2-core AVX2 EPYC one SD 1.5
-UNet step at 256 px took 3.62 s against 4.42 s (benchmarks, docs/performance.md). The outputs are
+UNet step at 256 px is 1.12-1.22x faster (docs/performance.md has the measurements). The outputs are
 the same sums of products in another order: within fp32 rounding (relative ~1e-6), inside the parity
 tests' bounds.
 
@@ -17,7 +17,8 @@ weights are kept on the layer and reused by later runs while the weight tensor i
 unchanged in place (a merged LoRA makes them again); `release_prepacked` frees them.
 
 Only fp32 on a CPU with oneDNN, outside autograd (inference), zero-padded convolutions that pad as
-nn.Conv2d does (not seamless tiling's circular padding): anything else runs the plain layer. Off by default, because of the memory.
+nn.Conv2d does (not seamless tiling's circular padding): anything else runs the plain layer. Off by
+default, because of the memory.
 """
 
 from __future__ import annotations

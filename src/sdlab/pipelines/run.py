@@ -184,8 +184,8 @@ def generate(
     fast = as_fast_modes(options.fast)
     # refused with one line before anything large is allocated, for the Python API and the server as for the CLI
     estimate = check_generation_fits(pipe.config, width, height, options.batch_size, pipe.device, pipe.dtype,
-                          guidance=options.guidance_scale != 1, tiled_vae=vae_tiling(options), steps=options.steps,
-                          weights_loaded=True, hooked=hooked_attention(pipe.unet))
+                                     guidance=options.guidance_scale != 1, tiled_vae=vae_tiling(options),
+                                     steps=options.steps, weights_loaded=True, hooked=hooked_attention(pipe.unet))
     pipe = with_tiled_vae(pipe, vae_tiling(options), width, height, options.batch_size)
     latent_size = (height // pipe.latent_factor, width // pipe.latent_factor)
     if options.prepack:
@@ -200,8 +200,8 @@ def generate(
 
 def check_prepack_fits(pipe: Pipeline, options: GenerationOptions, work: int) -> None:
     """`prepack` asks for a second copy of the UNet's weights on CPU (models/prepack.py): refuse it, with one
-    line, where the machine has not that much free beside the run's `work` (bytes), or with `compile` (Inductor packs the
-    weights of the graph it builds itself)."""
+    line, where the machine has not that much free beside the run's `work` (bytes), off fp32 on a CPU, without
+    oneDNN, or with `compile` (Inductor packs the weights of the graph it builds itself)."""
     if options.compile:
         raise InputError("--prepack and --compile both prepare the UNet's weights for the CPU: use one "
                          "(--compile also fuses the work between layers but compiles for minutes the first time)")

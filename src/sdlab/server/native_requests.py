@@ -28,8 +28,8 @@ def job_work(request: JobRequest, limits: ServerSettings, folder: ModelFolder) -
     if not 1 <= request.clip_skip <= 12:
         raise InputError(f"clip_skip must be from 1 to 12, got {request.clip_skip}")
     settings = dict(steps=request.steps, guidance_scale=float(request.guidance_scale), seed=request_seed(request.seed),
-                    clip_skip=request.clip_skip, self_attention_scale=check_number("self_attention_scale", request.self_attention_scale, 0.1, 10),
-                    lora_dirs=folder.lora_folders(),
+                    clip_skip=request.clip_skip, lora_dirs=folder.lora_folders(),
+                    self_attention_scale=check_number("self_attention_scale", request.self_attention_scale, 0.1, 10),
                     loras=[(folder.find_lora(lora.name), float(lora.weight)) for lora in request.loras],
                     **sampler_settings(request.sampler, request.schedule_type, None))
     if kind != "upscale":
